@@ -1,0 +1,42 @@
+# The two commands for newcomers: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PROTO_SRC := $(shell find supervisor/api -name '*.proto')
+
+.PHONY: all venv deps lint test unit integration proto demo conformance bench clean
+
+all: test
+
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.stamp
+
+deps:
+	bash scripts/install-deps.sh
+
+lint: venv
+	$(VENV)/bin/ruff check supervisor tests bench
+	$(VENV)/bin/mypy
+
+# The whole suite: lint, types, unit tests and the integration tests against a
+# private containerd (root). Long chaos/soak runs need `PYTEST_ARGS=--long`.
+test: venv deps lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: venv deps
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+# Regenerate the checked-in protobuf modules from our own .proto files.
+proto: venv
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. $(PROTO_SRC)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
