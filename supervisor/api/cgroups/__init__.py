@@ -1,0 +1,1 @@
+"""Cgroup metrics messages from github.com/containerd/cgroups."""

@@ -1,0 +1,1 @@
+"""Cgroup v1 metrics (io.containerd.cgroups.v1)."""

@@ -1,0 +1,1 @@
+"""Cgroup v2 metrics (io.containerd.cgroups.v2)."""

@@ -1,0 +1,1 @@
+"""containerd task events and the ttrpc Events service shims publish to."""

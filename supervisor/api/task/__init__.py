@@ -1,0 +1,1 @@
+"""containerd shim v2 task API."""

@@ -1,0 +1,1 @@
+"""containerd.task.v2: the Task service a shim serves, and its messages."""
