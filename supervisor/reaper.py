@@ -1,0 +1,252 @@
+"""The reaper: the one place in the shim that waits for children.
+
+Design
+------
+The shim is the *child subreaper* of everything it starts: the OCI runtime's
+short-lived commands, the container init processes that ``runc create`` leaves
+behind (re-parented to us when runc exits), exec processes, logging binaries and
+whatever those leave behind.  Every exit reaches us as a SIGCHLD, and
+:meth:`Reaper.run` answers each SIGCHLD by draining ``wait4(-1, WNOHANG)``
+until nothing is left.
+
+Invariants
+----------
+* Nothing else in the process calls ``wait``/``waitpid``/``wait4``: no
+  :class:`subprocess.Popen`, no ``trio.Process.wait``.  Children are started
+  with :func:`spawn` (``posix_spawn``, which registers nothing anywhere).
+* Subscribe before you spawn.  A :class:`Subscription` receives every exit
+  reaped after it was opened, so a child that dies before its parent has even
+  learned its pid is never missed: its exit waits in the subscription's buffer
+  until someone asks for that pid (:meth:`Subscription.wait_for`).
+* A death by signal N is reported as status ``128 + N``, as a shell and
+  containerd do.
+* Delivery never blocks the reaper: subscriptions buffer without bound, and a
+  subscription lives only as long as its owner needs it (close it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import trio
+
+log = logging.getLogger("supervisor.reaper")
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """One reaped child: its pid, its status (code, or 128+signal) and when."""
+
+    pid: int
+    status: int
+    timestamp: float = field(default_factory=time.time)
+
+
+def status_from_wait(wait_status: int) -> int:
+    """Turn a raw ``wait`` status into a shell-style status (128+signal)."""
+    if os.WIFSIGNALED(wait_status):
+        return 128 + os.WTERMSIG(wait_status)
+    if os.WIFEXITED(wait_status):
+        return os.WEXITSTATUS(wait_status)
+    # Stopped/continued are not requested (no WUNTRACED), so they cannot occur.
+    return 255
+
+
+def set_child_subreaper() -> None:
+    """Make this process the subreaper of its descendants (Linux >= 3.4)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+class Subscription:
+    """Every exit reaped while this subscription is open, in reaping order.
+
+    Use it either to wait for particular pids (:meth:`wait_for`, :meth:`poll`),
+    or as an async iterator over all exits (the Task service does this), not
+    both at once.
+    """
+
+    def __init__(self, reaper: Reaper) -> None:
+        self._reaper = reaper
+        self._send, self._recv = trio.open_memory_channel[Exit](float("inf"))
+        self._seen: dict[int, Exit] = {}
+        self.closed = False
+
+    def _deliver(self, exit_: Exit) -> None:
+        if not self.closed:
+            self._send.send_nowait(exit_)
+
+    def _pull_pending(self) -> None:
+        while True:
+            try:
+                exit_ = self._recv.receive_nowait()
+            except trio.WouldBlock:
+                return
+            self._seen[exit_.pid] = exit_
+
+    def poll(self, pid: int) -> Exit | None:
+        """The exit of ``pid`` if it was reaped since this subscription opened."""
+        self._pull_pending()
+        return self._seen.get(pid)
+
+    async def wait_for(self, pid: int) -> Exit:
+        """Wait until ``pid`` is reaped (returns at once if it already was)."""
+        while True:
+            found = self.poll(pid)
+            if found is not None:
+                return found
+            exit_ = await self._recv.receive()
+            self._seen[exit_.pid] = exit_
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Exit:
+        try:
+            return await self._recv.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._reaper._unsubscribe(self)
+            self._send.close()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Reaper:
+    """Owns SIGCHLD and every ``wait4`` of the process.
+
+    Start :meth:`run` in the shim's nursery (``await nursery.start(reaper.run)``)
+    before anything is spawned.
+    """
+
+    def __init__(self, *, subreaper: bool = True) -> None:
+        self._subscribers: list[Subscription] = []
+        self._subreaper = subreaper
+        self.reaped = 0
+
+    def subscribe(self) -> Subscription:
+        sub = Subscription(self)
+        self._subscribers.append(sub)
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        try:
+            self._subscribers.remove(sub)
+        except ValueError:
+            pass  # already removed: close() is idempotent
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self._subreaper:
+            set_child_subreaper()
+        with trio.open_signal_receiver(signal.SIGCHLD) as signals:
+            task_status.started()
+            # A child may have exited before the receiver existed.
+            self.drain()
+            async for _ in signals:
+                self.drain()
+
+    def drain(self) -> None:
+        """Reap every child that has exited, and tell every subscriber."""
+        while True:
+            try:
+                pid, wait_status, _rusage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            exit_ = Exit(pid, status_from_wait(wait_status))
+            self.reaped += 1
+            log.debug("reaped pid %d status %d", pid, exit_.status)
+            for sub in list(self._subscribers):
+                sub._deliver(exit_)
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    fds: Mapping[int, int] | None = None,
+    env: Mapping[str, str] | None = None,
+    setsid: bool = False,
+) -> int:
+    """Start ``argv`` (``argv[0]`` looked up on PATH) and return its pid.
+
+    ``fds`` maps child fd numbers to our fds (``{0: r, 1: w, 2: w, 3: sock}``);
+    child fds not named are ``/dev/null`` for 0-2 and closed above.  The child
+    gets default dispositions for the signals Python ignores (SIGPIPE, SIGXFSZ)
+    and an empty signal mask.  Nobody waits for it but the :class:`Reaper`.
+    """
+    mapping = dict(fds or {})
+    devnull = -1
+    if any(n not in mapping for n in (0, 1, 2)):
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        for n in (0, 1, 2):
+            mapping.setdefault(n, devnull)
+    # Lift every source above every target so one dup2 can never clobber
+    # another source; the copies are close-on-exec and dup2 clears that flag on
+    # the target only.
+    floor = max(mapping) + 1 + 64
+    lifted: dict[int, int] = {}
+    actions: list[tuple[int, int, int]] = []
+    try:
+        for target, source in sorted(mapping.items()):
+            if source not in lifted:
+                lifted[source] = fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, floor)
+            actions.append((os.POSIX_SPAWN_DUP2, lifted[source], target))
+        run = os.posix_spawn if "/" in argv[0] else os.posix_spawnp
+        return run(
+            argv[0],
+            list(argv),
+            dict(env) if env is not None else dict(os.environ),
+            file_actions=actions,
+            setsid=setsid,
+            setsigmask=(),
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        )
+    finally:
+        for fd in lifted.values():
+            os.close(fd)
+        if devnull >= 0:
+            os.close(devnull)
+
+
+def zombies() -> Iterator[int]:
+    """Pids of our children that are zombies (for tests and introspection)."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                stat = f.read()
+        except OSError:
+            continue  # the process went away while we looked
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) >= 2 and fields[0] == "Z" and int(fields[1]) == me:
+            yield int(entry)
