@@ -27,16 +27,19 @@ Invariants
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import logging
 import os
 import signal
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 
 import trio
+
+from supervisor._spawn import spawn
+
+__all__ = ["Exit", "Reaper", "Subscription", "spawn", "status_from_wait", "zombies"]
 
 log = logging.getLogger("supervisor.reaper")
 
@@ -186,54 +189,6 @@ class Reaper:
             log.debug("reaped pid %d status %d", pid, exit_.status)
             for sub in list(self._subscribers):
                 sub._deliver(exit_)
-
-
-def spawn(
-    argv: Sequence[str],
-    *,
-    fds: Mapping[int, int] | None = None,
-    env: Mapping[str, str] | None = None,
-    setsid: bool = False,
-) -> int:
-    """Start ``argv`` (``argv[0]`` looked up on PATH) and return its pid.
-
-    ``fds`` maps child fd numbers to our fds (``{0: r, 1: w, 2: w, 3: sock}``);
-    child fds not named are ``/dev/null`` for 0-2 and closed above.  The child
-    gets default dispositions for the signals Python ignores (SIGPIPE, SIGXFSZ)
-    and an empty signal mask.  Nobody waits for it but the :class:`Reaper`.
-    """
-    mapping = dict(fds or {})
-    devnull = -1
-    if any(n not in mapping for n in (0, 1, 2)):
-        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        for n in (0, 1, 2):
-            mapping.setdefault(n, devnull)
-    # Lift every source above every target so one dup2 can never clobber
-    # another source; the copies are close-on-exec and dup2 clears that flag on
-    # the target only.
-    floor = max(mapping) + 1 + 64
-    lifted: dict[int, int] = {}
-    actions: list[tuple[int, int, int]] = []
-    try:
-        for target, source in sorted(mapping.items()):
-            if source not in lifted:
-                lifted[source] = fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, floor)
-            actions.append((os.POSIX_SPAWN_DUP2, lifted[source], target))
-        run = os.posix_spawn if "/" in argv[0] else os.posix_spawnp
-        return run(
-            argv[0],
-            list(argv),
-            dict(env) if env is not None else dict(os.environ),
-            file_actions=actions,
-            setsid=setsid,
-            setsigmask=(),
-            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-        )
-    finally:
-        for fd in lifted.values():
-            os.close(fd)
-        if devnull >= 0:
-            os.close(devnull)
 
 
 def zombies() -> Iterator[int]:

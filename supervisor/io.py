@@ -1,0 +1,304 @@
+"""A process's standard streams: pipes to the process, copies to where containerd wants them.
+
+Design
+------
+The container process never sees containerd's FIFOs.  It gets the write ends
+of pipes the shim made (stdout, stderr) and the read end of a stdin pipe; the
+shim copies between those pipes and the destinations containerd named in the
+task request:
+
+* a plain path or ``fifo://path``: a FIFO that containerd (or ``ctr``)
+  created.  Output FIFOs are opened ``O_RDWR``: the open never blocks, and
+  because the shim holds both ends, a reader that comes and goes never turns
+  our writes into EPIPE; the stream only ends when the shim closes it after the
+  process's last byte.
+* ``file:///path``: appended to the file (its directory created).  A write
+  error is logged and the copy keeps draining the pipe, so the container never
+  blocks or dies because of its log.
+
+Stdin FIFOs are opened ``O_RDONLY|O_NONBLOCK`` and read only after ``poll``
+says so (a read with no writer would be a false EOF); a writer closing, or
+:meth:`ProcessIO.close_stdin` once what was written has been delivered, closes
+the process's stdin.
+
+Invariants
+----------
+* Output is drained to EOF before the process's exit is reported
+  (:meth:`ProcessIO.wait_output`), so nothing the process wrote is lost.
+* Copies use large buffers and no per-line work.
+* Only this module touches the stdio fds; the process layer sees
+  :attr:`ProcessIO.child_fds` (hand them to the runtime, then call
+  :meth:`ProcessIO.spawned`).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import trio
+
+log = logging.getLogger("supervisor.io")
+
+COPY_BUFFER = 256 * 1024
+PIPE_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Stdio:
+    """Where containerd wants a process's streams (as in the task request)."""
+
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+
+    def is_null(self) -> bool:
+        return not (self.stdin or self.stdout or self.stderr)
+
+
+@dataclass
+class StreamCounters:
+    """Bytes copied per stream (for introspection)."""
+
+    stdin: int = 0
+    stdout: int = 0
+    stderr: int = 0
+
+
+def _grow_pipe(fd: int) -> None:
+    try:
+        fcntl.fcntl(fd, 1031, PIPE_SIZE)  # F_SETPIPE_SZ
+    except OSError:
+        pass  # a smaller pipe only costs throughput (the limit is per user)
+
+
+def _open_output(uri: str) -> int:
+    """Open an output destination and return a writable fd (ours)."""
+    if uri.startswith("file://"):
+        path = unquote(urlsplit(uri).path)
+        os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    if uri.startswith("fifo://"):
+        uri = unquote(urlsplit(uri).path)
+    if "://" in uri:
+        raise ValueError(f"unsupported stdio URI scheme in {uri!r}")
+    st = os.stat(uri)
+    if stat.S_ISFIFO(st.st_mode):
+        return os.open(uri, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    return os.open(uri, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+
+class ProcessIO:
+    """The pipes of one process and the copies between them and containerd.
+
+    Build it with :meth:`create`, hand :attr:`child_fds` to the runtime, call
+    :meth:`spawned` once the runtime has started the process (our copies of
+    the child's ends are closed then), and :meth:`start` the copies.
+    """
+
+    def __init__(self, stdio: Stdio) -> None:
+        self.stdio = stdio
+        self.counters = StreamCounters()
+        self.child_fds: dict[int, int] = {}
+        self._child_ends: list[int] = []
+        self._stdin_w = -1
+        self._stdin_fifo = -1
+        self._outputs: list[tuple[str, int, int]] = []  # (name, pipe read end, dest fd)
+        self._output_done = trio.Event()
+        self._outputs_left = 0
+        self._stdin_close_requested = False
+        self._stdin_scope: trio.CancelScope | None = None
+        self._stdin_copying = False
+        self._closed = False
+
+    @classmethod
+    def create(cls, stdio: Stdio, *, uid: int = -1, gid: int = -1) -> ProcessIO:
+        io = cls(stdio)
+        try:
+            io._setup(uid, gid)
+        except BaseException:
+            io.close()
+            raise
+        return io
+
+    def _setup(self, uid: int, gid: int) -> None:
+        devnull = -1
+
+        def null() -> int:
+            nonlocal devnull
+            if devnull < 0:
+                devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                self._child_ends.append(devnull)
+            return devnull
+
+        if self.stdio.stdin:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            self._child_ends.append(r)
+            self._stdin_w = w
+            self.child_fds[0] = r
+            self._stdin_fifo = os.open(
+                self.stdio.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+            )
+        else:
+            self.child_fds[0] = null()
+        for n, name, uri in ((1, "stdout", self.stdio.stdout), (2, "stderr", self.stdio.stderr)):
+            if not uri:
+                self.child_fds[n] = null()
+                continue
+            dest = _open_output(uri)
+            r, w = os.pipe2(os.O_CLOEXEC)
+            _grow_pipe(r)
+            self._child_ends.append(w)
+            self.child_fds[n] = w
+            self._outputs.append((name, r, dest))
+        if uid >= 0 or gid >= 0:
+            for fd in self._child_ends:
+                if fd != devnull:
+                    os.fchown(fd, uid, gid)
+        self._outputs_left = len(self._outputs)
+        if not self._outputs:
+            self._output_done.set()
+
+    def spawned(self) -> None:
+        """The process holds its ends now: close ours, so EOF means it is gone."""
+        for fd in self._child_ends:
+            os.close(fd)
+        self._child_ends.clear()
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Start the copies (in the service's nursery; they end on their own)."""
+        for name, r, dest in self._outputs:
+            nursery.start_soon(self._copy_out, name, r, dest)
+        self._outputs = []
+        if self._stdin_fifo >= 0:
+            self._stdin_copying = True
+            nursery.start_soon(self._copy_in)
+
+    async def _copy_out(self, name: str, r: int, dest: int) -> None:
+        add: Callable[[int], None] = (
+            (lambda n: setattr(self.counters, "stdout", self.counters.stdout + n))
+            if name == "stdout"
+            else (lambda n: setattr(self.counters, "stderr", self.counters.stderr + n))
+        )
+        broken = False
+        try:
+            os.set_blocking(r, False)
+            os.set_blocking(dest, False)
+            while True:
+                try:
+                    data = os.read(r, COPY_BUFFER)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(r)
+                    continue
+                if not data:
+                    break
+                add(len(data))
+                view = memoryview(data)
+                while view and not broken:
+                    try:
+                        n = os.write(dest, view)
+                        view = view[n:]
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(dest)
+                    except OSError as e:
+                        # Keep draining the pipe so the process never blocks.
+                        log.warning("%s: write to %s failed: %s", name, self.stdio, e)
+                        broken = True
+        finally:
+            os.close(r)
+            os.close(dest)
+            self._outputs_left -= 1
+            if self._outputs_left <= 0:
+                self._output_done.set()
+
+    async def _copy_in(self) -> None:
+        fifo, w = self._stdin_fifo, self._stdin_w
+        try:
+            os.set_blocking(w, False)
+            while True:
+                if self._stdin_close_requested:
+                    # Deliver what is already in the FIFO, then stop.
+                    data = self._read_nowait(fifo)
+                    if not data:
+                        break
+                else:
+                    with trio.CancelScope() as scope:
+                        self._stdin_scope = scope
+                        await trio.lowlevel.wait_readable(fifo)
+                    self._stdin_scope = None
+                    if scope.cancelled_caught:
+                        continue
+                    try:
+                        data = os.read(fifo, COPY_BUFFER)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        break  # the writer closed: EOF
+                self.counters.stdin += len(data)
+                view = memoryview(data)
+                while view:
+                    try:
+                        view = view[os.write(w, view):]
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(w)
+        except OSError as e:
+            if e.errno != errno.EPIPE:
+                log.warning("stdin copy for %s stopped: %s", self.stdio.stdin, e)
+        finally:
+            self._stdin_copying = False
+            self._stdin_fifo = self._stdin_w = -1
+            os.close(fifo)
+            os.close(w)
+
+    @staticmethod
+    def _read_nowait(fd: int) -> bytes:
+        try:
+            return os.read(fd, COPY_BUFFER)
+        except BlockingIOError:
+            return b""
+
+    def close_stdin(self) -> None:
+        """Close the process's stdin once what was written to the FIFO is delivered."""
+        self._stdin_close_requested = True
+        if self._stdin_copying:
+            if self._stdin_scope is not None:
+                self._stdin_scope.cancel()
+        elif self._stdin_fifo >= 0:
+            os.close(self._stdin_fifo)
+            os.close(self._stdin_w)
+            self._stdin_fifo = self._stdin_w = -1
+
+    async def wait_output(self, timeout: float | None = None) -> bool:
+        """Wait until every output stream reached EOF; False if ``timeout`` ran out."""
+        if timeout is None:
+            await self._output_done.wait()
+            return True
+        with trio.move_on_after(timeout):
+            await self._output_done.wait()
+            return True
+        return False
+
+    def close(self) -> None:
+        """Release every fd not owned by a running copy (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for fd in self._child_ends:
+            os.close(fd)
+        self._child_ends.clear()
+        for _name, r, dest in self._outputs:
+            os.close(r)
+            os.close(dest)
+        self._outputs = []
+        if not self._stdin_copying and self._stdin_fifo >= 0:
+            os.close(self._stdin_fifo)
+            os.close(self._stdin_w)
+            self._stdin_fifo = self._stdin_w = -1
+        self._output_done.set()

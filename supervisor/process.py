@@ -1,0 +1,128 @@
+"""One Process type (a container's init or an exec) whose lifecycle is a table.
+
+Design
+------
+A process is *created* (the runtime has set it up), *running*, *paused* (init
+only, through the freezer), *stopped* (it exited; its status and time are
+kept for as long as the process object lives) and finally *deleted*.
+
+:data:`TRANSITIONS` is the whole lifecycle: for each operation, the states it
+is allowed in and the state it leads to.  :meth:`Process.check` consults it
+before the runtime is asked to do anything, and an illegal call gets a
+:class:`~supervisor.errors.FailedPrecondition` that names the state, e.g.
+``cannot pause exec "e1" in stopped state``.
+
+Invariants
+----------
+* ``exited`` is set exactly once, after the exit status is stored and the
+  process's output is drained; :meth:`Process.wait` answers from the stored
+  status at any time after.
+* An exit reaped while the process is *starting* is held and applied only after
+  the start has been published (TaskStart before TaskExit).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import trio
+
+from supervisor.errors import FailedPrecondition
+from supervisor.io import ProcessIO, Stdio
+from supervisor.reaper import Exit
+
+
+class State(enum.StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    DELETED = "deleted"
+
+
+_C, _R, _P, _S, _D = State.CREATED, State.RUNNING, State.PAUSED, State.STOPPED, State.DELETED
+
+# operation -> {state it is allowed in: state it leads to}
+TRANSITIONS: dict[str, dict[State, State]] = {
+    "start": {_C: _R},
+    "pause": {_R: _P},
+    "resume": {_P: _R},
+    "exit": {_C: _S, _R: _S, _P: _S},
+    "delete": {_C: _D, _S: _D},
+    "kill": {_C: _C, _R: _R, _P: _P, _S: _S},
+    "exec": {_C: _C, _R: _R, _P: _P},
+    "update": {_C: _C, _R: _R, _P: _P},
+    "resize": {_C: _C, _R: _R, _P: _P},
+    "closeio": {_C: _C, _R: _R, _P: _P, _S: _S},
+    "stats": {_C: _C, _R: _R, _P: _P, _S: _S},
+}
+
+
+class Process:
+    """A container's init process (``exec_id == ""``) or one of its execs."""
+
+    def __init__(
+        self,
+        container_id: str,
+        exec_id: str,
+        stdio: Stdio,
+        *,
+        spec: bytes = b"",
+    ) -> None:
+        self.container_id = container_id
+        self.exec_id = exec_id
+        self.stdio = stdio
+        self.spec = spec
+        self.state = State.CREATED
+        self.pid = 0
+        self.exit_status = 0
+        self.exited_at_ns = 0
+        self.exited = trio.Event()
+        self.io: ProcessIO | None = None
+        # exit bookkeeping (see the module invariants)
+        self.starting = False
+        self.held_exit: Exit | None = None
+        self.exit_seen = False
+        self.pending_exit: Exit | None = None
+
+    @property
+    def is_init(self) -> bool:
+        return self.exec_id == ""
+
+    @property
+    def id(self) -> str:
+        """The id containerd knows this process by (container id for init)."""
+        return self.exec_id or self.container_id
+
+    def describe(self) -> str:
+        if self.is_init:
+            return f"container {self.container_id!r}"
+        return f"exec {self.exec_id!r} of container {self.container_id!r}"
+
+    def check(self, operation: str) -> State:
+        """The state ``operation`` leads to, or FailedPrecondition naming the state."""
+        allowed = TRANSITIONS[operation]
+        try:
+            return allowed[self.state]
+        except KeyError:
+            raise FailedPrecondition(
+                f"cannot {operation} {self.describe()} in {self.state} state"
+            ) from None
+
+    def transition(self, operation: str) -> None:
+        self.state = self.check(operation)
+
+    def set_exited(self, status: int, when: float | None = None) -> None:
+        """Record the exit (idempotent; the first status wins)."""
+        if self.exited.is_set():
+            return
+        if self.state in TRANSITIONS["exit"]:
+            self.state = TRANSITIONS["exit"][self.state]
+        self.exit_status = status
+        self.exited_at_ns = int((when if when is not None else time.time()) * 1e9)
+        self.exited.set()
+
+    async def wait(self) -> tuple[int, int]:
+        await self.exited.wait()
+        return self.exit_status, self.exited_at_ns
