@@ -1,0 +1,481 @@
+"""The trio ttrpc server: accept connections, run each request as its own task.
+
+Structure (one nursery level per line)::
+
+    serve(listener)        accept loop; one task per accepted connection
+      serve_stream(stream) peer check, then a reader loop feeding ServerConnection
+        call task          one per request: handler under its deadline, then reply
+
+Behaviour and invariants:
+
+* Requests of one connection run concurrently and are answered as they finish,
+  in any order (containerd parks ``Wait`` on a connection for hours).  Writes to
+  a connection are serialised by one FIFO lock, so frames never interleave; a
+  write is only ever interrupted when the whole connection is being torn down.
+* ``timeout_nano`` becomes the call's deadline: the handler runs in a cancel
+  scope with that deadline and, if it is cancelled by it, the reply is
+  ``DEADLINE_EXCEEDED``.  A negative timeout is already expired; zero means none.
+* Unknown service or method -> ``UNIMPLEMENTED`` (``service X`` / ``method Y``
+  not found); a handler raising :class:`RPCError` -> that status; any other
+  ``Exception`` -> ``UNKNOWN`` with its text, logged with its traceback; a
+  handler returning something that is not bytes-like -> ``INTERNAL``.  None of
+  these affect the connection.
+* Oversized requests, even or reused stream ids and undecodable request bodies
+  are answered with a status by the protocol layer; the connection stays up.
+* A framing error (garbage, unknown message type, the peer vanishing
+  mid-frame), a broken socket or the peer closing its side ends *that*
+  connection only, with its reason logged (logger ``supervisor.ttrpc``); its
+  in-flight handlers are cancelled since nobody is left to read their answers.
+* A peer check runs before the first byte is read.  The default refuses unix
+  socket peers whose SO_PEERCRED uid is not our effective uid, and any other
+  kind of socket; streams that are not sockets (in-memory) are in-process and
+  accepted.  Refusals close the connection and are logged.
+* ``shutdown(grace)``: stop accepting, close idle connections, answer new
+  requests ``UNAVAILABLE``, let in-flight calls finish and close each
+  connection as it becomes idle; when ``grace`` seconds pass first, cancel
+  what remains and close everything.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import math
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import trio
+
+from ._errors import LocalProtocolError, ProtocolError
+from ._protocol import RequestReceived, RequestRejected, ServerConnection, ServerEvent
+from ._status import Code, RPCError
+
+__all__ = [
+    "NAMESPACE_KEY",
+    "CallContext",
+    "Handler",
+    "PeerCheck",
+    "PeerCredentials",
+    "Server",
+    "open_unix_listener",
+    "peer_credentials",
+    "require_same_uid",
+    "require_uid",
+]
+
+NAMESPACE_KEY = "containerd-namespace-ttrpc"
+LOGGER_NAME = "supervisor.ttrpc"
+_RECEIVE_SIZE = 65536
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_UCRED = struct.Struct("3i")
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """What a handler knows about its call.
+
+    ``deadline`` is on trio's clock (compare with ``trio.current_time()``), or
+    ``None`` when the client sent no timeout.  ``metadata`` maps each key, as
+    sent, to its values in wire order.
+    """
+
+    service: str
+    method: str
+    metadata: dict[str, list[str]]
+    deadline: float | None
+    stream_id: int
+
+    @property
+    def namespace(self) -> str | None:
+        """containerd's namespace for the call (first ``containerd-namespace-ttrpc``)."""
+        values = self.metadata.get(NAMESPACE_KEY)
+        return values[0] if values else None
+
+
+Handler = Callable[[CallContext, bytes], Awaitable[bytes]]
+"""A method implementation: request payload in, response payload out."""
+
+PeerCheck = Callable[[trio.abc.Stream], str | None]
+"""Inspect a new connection; return a refusal reason, or ``None`` to accept."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """SO_PEERCRED of a unix socket peer (as of its ``connect``)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(stream: trio.abc.Stream) -> PeerCredentials | None:
+    """The peer's credentials if ``stream`` is a unix socket, else ``None``."""
+    if not isinstance(stream, trio.SocketStream) or stream.socket.family != socket.AF_UNIX:
+        return None
+    raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return PeerCredentials(*_UCRED.unpack(raw))
+
+
+def require_uid(uid: int) -> PeerCheck:
+    """A peer check admitting unix socket peers whose uid is ``uid``.
+
+    Non-unix sockets are refused (they carry no credentials); streams that are
+    not sockets at all are in-process and admitted.
+    """
+
+    def check(stream: trio.abc.Stream) -> str | None:
+        if not isinstance(stream, trio.SocketStream):
+            return None
+        creds = peer_credentials(stream)
+        if creds is None:
+            return "not a unix socket, so the peer's credentials cannot be checked"
+        if creds.uid != uid:
+            return f"peer uid {creds.uid} (pid {creds.pid}) is not the required uid {uid}"
+        return None
+
+    return check
+
+
+def require_same_uid(stream: trio.abc.Stream) -> str | None:
+    """The default peer check: the peer's uid must be our effective uid."""
+    return require_uid(os.geteuid())(stream)
+
+
+async def open_unix_listener(
+    path: str | os.PathLike[str], *, backlog: int = 128
+) -> trio.SocketListener:
+    """Bind and listen on a unix socket path (a leading ``@`` means abstract)."""
+    address = os.fspath(path)
+    if address.startswith("unix://"):
+        address = address[len("unix://") :]
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(address)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+def _describe(stream: trio.abc.Stream, number: int) -> str:
+    try:
+        creds = peer_credentials(stream)
+    except OSError:
+        creds = None
+    if creds is None:
+        return f"connection #{number}"
+    return f"connection #{number} (pid {creds.pid}, uid {creds.uid})"
+
+
+class _Connection:
+    """One served connection: reader loop, call tasks, serialised writes."""
+
+    def __init__(self, server: Server, stream: trio.abc.Stream, name: str) -> None:
+        self.server = server
+        self.stream = stream
+        self.name = name
+        self.proto = ServerConnection()
+        self.send_lock = trio.StrictFIFOLock()
+        self.scope = trio.CancelScope()
+        self.active = 0  # requests accepted and not yet answered
+        self.draining = False
+        self.close_reason = ""
+        self.close_level = logging.DEBUG
+
+    def close(self, reason: str, level: int = logging.INFO) -> None:
+        """Tear the connection down now (idempotent; the first reason wins)."""
+        if not self.close_reason:
+            self.close_reason = reason
+            self.close_level = level
+        self.scope.cancel()
+
+    def drain(self) -> None:
+        """Start graceful shutdown: refuse new calls, close once idle."""
+        self.draining = True
+        if self.active == 0:
+            self.close("server shut down", logging.DEBUG)
+
+    async def run(self) -> None:
+        """Serve until the peer leaves, the protocol breaks or we close it."""
+        try:
+            with self.scope:
+                async with trio.open_nursery() as nursery:
+                    reason, level = await self._read_loop(nursery)
+                    # Nobody is left to read answers: cancel in-flight handlers.
+                    self.close(reason, level)
+        finally:
+            reason = self.close_reason or "cancelled"
+            self.server.logger.log(self.close_level, "ttrpc %s: closed: %s", self.name, reason)
+            await trio.aclose_forcefully(self.stream)
+
+    async def _read_loop(self, nursery: trio.Nursery) -> tuple[str, int]:
+        """Read until the connection ends; return (reason, log level)."""
+        while True:
+            try:
+                data = await self.stream.receive_some(_RECEIVE_SIZE)
+            except trio.BrokenResourceError as exc:
+                return f"connection broken by the peer: {exc.__cause__ or exc}", logging.INFO
+            except trio.ClosedResourceError:
+                return "connection closed locally", logging.DEBUG
+            try:
+                events = self.proto.receive_data(data)
+            except ProtocolError as exc:
+                whose = "peer" if exc.remote else "local"
+                return f"{whose} protocol violation: {exc}", logging.WARNING
+            for event in events:
+                self.active += 1
+                nursery.start_soon(self._answer, event)
+            if not data:
+                return "peer closed the connection", logging.DEBUG
+
+    async def _answer(self, event: ServerEvent) -> None:
+        try:
+            if isinstance(event, RequestRejected):
+                self.server.logger.info(
+                    "ttrpc %s: rejected request on stream %d: %s %s",
+                    self.name,
+                    event.stream_id,
+                    event.code.name,
+                    event.message,
+                )
+                await self._reply(event.stream_id, b"", event.code, event.message)
+            elif self.draining:
+                await self._reply(
+                    event.stream_id, b"", Code.UNAVAILABLE, "ttrpc: server is shutting down"
+                )
+            else:
+                await self._run_call(event)
+        finally:
+            self.active -= 1
+            if self.draining and self.active == 0:
+                self.close("server shut down", logging.DEBUG)
+
+    async def _run_call(self, event: RequestReceived) -> None:
+        request = event.request
+        metadata: dict[str, list[str]] = {}
+        for key, value in request.metadata:
+            metadata.setdefault(key, []).append(value)
+        deadline: float | None = None
+        if request.timeout_nano:
+            deadline = trio.current_time() + request.timeout_nano / 1e9
+        context = CallContext(request.service, request.method, metadata, deadline, event.stream_id)
+        handler, missing = self.server.lookup(request.service, request.method)
+        if handler is None:
+            await self._reply(event.stream_id, b"", Code.UNIMPLEMENTED, missing)
+            return
+        code = Code.OK
+        message = ""
+        details: tuple[tuple[str, bytes], ...] = ()
+        payload = b""
+        with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
+            try:
+                result = await handler(context, request.payload)
+            except RPCError as exc:
+                code, message, details = exc.code, exc.message, exc.details
+            except Exception as exc:
+                self.server.logger.exception(
+                    "ttrpc %s: handler for /%s/%s failed",
+                    self.name,
+                    request.service,
+                    request.method,
+                )
+                code, message = Code.UNKNOWN, str(exc) or type(exc).__name__
+            else:
+                if isinstance(result, bytes | bytearray | memoryview):
+                    payload = bytes(result)
+                else:
+                    self.server.logger.error(
+                        "ttrpc %s: handler for /%s/%s returned %s, not bytes",
+                        self.name,
+                        request.service,
+                        request.method,
+                        type(result).__name__,
+                    )
+                    code = Code.INTERNAL
+                    message = f"handler returned {type(result).__name__}, not bytes"
+        if scope.cancelled_caught:
+            code, message, details, payload = Code.DEADLINE_EXCEEDED, "deadline exceeded", (), b""
+        await self._reply(event.stream_id, payload, code, message, details)
+
+    async def _reply(
+        self,
+        stream_id: int,
+        payload: bytes,
+        code: Code,
+        message: str,
+        details: tuple[tuple[str, bytes], ...] = (),
+    ) -> None:
+        try:
+            data = self.proto.send_response(
+                stream_id, payload, code=code, message=message, details=details
+            )
+        except LocalProtocolError as exc:
+            # Our answer does not fit a ttrpc message: tell the client so instead.
+            self.server.logger.warning(
+                "ttrpc %s: response on stream %d dropped: %s", self.name, stream_id, exc
+            )
+            data = self.proto.send_response(
+                stream_id, code=Code.RESOURCE_EXHAUSTED, message=f"response too large: {exc}"
+            )
+        try:
+            async with self.send_lock:
+                await self.stream.send_all(data)
+        except trio.BrokenResourceError as exc:
+            self.close(f"connection broken by the peer while replying: {exc.__cause__ or exc}")
+        except trio.ClosedResourceError:
+            self.close("connection closed locally while replying")
+
+
+class Server:
+    """A ttrpc server; see the module docstring for its behaviour."""
+
+    def __init__(
+        self,
+        *,
+        peer_check: PeerCheck = require_same_uid,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.logger = logger if logger is not None else logging.getLogger(LOGGER_NAME)
+        self._peer_check = peer_check
+        self._services: dict[str, dict[str, Handler]] = {}
+        self._connections: set[_Connection] = set()
+        self._accept_scopes: set[trio.CancelScope] = set()
+        self._serving = 0
+        self._closing = False
+        self._changed = trio.Event()
+        self._numbers = itertools.count(1)
+
+    def register(self, service: str, methods: Mapping[str, Handler]) -> None:
+        """Add a service (fully qualified name) and its methods."""
+        if service in self._services:
+            raise ValueError(f"service {service!r} is already registered")
+        self._services[service] = dict(methods)
+
+    def lookup(self, service: str, method: str) -> tuple[Handler | None, str]:
+        """The handler for a call, or ``None`` and the UNIMPLEMENTED message."""
+        methods = self._services.get(service)
+        if methods is None:
+            return None, f"service {service} not found"
+        handler = methods.get(method)
+        if handler is None:
+            return None, f"method {method} not found in service {service}"
+        return handler, ""
+
+    @property
+    def connections(self) -> int:
+        """Connections currently being served."""
+        return len(self._connections)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def serve(
+        self,
+        listener: trio.SocketListener | trio.abc.Listener[trio.abc.Stream],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept and serve connections until :meth:`shutdown`; closes ``listener``.
+
+        Returns once accepting stopped and every connection it accepted ended.
+        """
+        if self._closing:
+            raise trio.ClosedResourceError("ttrpc server is shut down")
+        self._serving += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.CancelScope() as accept_scope:
+                    self._accept_scopes.add(accept_scope)
+                    try:
+                        task_status.started()
+                        await self._accept_loop(listener, nursery)
+                    finally:
+                        self._accept_scopes.discard(accept_scope)
+                        await trio.aclose_forcefully(listener)
+        finally:
+            self._serving -= 1
+            self._notify()
+
+    async def _accept_loop(
+        self,
+        listener: trio.SocketListener | trio.abc.Listener[trio.abc.Stream],
+        nursery: trio.Nursery,
+    ) -> None:
+        backoff = 0.0
+        while True:
+            try:
+                stream: trio.abc.Stream = await listener.accept()
+            except trio.ClosedResourceError:
+                self.logger.debug("ttrpc: listener closed; no longer accepting")
+                return
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                backoff = min(1.0, backoff * 2 or 0.01)
+                self.logger.error("ttrpc: accept failed (%s); retrying in %.2fs", exc, backoff)
+                await trio.sleep(backoff)
+                continue
+            backoff = 0.0
+            nursery.start_soon(self._serve_accepted, stream)
+
+    async def _serve_accepted(self, stream: trio.abc.Stream) -> None:
+        try:
+            await self.serve_stream(stream)
+        except Exception:
+            # A bug in serving one connection must not stop the others; it is
+            # logged with its traceback and that connection is gone.
+            self.logger.exception("ttrpc: internal error while serving a connection")
+
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one already-connected stream until it ends; always closes it."""
+        name = _describe(stream, next(self._numbers))
+        if self._closing:
+            self.logger.info("ttrpc %s: refused: server is shutting down", name)
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            refusal = self._peer_check(stream)
+        except OSError as exc:
+            refusal = f"could not read the peer's credentials: {exc}"
+        if refusal is not None:
+            self.logger.warning("ttrpc %s: refused: %s", name, refusal)
+            await trio.aclose_forcefully(stream)
+            return
+        self.logger.debug("ttrpc %s: accepted", name)
+        connection = _Connection(self, stream, name)
+        self._connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            self._connections.discard(connection)
+            self._notify()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight calls finish, then close everything.
+
+        With ``grace`` (seconds), calls still running after it are cancelled
+        and their connections closed without an answer.  Returns when every
+        connection and every :meth:`serve` loop has ended.
+        """
+        self._closing = True
+        for scope in list(self._accept_scopes):
+            scope.cancel()
+        for connection in list(self._connections):
+            connection.drain()
+        with trio.move_on_after(math.inf if grace is None else grace):
+            await self._wait_idle()
+        for connection in list(self._connections):
+            connection.close(f"shutdown grace period of {grace}s expired")
+        await self._wait_idle()
+
+    async def _wait_idle(self) -> None:
+        while self._connections or self._serving:
+            await self._changed.wait()
