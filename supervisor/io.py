@@ -15,6 +15,11 @@ task request:
 * ``file:///path``: appended to the file (its directory created).  A write
   error is logged and the copy keeps draining the pipe, so the container never
   blocks or dies because of its log.
+* ``binary:///path?k=v``: a logging binary, started as containerd documents
+  it (``path k v``, environment ``CONTAINER_ID`` and ``CONTAINER_NAMESPACE``
+  only, fd 3 the stdout pipe, fd 4 the stderr pipe, fd 5 a pipe it writes to
+  or closes when it is ready).  The shim copies nothing: the binary reads the
+  pipes itself.  The process is not created before the binary is ready.
 
 Stdin FIFOs are opened ``O_RDONLY|O_NONBLOCK`` and read only after ``poll``
 says so (a read with no writer would be a false EOF); a writer closing, or
@@ -40,9 +45,11 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import trio
+
+from supervisor.reaper import Reaper, spawn
 
 log = logging.getLogger("supervisor.io")
 
@@ -61,6 +68,27 @@ class Stdio:
 
     def is_null(self) -> bool:
         return not (self.stdin or self.stdout or self.stderr)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who a logging binary works for (its environment)."""
+
+    container_id: str
+    namespace: str
+
+
+def logger_argv(uri: str) -> list[str]:
+    """``binary:///path?k=v&flag`` -> ``[path, k, v, flag]`` (query order kept)."""
+    parts = urlsplit(uri)
+    if not parts.path:
+        raise ValueError(f"logging binary URI {uri!r} names no binary")
+    argv = [unquote(parts.path)]
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        argv.append(key)
+        if value:
+            argv.append(value)
+    return argv
 
 
 @dataclass
@@ -117,18 +145,61 @@ class ProcessIO:
         self._stdin_scope: trio.CancelScope | None = None
         self._stdin_copying = False
         self._closed = False
+        self.logger_pid = 0
 
     @classmethod
-    def create(cls, stdio: Stdio, *, uid: int = -1, gid: int = -1) -> ProcessIO:
+    async def create(
+        cls,
+        stdio: Stdio,
+        *,
+        uid: int = -1,
+        gid: int = -1,
+        reaper: Reaper | None = None,
+        owner: Owner | None = None,
+    ) -> ProcessIO:
         io = cls(stdio)
         try:
-            io._setup(uid, gid)
+            if stdio.stdout.startswith("binary://"):
+                if reaper is None or owner is None:
+                    raise ValueError("a logging binary needs the reaper and the container's id")
+                await io._setup_binary(uid, gid, reaper, owner)
+            else:
+                io._setup(uid, gid)
         except BaseException:
             io.close()
             raise
         return io
 
-    def _setup(self, uid: int, gid: int) -> None:
+    async def _setup_binary(self, uid: int, gid: int, reaper: Reaper, owner: Owner) -> None:
+        argv = logger_argv(self.stdio.stdout)
+        self._setup(uid, gid, outputs=False)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        for r in (out_r, err_r):
+            _grow_pipe(r)
+        self._child_ends += [out_w, err_w]
+        self.child_fds[1], self.child_fds[2] = out_w, err_w
+        if uid >= 0 or gid >= 0:
+            os.fchown(out_w, uid, gid)
+            os.fchown(err_w, uid, gid)
+        env = {"CONTAINER_ID": owner.container_id, "CONTAINER_NAMESPACE": owner.namespace}
+        try:
+            self.logger_pid = spawn(argv, fds={3: out_r, 4: err_r, 5: ready_w}, env=env)
+        except OSError as e:
+            for fd in (out_r, err_r, ready_r, ready_w):
+                os.close(fd)
+            raise OSError(e.errno, f"starting logging binary {argv[0]}: {e.strerror}") from e
+        os.close(out_r)
+        os.close(err_r)
+        os.close(ready_w)
+        try:
+            # Ready when it writes a byte or closes fd 5 (or dies).
+            await trio.lowlevel.wait_readable(ready_r)
+        finally:
+            os.close(ready_r)
+
+    def _setup(self, uid: int, gid: int, *, outputs: bool = True) -> None:
         devnull = -1
 
         def null() -> int:
@@ -148,7 +219,8 @@ class ProcessIO:
             )
         else:
             self.child_fds[0] = null()
-        for n, name, uri in ((1, "stdout", self.stdio.stdout), (2, "stderr", self.stdio.stderr)):
+        streams = ((1, "stdout", self.stdio.stdout), (2, "stderr", self.stdio.stderr))
+        for n, name, uri in streams if outputs else ():
             if not uri:
                 self.child_fds[n] = null()
                 continue

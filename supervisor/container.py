@@ -1,0 +1,328 @@
+"""A container: its bundle, rootfs mounts, OCI runtime, init process and execs.
+
+Design
+------
+:class:`Container` does the work behind each task operation -- mounts, the
+runtime's commands, the process's stdio -- and keeps each
+:class:`~supervisor.process.Process` in its lifecycle table.  It knows
+nothing of ttrpc or of events: the Task service calls it, publishes what
+happened, and maps its errors to status codes.
+
+Invariants
+----------
+* Every runtime command that starts a process (``create``, ``exec``) runs
+  under a reaper subscription opened before the command, so an exit that
+  happens before the pid file is read is still seen (:attr:`Started.early_exit`).
+* A failed create leaves nothing behind: the runtime's container is
+  force-deleted, stdio closed and the rootfs unmounted.
+* The bundle keeps the shim's settings (``supervisor-options.json``) and the
+  init pid (``init.pid``) so ``delete`` can clean up after a dead shim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from supervisor import metrics, mount
+from supervisor.errors import AlreadyExists, InvalidArgument, NotFound
+from supervisor.io import Owner, ProcessIO, Stdio
+from supervisor.options import Settings
+from supervisor.process import Process, State
+from supervisor.reaper import Exit, Reaper
+from supervisor.runtime import OCIRuntime, OCIRuntimeError, read_pid_file
+
+log = logging.getLogger("supervisor.container")
+
+INIT_PID_FILE = "init.pid"
+RUNTIME_LOG = "log.json"
+CLEANUP_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Started:
+    """A process the runtime just started, and its exit if it already happened."""
+
+    pid: int
+    early_exit: Exit | None
+
+
+def kill_error(err: OCIRuntimeError) -> Exception:
+    """Turn the runtime's answer to ``kill`` into what containerd expects."""
+    text = str(err).lower()
+    if "container not running" in text or "no such process" in text or "not running" in text:
+        return NotFound("process already finished")
+    if "does not exist" in text or "not found" in text:
+        return NotFound("no such container")
+    return err
+
+
+class Container:
+    """One container served by this shim."""
+
+    def __init__(
+        self,
+        container_id: str,
+        bundle: str,
+        *,
+        namespace: str,
+        settings: Settings,
+        reaper: Reaper,
+        rootfs: list[mount.MountSpec],
+        stdio: Stdio,
+    ) -> None:
+        self.id = container_id
+        self.bundle = bundle
+        self.namespace = namespace
+        self.settings = settings
+        self.reaper = reaper
+        self.rootfs = rootfs
+        self.runtime = OCIRuntime(
+            reaper,
+            binary=settings.binary_name,
+            root=settings.root,
+            namespace=namespace,
+            log_path=os.path.join(bundle, RUNTIME_LOG),
+            systemd_cgroup=settings.systemd_cgroup,
+        )
+        self.init = Process(container_id, "", stdio)
+        self.execs: dict[str, Process] = {}
+        self.kill_all_on_exit = True
+        self.spec: dict[str, Any] = {}
+        self.cgroup: metrics.CgroupPaths | None = None
+        self.created = trio.Event()
+
+    # --- lookup ---------------------------------------------------------
+
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        try:
+            return self.execs[exec_id]
+        except KeyError:
+            raise NotFound(f"exec {exec_id!r} of container {self.id!r} not found") from None
+
+    def all_processes(self) -> list[Process]:
+        return [self.init, *self.execs.values()]
+
+    def running_execs(self) -> list[Process]:
+        return [
+            p for p in self.execs.values()
+            if (p.state is State.RUNNING or p.starting) and not p.exited.is_set()
+        ]
+
+    # --- create / start -------------------------------------------------
+
+    async def _open_io(self, stdio: Stdio) -> ProcessIO:
+        try:
+            return await ProcessIO.create(
+                stdio,
+                uid=self.settings.io_uid,
+                gid=self.settings.io_gid,
+                reaper=self.reaper,
+                owner=Owner(self.id, self.namespace),
+            )
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from e
+
+    def _read_spec(self) -> None:
+        path = os.path.join(self.bundle, "config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                spec = json.load(f)
+        except FileNotFoundError:
+            raise InvalidArgument(f"bundle {self.bundle}: no config.json") from None
+        except (OSError, ValueError) as e:
+            raise InvalidArgument(f"bundle {self.bundle}: bad config.json: {e}") from e
+        if not isinstance(spec, dict):
+            raise InvalidArgument(f"bundle {self.bundle}: config.json is not an object")
+        self.spec = spec
+        namespaces = (spec.get("linux") or {}).get("namespaces") or []
+        self.kill_all_on_exit = not any(
+            ns.get("type") == "pid" and not ns.get("path") for ns in namespaces
+        )
+
+    async def create(self, nursery: trio.Nursery) -> Started:
+        """Mount the rootfs, ``runtime create`` the init, start copying its stdio."""
+        if not os.path.isdir(self.bundle):
+            raise InvalidArgument(f"bundle {self.bundle} does not exist")
+        self._read_spec()
+        self.settings.save(self.bundle)
+        rootfs_dir = os.path.join(self.bundle, "rootfs")
+        mounted = False
+        io: ProcessIO | None = None
+        try:
+            if self.rootfs:
+                os.makedirs(rootfs_dir, mode=0o711, exist_ok=True)
+                mount.mount_all(self.rootfs, rootfs_dir)
+                mounted = True
+            io = await self._open_io(self.init.stdio)
+            pid_file = os.path.join(self.bundle, INIT_PID_FILE)
+            with self.reaper.subscribe() as sub:
+                await self.runtime.create(
+                    self.id,
+                    self.bundle,
+                    pid_file=pid_file,
+                    stdio=io.child_fds,
+                    no_pivot=self.settings.no_pivot_root,
+                    no_new_keyring=self.settings.no_new_keyring,
+                )
+                io.spawned()
+                pid = read_pid_file(pid_file)
+                early = sub.poll(pid)
+        except BaseException:
+            # Clean up even when the caller gave up (cancelled): shielded, bounded.
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                if io is not None:
+                    io.close()
+                with contextlib.suppress(OCIRuntimeError, OSError):
+                    await self.runtime.delete(self.id, force=True)
+                if mounted:
+                    try:
+                        await trio.to_thread.run_sync(mount.unmount_all, rootfs_dir)
+                    except OSError as e:
+                        log.warning("container %s: unmounting rootfs after a failed create: %s",
+                                    self.id, e)
+            raise
+        self.init.pid = pid
+        self.init.io = io
+        io.start(nursery)
+        try:
+            # Kept, so Stats answers after the init is gone too (until delete).
+            self.cgroup = metrics.cgroup_paths(pid)
+        except (OSError, LookupError) as e:
+            log.warning("container %s: no cgroup for pid %d: %s", self.id, pid, e)
+        return Started(pid, early)
+
+    async def start_init(self) -> None:
+        self.init.check("start")
+        await self.runtime.start(self.id)
+        if self.init.state is State.CREATED:
+            self.init.transition("start")
+
+    def add_exec(self, exec_id: str, stdio: Stdio, spec: bytes) -> Process:
+        if not exec_id:
+            raise InvalidArgument("exec id must not be empty")
+        if exec_id in self.execs:
+            raise AlreadyExists(f"id {exec_id}: exec already exists")
+        self.init.check("exec")
+        if self.init.exited.is_set():
+            raise NotFound(f"cannot exec in container {self.id!r}: its init has exited")
+        try:
+            process_spec = json.loads(spec or b"{}")
+        except ValueError as e:
+            raise InvalidArgument(f"exec {exec_id}: spec is not JSON: {e}") from e
+        if not isinstance(process_spec, dict) or not process_spec.get("args"):
+            raise InvalidArgument(f"exec {exec_id}: spec has no args")
+        process = Process(self.id, exec_id, stdio, spec=spec)
+        self.execs[exec_id] = process
+        return process
+
+    async def start_exec(self, process: Process, nursery: trio.Nursery) -> Started:
+        process.check("start")
+        if self.init.exited.is_set() or self.init.state not in (State.RUNNING, State.CREATED,
+                                                                 State.PAUSED):
+            raise NotFound(
+                f"cannot start exec {process.exec_id!r}: container {self.id!r} is not running"
+            )
+        spec_path = os.path.join(self.bundle, f".{process.exec_id}.process.json")
+        pid_file = os.path.join(self.bundle, f".{process.exec_id}.pid")
+        with open(spec_path, "wb") as f:
+            f.write(process.spec)
+        io = await self._open_io(process.stdio)
+        try:
+            with self.reaper.subscribe() as sub:
+                await self.runtime.exec(
+                    self.id, spec_path, pid_file=pid_file, stdio=io.child_fds
+                )
+                io.spawned()
+                pid = read_pid_file(pid_file)
+                early = sub.poll(pid)
+        except BaseException:
+            io.close()
+            raise
+        finally:
+            for path in (spec_path, pid_file):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        process.pid = pid
+        process.io = io
+        process.transition("start")
+        io.start(nursery)
+        return Started(pid, early)
+
+    # --- other operations -----------------------------------------------
+
+    async def kill(self, process: Process, signal: int, all: bool) -> None:
+        process.check("kill")
+        if process.is_init:
+            try:
+                await self.runtime.kill(self.id, signal, all=all)
+            except OCIRuntimeError as e:
+                raise kill_error(e) from e
+            return
+        if process.pid <= 0 or process.exited.is_set() or process.state is State.STOPPED:
+            raise NotFound("process already finished")
+        try:
+            os.kill(process.pid, signal)
+        except ProcessLookupError:
+            raise NotFound("process already finished") from None
+
+    async def pause(self) -> None:
+        self.init.check("pause")
+        await self.runtime.pause(self.id)
+        self.init.transition("pause")
+
+    async def resume(self) -> None:
+        self.init.check("resume")
+        await self.runtime.resume(self.id)
+        self.init.transition("resume")
+
+    async def update(self, resources: dict[str, Any]) -> None:
+        self.init.check("update")
+        await self.runtime.update(self.id, resources)
+
+    async def pids(self) -> list[int]:
+        return await self.runtime.ps(self.id)
+
+    async def delete_exec(self, process: Process) -> None:
+        process.check("delete")
+        process.transition("delete")
+        if process.io is not None:
+            process.io.close()
+        self.execs.pop(process.exec_id, None)
+
+    async def delete_init(self) -> None:
+        self.init.check("delete")
+        if self.running_execs():
+            # The pid namespace is gone with init: make sure nothing is left.
+            log.warning("container %s: deleting with execs still running", self.id)
+        try:
+            await self.runtime.delete(self.id, force=self.init.state is State.CREATED)
+        except OCIRuntimeError as e:
+            if not e.not_found:
+                raise
+        self.init.transition("delete")
+        for p in self.all_processes():
+            if p.io is not None:
+                p.io.close()
+        if self.rootfs:
+            try:
+                await trio.to_thread.run_sync(
+                    mount.unmount_all, os.path.join(self.bundle, "rootfs")
+                )
+            except OSError as e:
+                log.warning("container %s: unmounting rootfs: %s", self.id, e)
+
+    async def kill_all(self) -> None:
+        """SIGKILL everything left in the container (init shared the host pid ns)."""
+        try:
+            await self.runtime.kill(self.id, 9, all=True)
+        except OCIRuntimeError as e:
+            log.debug("container %s: kill --all after init exit: %s", self.id, e)

@@ -1,0 +1,136 @@
+"""The long-lived shim process: one nursery tree wiring reaper, outbox, Task service and server.
+
+::
+
+    serve()                        trio.run
+    └── nursery
+        ├── Reaper.run             SIGCHLD -> wait4 -> subscribers
+        ├── Outbox.run             events -> containerd's Events/Forward, in order, retried
+        ├── TaskService.run_exits  exits -> processes -> TaskExit
+        ├── copies                 stdio pipes <-> FIFOs/files (started by the service)
+        └── Server.serve           ttrpc on the socket containerd connects to
+
+The shim ends when the Task service asks for it (``Shutdown`` with no
+container left): it stops accepting, lets in-flight calls finish, gives the
+outbox a bounded time to deliver what is pending, removes its socket and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import trio
+
+from supervisor import ttrpc
+from supervisor.api.events import ttrpc_pb2 as events_api
+from supervisor.events import Event, Outbox
+from supervisor.reaper import Reaper
+from supervisor.task import SERVICE, TaskService
+
+log = logging.getLogger("supervisor.daemon")
+
+EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
+FORWARD_TIMEOUT = 5.0
+SHUTDOWN_GRACE = 5.0
+FLUSH_TIMEOUT = 10.0
+
+
+class ContainerdEvents:
+    """Sends events to containerd's ``Events/Forward``, reconnecting as needed."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._client: ttrpc.Client | None = None
+
+    async def send(self, event: Event) -> None:
+        if not self.address:
+            raise ConnectionError("TTRPC_ADDRESS is not set: nowhere to send events")
+        if self._client is None or self._client.closed:
+            self._client = await ttrpc.connect_unix(self.address)
+        request = events_api.ForwardRequest()
+        envelope = request.envelope
+        envelope.timestamp.FromNanoseconds(event.timestamp_ns)
+        envelope.namespace = event.namespace
+        envelope.topic = event.topic
+        envelope.event.type_url = event.type_url
+        envelope.event.value = event.payload
+        try:
+            await self._client.call(
+                EVENTS_SERVICE,
+                "Forward",
+                request.SerializeToString(),
+                timeout=FORWARD_TIMEOUT,
+                metadata={ttrpc.NAMESPACE_KEY: event.namespace},
+            )
+        except (ttrpc.ConnectionEnded, OSError):
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+
+async def _serve(listener: socket.socket, namespace: str, ttrpc_address: str) -> None:
+    shutdown = trio.Event()
+    sender = ContainerdEvents(ttrpc_address)
+    async with trio.open_nursery() as nursery:
+        reaper = Reaper()
+        await nursery.start(reaper.run)
+        outbox = Outbox(sender.send, namespace)
+        nursery.start_soon(outbox.run)
+        service = TaskService(
+            reaper=reaper,
+            outbox=outbox,
+            nursery=nursery,
+            namespace=namespace,
+            request_shutdown=shutdown.set,
+        )
+        nursery.start_soon(service.run_exits)
+        server = ttrpc.Server()
+        server.register(SERVICE, service.handlers())
+        trio_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
+        await nursery.start(server.serve, trio_listener)
+        log.info("shim %d serving namespace %s", os.getpid(), namespace)
+        await shutdown.wait()
+        log.info("shutting down")
+        await server.shutdown(SHUTDOWN_GRACE)
+        if not await outbox.flush(FLUSH_TIMEOUT):
+            log.error("exiting with %d events undelivered", len(outbox.pending))
+        await sender.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def _remove_socket(bundle: str) -> None:
+    try:
+        with open(os.path.join(bundle, "address"), encoding="utf-8") as f:
+            address = f.read().strip()
+    except OSError:
+        return
+    if address.startswith("unix://"):
+        try:
+            os.unlink(address[len("unix://"):])
+        except FileNotFoundError:
+            pass  # already gone
+
+
+def serve(
+    listener: socket.socket,
+    *,
+    namespace: str,
+    container_id: str,
+    ttrpc_address: str,
+    bundle: str,
+) -> int:
+    log.debug("starting shim for %s/%s in %s", namespace, container_id, bundle)
+    try:
+        trio.run(_serve, listener, namespace, ttrpc_address)
+    except Exception:
+        log.exception("shim failed")
+        return 1
+    finally:
+        _remove_socket(bundle)
+    return 0
