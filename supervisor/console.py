@@ -1,0 +1,467 @@
+"""Terminals: the pty master the OCI runtime hands us, and the copies around it.
+
+Design
+------
+When containerd asks for a terminal, the shim does not make the pty itself.  It
+listens on a unix socket (:class:`ConsoleSocket`) and passes its path to the
+runtime (``runc create|exec --console-socket PATH``).  Inside the container,
+``runc init`` opens ``/dev/ptmx``, connects to the socket and sends the master
+in one message: the data is the master's file name (at most 4096 bytes) and a
+single ``SCM_RIGHTS`` control message carries exactly one fd.  Only then does it
+open the slave and make it the process's stdio.  The runtime has sent the fd by
+the time ``create``/``exec`` returns, so the shim calls
+:meth:`ConsoleSocket.receive_master` afterwards; the connection waits in the
+listen backlog meanwhile.
+
+:class:`Console` owns the master and runs two copies in the caller's nursery:
+
+* master -> stdout.  A FIFO is opened ``O_RDWR|O_NONBLOCK``: the open never
+  blocks and, since the shim holds a reader too, a reader that comes and goes
+  never turns our writes into EPIPE.  A regular file (or ``file://``) is
+  appended to.  With no stdout the master is still drained (and the bytes
+  dropped) so the process never blocks on a full terminal.
+* stdin FIFO -> master.  The FIFO is opened ``O_RDONLY|O_NONBLOCK`` and read
+  only after ``poll`` says so: a read with no writer would be a false EOF.  A
+  terminal's end of input is in-band (the client's raw terminal sends ^D), so
+  a writer leaving does not end the copy: the FIFO is reopened (the new reader
+  is opened before the old one is closed, so the pipe and anything in it
+  survive) and the copy waits for the next writer.  Only :meth:`Console.close_stdin`
+  stops it, after delivering what was already written.
+
+Invariants
+----------
+* End of output is the master reading EIO (or EOF): Linux reports that only
+  when every slave fd is closed *and* everything written to the slave has been
+  read.  So when :meth:`Console.wait_output` returns True, every byte the
+  process wrote to its terminal has been written to stdout, and stdout has been
+  closed (its reader sees EOF).  Before the slave is first opened, the master
+  reads EAGAIN, not EIO, so receiving the master early is safe.
+* Once output has ended the stdin copy stops too: no process holds the slave.
+* Every fd is closed by exactly one party, and only after
+  ``trio.lowlevel.notify_closing``; the copies re-read the fd from the object
+  after every wait, so a closed (possibly reused) fd number is never touched.
+* The copies never raise into the caller's nursery: errors are logged and end
+  the copy.  :meth:`Console.close` cancels them and closes every fd
+  (idempotent); the master stays open until then, so resizing after the
+  process exited is harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import shutil
+import socket
+import stat
+import struct
+import tempfile
+import termios
+from dataclasses import dataclass
+from types import TracebackType
+from urllib.parse import unquote, urlsplit
+
+import trio
+
+__all__ = ["Console", "ConsoleCounters", "ConsoleError", "ConsoleSocket"]
+
+log = logging.getLogger("supervisor.console")
+
+COPY_BUFFER = 64 * 1024
+# The runtime sends the master's name as the message data; longer is an error.
+MAX_NAME = 4096
+# sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+_INT = struct.calcsize("i")
+_WINSIZE = "HHHH"  # rows, cols, xpixel, ypixel (struct winsize)
+
+
+class ConsoleError(Exception):
+    """The console socket or the terminal could not be used."""
+
+
+def _close_fd(fd: int) -> None:
+    """Close ``fd``, waking (with ClosedResourceError) any trio task waiting on it."""
+    with contextlib.suppress(RuntimeError):  # outside trio nobody can be waiting
+        trio.lowlevel.notify_closing(fd)
+    os.close(fd)
+
+
+def _fifo_path(uri: str) -> str:
+    if uri.startswith("fifo://"):
+        return unquote(urlsplit(uri).path)
+    if "://" in uri:
+        raise ValueError(f"unsupported terminal stdio URI {uri!r}")
+    return uri
+
+
+def _open_stdout(uri: str) -> int:
+    if uri.startswith("file://"):
+        path = unquote(urlsplit(uri).path)
+        os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    path = _fifo_path(uri)
+    if stat.S_ISFIFO(os.stat(path).st_mode):
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+
+def _open_stdin(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+class ConsoleSocket:
+    """A listening unix socket that receives one pty master from the runtime."""
+
+    def __init__(self, sock: socket.socket, path: str, tmpdir: str | None) -> None:
+        self._sock: socket.socket | None = sock
+        self.path = path
+        self._tmpdir = tmpdir
+        self._unlinked = False
+
+    @classmethod
+    def create(cls, directory: str) -> ConsoleSocket:
+        """Listen on a short random name in ``directory`` (or a temp dir if too long)."""
+        directory = os.path.abspath(directory)
+        tmpdir: str | None = None
+        name = f"pty-{secrets.token_hex(4)}.sock"
+        if len(os.fsencode(os.path.join(directory, name))) > MAX_SOCKET_PATH:
+            base = tempfile.gettempdir()
+            if len(os.fsencode(base)) > MAX_SOCKET_PATH - 40:
+                base = "/tmp"
+            tmpdir = directory = tempfile.mkdtemp(prefix="sv-pty-", dir=base)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for attempt in range(8):
+                path = os.path.join(directory, name)
+                try:
+                    sock.bind(path)
+                    break
+                except OSError as e:
+                    if e.errno != errno.EADDRINUSE or attempt == 7:
+                        raise
+                    name = f"pty-{secrets.token_hex(4)}.sock"
+            sock.listen(1)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            if tmpdir is not None:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+            raise
+        return cls(sock, path, tmpdir)
+
+    async def receive_master(self, timeout: float | None = None) -> int:
+        """Accept one connection and return the one fd it sends (close-on-exec, ours).
+
+        Raises TimeoutError if nothing arrives within ``timeout`` seconds, and
+        :class:`ConsoleError` if the peer sends anything but one terminal fd.
+        """
+        with trio.move_on_after(float("inf") if timeout is None else timeout):
+            return await self._receive()
+        raise TimeoutError(f"no pty master received on {self.path} within {timeout}s")
+
+    async def _receive(self) -> int:
+        sock = self._sock
+        if sock is None:
+            raise ConsoleError(f"console socket {self.path} is closed")
+        while True:
+            try:
+                conn, _ = sock.accept()
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+        with conn:
+            conn.setblocking(False)
+            while True:
+                try:
+                    data, ancdata, flags, _ = conn.recvmsg(
+                        MAX_NAME, socket.CMSG_SPACE(_INT), socket.MSG_CMSG_CLOEXEC
+                    )
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(conn)
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % _INT
+                fds.extend(struct.unpack(f"{usable // _INT}i", payload[:usable]))
+        try:
+            if flags & socket.MSG_CTRUNC:
+                raise ConsoleError("console socket: control message truncated (more than one fd?)")
+            if len(fds) != 1:
+                raise ConsoleError(f"console socket: expected one fd, got {len(fds)}")
+            if len(data) >= MAX_NAME:
+                raise ConsoleError("console socket: name too long")
+            if not os.isatty(fds[0]):
+                raise ConsoleError("console socket: the fd received is not a terminal")
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        log.debug("received pty master %r as fd %d", data.decode(errors="replace"), fds[0])
+        return fds[0]
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file (and our temp dir); idempotent."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(RuntimeError):  # outside trio nobody can be waiting
+                trio.lowlevel.notify_closing(sock)
+            sock.close()
+        if not self._unlinked:
+            self._unlinked = True
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def __enter__(self) -> ConsoleSocket:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@dataclass
+class ConsoleCounters:
+    """Bytes copied (``stderr`` is always 0: a terminal has one output)."""
+
+    stdin: int = 0
+    stdout: int = 0
+    stderr: int = 0
+
+
+class Console:
+    """A pty master (ours from construction) and the copies to and from it."""
+
+    def __init__(self, master: int) -> None:
+        os.set_blocking(master, False)
+        self._master = master
+        self.counters = ConsoleCounters()
+        self._stdin = -1
+        self._stdin_path = ""
+        self._stdout = -1
+        self._started = False
+        self._closed = False
+        self._out_scope = trio.CancelScope()
+        self._in_scope = trio.CancelScope()
+        self._stdin_wait: trio.CancelScope | None = None
+        self._stdin_close_requested = False
+        self._stdin_copying = False
+        self._output_done = trio.Event()
+
+    @property
+    def master(self) -> int:
+        """The master fd (-1 once closed); still owned by this object."""
+        return self._master
+
+    @property
+    def output_done(self) -> bool:
+        return self._output_done.is_set()
+
+    def start(self, nursery: trio.Nursery, stdin_path: str, stdout_path: str) -> None:
+        """Open the FIFOs and start the copies in ``nursery`` ("" = no such stream)."""
+        if self._closed:
+            raise ConsoleError("console is closed")
+        if self._started:
+            raise RuntimeError("console copies already started")
+        stdout = stdin = -1
+        try:
+            if stdout_path:
+                stdout = _open_stdout(stdout_path)
+            if stdin_path and not self._stdin_close_requested:
+                self._stdin_path = _fifo_path(stdin_path)
+                stdin = _open_stdin(self._stdin_path)
+        except BaseException:
+            for fd in (stdout, stdin):
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        self._started = True
+        self._stdout, self._stdin = stdout, stdin
+        nursery.start_soon(self._copy_out)
+        if stdin >= 0:
+            self._stdin_copying = True
+            nursery.start_soon(self._copy_in)
+
+    # --- master -> stdout -------------------------------------------------
+
+    async def _copy_out(self) -> None:
+        try:
+            with self._out_scope:
+                while (master := self._master) >= 0:
+                    try:
+                        data = os.read(master, COPY_BUFFER)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(master)
+                        continue
+                    except OSError as e:
+                        if e.errno != errno.EIO:
+                            log.warning("terminal output copy stopped: %s", e)
+                        break  # EIO: every slave fd is closed and all output read
+                    if not data:
+                        break
+                    self.counters.stdout += len(data)
+                    await self._write_stdout(data)
+        except trio.ClosedResourceError:
+            log.debug("terminal output copy: console closed while waiting")
+        finally:
+            self._close_stdout()
+            self._output_done.set()
+            self._in_scope.cancel()
+
+    async def _write_stdout(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and (fd := self._stdout) >= 0:
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(fd)
+            except OSError as e:
+                # Keep draining the master (into nothing) so the process never blocks.
+                log.warning("terminal stdout write failed, dropping output: %s", e)
+                self._close_stdout()
+
+    def _close_stdout(self) -> None:
+        fd, self._stdout = self._stdout, -1
+        if fd >= 0:
+            _close_fd(fd)
+
+    # --- stdin -> master --------------------------------------------------
+
+    async def _copy_in(self) -> None:
+        try:
+            with self._in_scope:
+                while (fifo := self._stdin) >= 0:
+                    if self._stdin_close_requested:
+                        # Deliver what is already in the FIFO, then stop.
+                        data = self._read_nowait(fifo)
+                        if not data:
+                            break
+                    else:
+                        with trio.CancelScope() as wait:
+                            self._stdin_wait = wait
+                            await trio.lowlevel.wait_readable(fifo)
+                        self._stdin_wait = None
+                        if wait.cancelled_caught or (fifo := self._stdin) < 0:
+                            continue
+                        try:
+                            data = os.read(fifo, COPY_BUFFER)
+                        except BlockingIOError:
+                            continue
+                        if not data:
+                            self._reopen_stdin()
+                            continue
+                    if not await self._write_master(data):
+                        break
+        except trio.ClosedResourceError:
+            log.debug("terminal stdin copy: console closed while waiting")
+        except FileNotFoundError:
+            log.debug("terminal stdin FIFO %s is gone: stdin copy stops", self._stdin_path)
+        except OSError as e:
+            log.warning("terminal stdin copy from %s stopped: %s", self._stdin_path, e)
+        finally:
+            self._stdin_wait = None
+            self._stdin_copying = False
+            self._close_stdin_fd()
+
+    def _reopen_stdin(self) -> None:
+        """The writer left: read from a fresh open so poll waits for the next one."""
+        new = _open_stdin(self._stdin_path)
+        old, self._stdin = self._stdin, new
+        if old >= 0:
+            _close_fd(old)
+
+    @staticmethod
+    def _read_nowait(fd: int) -> bytes:
+        try:
+            return os.read(fd, COPY_BUFFER)
+        except BlockingIOError:
+            return b""
+
+    async def _write_master(self, data: bytes) -> bool:
+        view = memoryview(data)
+        while view:
+            master = self._master
+            if master < 0:
+                return False
+            try:
+                n = os.write(master, view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(master)
+                continue
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    log.warning("terminal stdin write failed: %s", e)
+                return False
+            self.counters.stdin += n
+            view = view[n:]
+        return True
+
+    def _close_stdin_fd(self) -> None:
+        fd, self._stdin = self._stdin, -1
+        if fd >= 0:
+            _close_fd(fd)
+
+    def close_stdin(self) -> None:
+        """Stop the stdin copy once what was written to the FIFO is delivered.
+
+        The master stays open: a terminal's input has no EOF of its own.
+        """
+        self._stdin_close_requested = True
+        if self._stdin_copying:
+            if self._stdin_wait is not None:
+                self._stdin_wait.cancel()
+        else:
+            self._close_stdin_fd()
+
+    # --- the rest ---------------------------------------------------------
+
+    def resize(self, width: int, height: int) -> None:
+        """Set the window size (columns, rows); the foreground group gets SIGWINCH."""
+        if self._master < 0:
+            raise ConsoleError("console is closed")
+        if not (0 <= width <= 0xFFFF and 0 <= height <= 0xFFFF):
+            raise ValueError(f"window size {width}x{height} out of range")
+        fcntl.ioctl(self._master, termios.TIOCSWINSZ, struct.pack(_WINSIZE, height, width, 0, 0))
+
+    def size(self) -> tuple[int, int]:
+        """The window size as (width, height)."""
+        if self._master < 0:
+            raise ConsoleError("console is closed")
+        raw = fcntl.ioctl(self._master, termios.TIOCGWINSZ, bytes(struct.calcsize(_WINSIZE)))
+        rows, cols, _, _ = struct.unpack(_WINSIZE, raw)
+        return cols, rows
+
+    async def wait_output(self, timeout: float | None = None) -> bool:
+        """Wait until output ended (every slave closed, all copied); False on timeout."""
+        if timeout is None:
+            await self._output_done.wait()
+            return True
+        with trio.move_on_after(timeout):
+            await self._output_done.wait()
+            return True
+        return False
+
+    def close(self) -> None:
+        """Stop the copies and close the master and FIFOs (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._in_scope.cancel()
+        self._out_scope.cancel()
+        self._close_stdin_fd()
+        self._close_stdout()
+        master, self._master = self._master, -1
+        if master >= 0:
+            _close_fd(master)
+        self._output_done.set()
