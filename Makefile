@@ -38,5 +38,17 @@ integration: venv deps
 proto: venv
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. $(PROTO_SRC)
 
+# A real container through the shim with a private containerd (root, Debian).
+demo:
+	bash scripts/demo.sh
+
+# containerd's own suites (../shared/conformance) against this shim; needs Go, ~5 min.
+conformance: venv
+	bash scripts/conformance.sh
+
+# ttrpc round trips per second over one connection.
+bench: venv
+	$(PY) bench/ttrpc_roundtrip.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

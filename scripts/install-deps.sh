@@ -8,6 +8,9 @@ command -v containerd >/dev/null 2>&1 || need+=(containerd)
 command -v ctr >/dev/null 2>&1 || need+=(containerd)
 command -v runc >/dev/null 2>&1 || need+=(runc)
 [ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need+=(busybox-static)
+# The ttrpc interop test builds a Go peer from Debian's ttrpc source (no network).
+command -v go >/dev/null 2>&1 || need+=(golang-go)
+[ -d /usr/share/gocode/src/github.com/containerd/ttrpc ] || need+=(golang-github-containerd-ttrpc-dev)
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
 fi

@@ -25,14 +25,16 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from supervisor import metrics, mount
+from supervisor import errors, metrics, mount
+from supervisor.console import Console, ConsoleError, ConsoleSocket
 from supervisor.errors import AlreadyExists, InvalidArgument, NotFound
-from supervisor.io import Owner, ProcessIO, Stdio
+from supervisor.io import Owner, ProcessIO, Stdio, Streams
 from supervisor.options import Settings
 from supervisor.process import Process, State
 from supervisor.reaper import Exit, Reaper
@@ -43,6 +45,7 @@ log = logging.getLogger("supervisor.container")
 INIT_PID_FILE = "init.pid"
 RUNTIME_LOG = "log.json"
 CLEANUP_TIMEOUT = 30.0
+CONSOLE_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,63 @@ class Container:
 
     # --- create / start -------------------------------------------------
 
+    async def _launch(
+        self,
+        stdio: Stdio,
+        pid_file: str,
+        run: Callable[[dict[int, int], str | None], Awaitable[None]],
+        nursery: trio.Nursery,
+    ) -> tuple[Streams, Started]:
+        """Run the runtime command that starts a process, its stdio set up first.
+
+        ``run(fds, console_socket)`` is ``runtime create`` or ``runtime exec``.
+        The reaper subscription opens before it, so an exit that comes before
+        the pid file is read is returned in :attr:`Started.early_exit`.
+        """
+        if stdio.terminal:
+            return await self._launch_terminal(stdio, pid_file, run, nursery)
+        io = await self._open_io(stdio)
+        try:
+            with self.reaper.subscribe() as sub:
+                await run(io.child_fds, None)
+                io.spawned()
+                pid = read_pid_file(pid_file)
+                early = sub.poll(pid)
+        except BaseException:
+            io.close()
+            raise
+        io.start(nursery)
+        return io, Started(pid, early)
+
+    async def _launch_terminal(
+        self,
+        stdio: Stdio,
+        pid_file: str,
+        run: Callable[[dict[int, int], str | None], Awaitable[None]],
+        nursery: trio.Nursery,
+    ) -> tuple[Streams, Started]:
+        sock = ConsoleSocket.create(self.bundle)
+        console: Console | None = None
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            with self.reaper.subscribe() as sub:
+                await run({0: devnull, 1: devnull, 2: devnull}, sock.path)
+                try:
+                    console = Console(await sock.receive_master(timeout=CONSOLE_TIMEOUT))
+                except (TimeoutError, ConsoleError) as e:
+                    raise errors.Unavailable(f"no terminal from the runtime: {e}") from e
+                pid = read_pid_file(pid_file)
+                early = sub.poll(pid)
+        except BaseException:
+            if console is not None:
+                console.close()
+            raise
+        finally:
+            os.close(devnull)
+            sock.close()
+        console.start(nursery, stdio.stdin, stdio.stdout)
+        return console, Started(pid, early)
+
     async def _open_io(self, stdio: Stdio) -> ProcessIO:
         try:
             return await ProcessIO.create(
@@ -156,31 +216,28 @@ class Container:
         self.settings.save(self.bundle)
         rootfs_dir = os.path.join(self.bundle, "rootfs")
         mounted = False
-        io: ProcessIO | None = None
         try:
             if self.rootfs:
                 os.makedirs(rootfs_dir, mode=0o711, exist_ok=True)
                 mount.mount_all(self.rootfs, rootfs_dir)
                 mounted = True
-            io = await self._open_io(self.init.stdio)
             pid_file = os.path.join(self.bundle, INIT_PID_FILE)
-            with self.reaper.subscribe() as sub:
+
+            async def run(stdio: dict[int, int], console_socket: str | None) -> None:
                 await self.runtime.create(
                     self.id,
                     self.bundle,
                     pid_file=pid_file,
-                    stdio=io.child_fds,
+                    stdio=stdio,
+                    console_socket=console_socket,
                     no_pivot=self.settings.no_pivot_root,
                     no_new_keyring=self.settings.no_new_keyring,
                 )
-                io.spawned()
-                pid = read_pid_file(pid_file)
-                early = sub.poll(pid)
+
+            io, started = await self._launch(self.init.stdio, pid_file, run, nursery)
         except BaseException:
             # Clean up even when the caller gave up (cancelled): shielded, bounded.
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-                if io is not None:
-                    io.close()
                 with contextlib.suppress(OCIRuntimeError, OSError):
                     await self.runtime.delete(self.id, force=True)
                 if mounted:
@@ -190,15 +247,14 @@ class Container:
                         log.warning("container %s: unmounting rootfs after a failed create: %s",
                                     self.id, e)
             raise
-        self.init.pid = pid
+        self.init.pid = started.pid
         self.init.io = io
-        io.start(nursery)
         try:
             # Kept, so Stats answers after the init is gone too (until delete).
-            self.cgroup = metrics.cgroup_paths(pid)
+            self.cgroup = metrics.cgroup_paths(started.pid)
         except (OSError, LookupError) as e:
-            log.warning("container %s: no cgroup for pid %d: %s", self.id, pid, e)
-        return Started(pid, early)
+            log.warning("container %s: no cgroup for pid %d: %s", self.id, started.pid, e)
+        return started
 
     async def start_init(self) -> None:
         self.init.check("start")
@@ -233,29 +289,26 @@ class Container:
             )
         spec_path = os.path.join(self.bundle, f".{process.exec_id}.process.json")
         pid_file = os.path.join(self.bundle, f".{process.exec_id}.pid")
-        with open(spec_path, "wb") as f:
-            f.write(process.spec)
-        io = await self._open_io(process.stdio)
+        spec = json.loads(process.spec)
+        spec["terminal"] = process.stdio.terminal  # the request decides, as containerd's shim does
+        with open(spec_path, "w", encoding="utf-8") as f:
+            json.dump(spec, f)
+
+        async def run(stdio: dict[int, int], console_socket: str | None) -> None:
+            await self.runtime.exec(
+                self.id, spec_path, pid_file=pid_file, stdio=stdio, console_socket=console_socket
+            )
+
         try:
-            with self.reaper.subscribe() as sub:
-                await self.runtime.exec(
-                    self.id, spec_path, pid_file=pid_file, stdio=io.child_fds
-                )
-                io.spawned()
-                pid = read_pid_file(pid_file)
-                early = sub.poll(pid)
-        except BaseException:
-            io.close()
-            raise
+            io, started = await self._launch(process.stdio, pid_file, run, nursery)
         finally:
             for path in (spec_path, pid_file):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
-        process.pid = pid
+        process.pid = started.pid
         process.io = io
         process.transition("start")
-        io.start(nursery)
-        return Started(pid, early)
+        return started
 
     # --- other operations -----------------------------------------------
 
@@ -319,6 +372,11 @@ class Container:
                 )
             except OSError as e:
                 log.warning("container %s: unmounting rootfs: %s", self.id, e)
+
+    def resize(self, process: Process, width: int, height: int) -> None:
+        process.check("resize")
+        if isinstance(process.io, Console):
+            process.io.resize(width, height)
 
     async def kill_all(self) -> None:
         """SIGKILL everything left in the container (init shared the host pid ns)."""

@@ -45,6 +45,7 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import trio
@@ -68,6 +69,16 @@ class Stdio:
 
     def is_null(self) -> bool:
         return not (self.stdin or self.stdout or self.stderr)
+
+
+class Streams(Protocol):
+    """What the process layer needs of a process's stdio (pipes or a terminal)."""
+
+    def close_stdin(self) -> None: ...
+
+    async def wait_output(self, timeout: float | None = None) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import time
 import trio
 
 from supervisor.errors import FailedPrecondition
-from supervisor.io import ProcessIO, Stdio
+from supervisor.io import Stdio, Streams
 from supervisor.reaper import Exit
 
 
@@ -53,7 +53,7 @@ TRANSITIONS: dict[str, dict[State, State]] = {
     "kill": {_C: _C, _R: _R, _P: _P, _S: _S},
     "exec": {_C: _C, _R: _R, _P: _P},
     "update": {_C: _C, _R: _R, _P: _P},
-    "resize": {_C: _C, _R: _R, _P: _P},
+    "resize": {_C: _C, _R: _R, _P: _P, _S: _S},
     "closeio": {_C: _C, _R: _R, _P: _P, _S: _S},
     "stats": {_C: _C, _R: _R, _P: _P, _S: _S},
 }
@@ -79,7 +79,7 @@ class Process:
         self.exit_status = 0
         self.exited_at_ns = 0
         self.exited = trio.Event()
-        self.io: ProcessIO | None = None
+        self.io: Streams | None = None
         # exit bookkeeping (see the module invariants)
         self.starting = False
         self.held_exit: Exit | None = None

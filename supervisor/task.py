@@ -241,8 +241,6 @@ class TaskService:
             raise errors.AlreadyExists(f"container {r.id!r} already exists")
         if r.checkpoint or r.parent_checkpoint:
             raise errors.Unimplemented("restoring from a checkpoint is not supported")
-        if r.terminal:
-            raise errors.Unimplemented("terminal containers are not supported yet")
         settings = decode_options(r.options if r.HasField("options") else None)
         container = Container(
             r.id,
@@ -277,8 +275,8 @@ class TaskService:
                 pid=started.pid,
             )
         )
-        # A created init that dies before Start is reported after TaskCreate,
-        # but TaskStart must precede it: keep holding until Start or Delete.
+        # An init that died meanwhile (killed before Start) is reported now, after TaskCreate.
+        self._end_start(container, container.init)
         return api.CreateTaskResponse(pid=started.pid)
 
     async def start(self, r: api.StartRequest) -> api.StartResponse:
@@ -389,8 +387,6 @@ class TaskService:
 
     async def exec(self, r: api.ExecProcessRequest) -> empty_pb2.Empty:
         container = await self._container(r.id)
-        if r.terminal:
-            raise errors.Unimplemented("terminal execs are not supported yet")
         container.add_exec(r.exec_id, Stdio(r.stdin, r.stdout, r.stderr, r.terminal),
                            r.spec.value)
         self.outbox.publish(ev.TaskExecAdded(container_id=container.id, exec_id=r.exec_id))
@@ -399,10 +395,8 @@ class TaskService:
     async def resize_pty(self, r: api.ResizePtyRequest) -> empty_pb2.Empty:
         container = await self._container(r.id)
         process = container.process(r.exec_id)
-        process.check("resize")
-        if not process.stdio.terminal:
-            return empty_pb2.Empty()
-        raise errors.Unimplemented("terminals are not supported yet")
+        container.resize(process, r.width, r.height)
+        return empty_pb2.Empty()
 
     async def close_io(self, r: api.CloseIORequest) -> empty_pb2.Empty:
         container = await self._container(r.id)

@@ -1,0 +1,206 @@
+"""The Task service driven directly over ttrpc, as containerd drives it (real shim, runc)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import trio
+from google.protobuf.empty_pb2 import Empty
+from harness import Containerd, wait_for
+from shim_driver import ShimDriver, make_bundle
+
+from supervisor.api import typeurls
+from supervisor.api.task.v2 import shim_pb2 as api
+from supervisor.api.types import task_pb2 as types
+from supervisor.ttrpc import Code, RPCError
+
+
+@pytest.fixture
+def shim(containerd: Containerd, busybox_rootfs_template: Path, tmp_path: Path
+         ) -> Iterator[ShimDriver]:
+    bundle = make_bundle(tmp_path / "b1", busybox_rootfs_template, ["sleep", "1000"])
+    driver = ShimDriver(containerd, "c1", bundle)
+    try:
+        yield driver
+    finally:
+        driver.cleanup()
+
+
+def fifo(path: Path) -> str:
+    os.mkfifo(path)
+    return str(path)
+
+
+async def expect_code(code: Code, coro: object, *needles: str) -> RPCError:
+    with pytest.raises(RPCError) as info:
+        await coro  # type: ignore[misc]
+    assert info.value.code is code, info.value
+    for needle in needles:
+        assert needle in info.value.message, info.value.message
+    return info.value
+
+
+async def test_kill_before_start_wait_returns_137(shim: ShimDriver) -> None:
+    shim.start()
+    await shim.connect()
+    created = await shim.create()
+    assert created.pid > 0
+    results: list[api.WaitResponse] = []
+
+    async def wait() -> None:
+        results.append(await shim.call("Wait", api.WaitRequest(id="c1"), api.WaitResponse))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.sleep(0.2)
+        await shim.call("Kill", api.KillRequest(id="c1", signal=9), Empty)
+        with trio.fail_after(10):
+            while not results:
+                await trio.sleep(0.05)
+    assert results[0].exit_status == 137
+    state = await shim.call("State", api.StateRequest(id="c1"), api.StateResponse)
+    assert state.status == types.STOPPED and state.exit_status == 137
+    deleted = await shim.call("Delete", api.DeleteRequest(id="c1"), api.DeleteResponse)
+    assert (deleted.pid, deleted.exit_status) == (created.pid, 137)
+    pid = shim.pid()
+    await shim.call("Shutdown", api.ShutdownRequest(id="c1"), Empty)
+    wait_for(lambda: not psutil.pid_exists(pid)
+             or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10, message="shim exit")
+    assert not os.path.exists(shim.socket)
+
+
+async def test_errors_map_to_codes(shim: ShimDriver, tmp_path: Path) -> None:
+    shim.start()
+    await shim.connect()
+    await expect_code(Code.NOT_FOUND, shim.call("State", api.StateRequest(id="nope"),
+                                                api.StateResponse), "nope")
+    await expect_code(Code.INVALID_ARGUMENT, shim.call(
+        "Create", api.CreateTaskRequest(id="c1", bundle=str(tmp_path / "missing")),
+        api.CreateTaskResponse), "does not exist")
+    bad_opts = api.CreateTaskRequest(id="c1", bundle=str(shim.bundle))
+    bad_opts.options.type_url = "example.com/Unknown"
+    await expect_code(Code.INVALID_ARGUMENT, shim.call("Create", bad_opts, api.CreateTaskResponse),
+                      "unsupported runtime options type")
+    await shim.create()
+    await expect_code(Code.ALREADY_EXISTS, shim.create())
+    await shim.call("Start", api.StartRequest(id="c1"), api.StartResponse)
+    await expect_code(Code.FAILED_PRECONDITION,
+                      shim.call("Start", api.StartRequest(id="c1"), api.StartResponse), "running")
+    await expect_code(Code.FAILED_PRECONDITION,
+                      shim.call("Delete", api.DeleteRequest(id="c1"), api.DeleteResponse),
+                      "cannot delete", "running")
+    await shim.call("Pause", api.PauseRequest(id="c1"), Empty)
+    await expect_code(Code.FAILED_PRECONDITION,
+                      shim.call("Pause", api.PauseRequest(id="c1"), Empty), "paused")
+    await shim.call("Resume", api.ResumeRequest(id="c1"), Empty)
+
+    spec = typeurls.pack(api.StartRequest())  # any Any; replaced below
+    spec.type_url = typeurls.OCI_PROCESS
+    spec.value = b'{"args": ["true"], "cwd": "/", "env": ["PATH=/bin"]}'
+    await shim.call("Exec", api.ExecProcessRequest(id="c1", exec_id="e1", spec=spec), Empty)
+    await expect_code(Code.ALREADY_EXISTS, shim.call(
+        "Exec", api.ExecProcessRequest(id="c1", exec_id="e1", spec=spec), Empty), "e1")
+    await expect_code(Code.INVALID_ARGUMENT, shim.call(
+        "Exec", api.ExecProcessRequest(id="c1", exec_id="", spec=spec), Empty))
+    await expect_code(Code.NOT_FOUND, shim.call(
+        "Start", api.StartRequest(id="c1", exec_id="nope"), api.StartResponse), "nope")
+    # The Shutdown containerd sends while a container lives changes nothing.
+    await shim.call("Shutdown", api.ShutdownRequest(id="c1"), Empty)
+    await trio.sleep(0.3)
+    assert shim.pid() > 0
+    state = await shim.call("State", api.StateRequest(id="c1"), api.StateResponse)
+    assert state.status == types.RUNNING
+
+
+async def test_terminal_exec_and_resize(shim: ShimDriver, tmp_path: Path) -> None:
+    shim.start()
+    await shim.connect()
+    await shim.create()
+    await shim.call("Start", api.StartRequest(id="c1"), api.StartResponse)
+    out = fifo(tmp_path / "out")
+    reader = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
+    spec = typeurls.pack(api.StartRequest())
+    spec.type_url = typeurls.OCI_PROCESS
+    spec.value = (b'{"args": ["sh", "-c", "sleep 0.5; tty; stty size"], "cwd": "/",'
+                  b' "env": ["PATH=/bin"]}')
+    await shim.call("Exec", api.ExecProcessRequest(id="c1", exec_id="t1", terminal=True,
+                                                   stdout=out, spec=spec), Empty)
+    await shim.call("Start", api.StartRequest(id="c1", exec_id="t1"), api.StartResponse)
+    await shim.call("ResizePty", api.ResizePtyRequest(id="c1", exec_id="t1", width=100,
+                                                      height=30), Empty)
+    waited = await shim.call("Wait", api.WaitRequest(id="c1", exec_id="t1"), api.WaitResponse)
+    assert waited.exit_status == 0
+    data = b""
+    with trio.fail_after(10):
+        while b"30 100" not in data:
+            try:
+                chunk = os.read(reader, 4096)
+            except BlockingIOError:
+                await trio.sleep(0.05)
+                continue
+            data += chunk
+    os.close(reader)
+    assert b"/dev/pts/" in data
+
+
+async def test_exec_exit_published_before_init_exit(shim: ShimDriver,
+                                                    containerd: Containerd) -> None:
+    out = containerd.dir / "events.txt"
+    with open(out, "wb") as f:
+        watcher = subprocess.Popen(containerd.ctr_argv("events"), stdout=f,
+                                   stderr=subprocess.STDOUT)
+    try:
+        time.sleep(0.3)
+        shim.start()
+        await shim.connect()
+        await shim.create()
+        await shim.call("Start", api.StartRequest(id="c1"), api.StartResponse)
+        spec = typeurls.pack(api.StartRequest())
+        spec.type_url = typeurls.OCI_PROCESS
+        spec.value = b'{"args": ["sleep", "1000"], "cwd": "/", "env": ["PATH=/bin"]}'
+        for i in range(5):
+            await shim.call("Exec", api.ExecProcessRequest(id="c1", exec_id=f"e{i}", spec=spec),
+                            Empty)
+            await shim.call("Start", api.StartRequest(id="c1", exec_id=f"e{i}"),
+                            api.StartResponse)
+        await shim.call("Kill", api.KillRequest(id="c1", signal=9), Empty)
+        init = await shim.call("Wait", api.WaitRequest(id="c1"), api.WaitResponse)
+        assert init.exit_status == 137
+
+        def exits() -> list[str]:
+            return [ln for ln in out.read_text().splitlines() if "/tasks/exit" in ln]
+
+        wait_for(lambda: len(exits()) == 6, 10, message="six exits")
+    finally:
+        watcher.kill()
+        watcher.wait()
+    lines = exits()
+    assert all('"id":"e' in ln.replace(" ", "") for ln in lines[:5]), lines
+    assert '"id":"c1"' in lines[5].replace(" ", ""), lines
+
+
+async def test_delete_action_after_shim_sigkill(shim: ShimDriver) -> None:
+    shim.start()
+    await shim.connect()
+    created = await shim.create()
+    await shim.call("Start", api.StartRequest(id="c1"), api.StartResponse)
+    pid = shim.pid()
+    os.kill(pid, 9)
+    wait_for(lambda: not psutil.pid_exists(pid)
+             or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10, message="shim gone")
+    response = shim.delete_action()
+    assert response.pid == created.pid
+    assert response.exit_status == 137
+    assert response.exited_at.seconds > 0
+    wait_for(lambda: not psutil.pid_exists(created.pid)
+             or psutil.Process(created.pid).status() == psutil.STATUS_ZOMBIE, 10,
+             message="the container's process to be gone")
+    assert not os.path.exists(shim.socket)
+    runc_state = Path("/run/containerd/runc") / shim.containerd.namespace / "c1"
+    assert not runc_state.exists()
