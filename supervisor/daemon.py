@@ -25,7 +25,7 @@ import trio
 
 from supervisor import ttrpc
 from supervisor.api.events import ttrpc_pb2 as events_api
-from supervisor.events import Event, Outbox
+from supervisor.events import Event, Outbox, Spool
 from supervisor.reaper import Reaper
 from supervisor.task import SERVICE, TaskService
 
@@ -35,6 +35,7 @@ EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 FORWARD_TIMEOUT = 5.0
 SHUTDOWN_GRACE = 5.0
 FLUSH_TIMEOUT = 10.0
+SPOOL_FILE = "supervisor-events.spool"
 
 
 class ContainerdEvents:
@@ -74,13 +75,21 @@ class ContainerdEvents:
             await client.aclose()
 
 
-async def _serve(listener: socket.socket, namespace: str, ttrpc_address: str) -> None:
+def spool_path(bundle: str) -> str:
+    """The event spool: in the bundle's work directory when containerd made one."""
+    work = os.path.join(bundle, "work")
+    return os.path.join(work if os.path.isdir(work) else bundle, SPOOL_FILE)
+
+
+async def _serve(listener: socket.socket, namespace: str, ttrpc_address: str, bundle: str
+                 ) -> None:
     shutdown = trio.Event()
     sender = ContainerdEvents(ttrpc_address)
+    spool = Spool(spool_path(bundle))
     async with trio.open_nursery() as nursery:
         reaper = Reaper()
         await nursery.start(reaper.run)
-        outbox = Outbox(sender.send, namespace)
+        outbox = Outbox(sender.send, namespace, spool=spool)
         nursery.start_soon(outbox.run)
         service = TaskService(
             reaper=reaper,
@@ -101,6 +110,7 @@ async def _serve(listener: socket.socket, namespace: str, ttrpc_address: str) ->
         if not await outbox.flush(FLUSH_TIMEOUT):
             log.error("exiting with %d events undelivered", len(outbox.pending))
         await sender.aclose()
+        spool.close()
         nursery.cancel_scope.cancel()
 
 
@@ -127,7 +137,7 @@ def serve(
 ) -> int:
     log.debug("starting shim for %s/%s in %s", namespace, container_id, bundle)
     try:
-        trio.run(_serve, listener, namespace, ttrpc_address)
+        trio.run(_serve, listener, namespace, ttrpc_address, bundle)
     except Exception:
         log.exception("shim failed")
         return 1
