@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 
 import msgpack
 import trio
-from google.protobuf.message import Message
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError, Message
 
 from supervisor.api import typeurls
 from supervisor.api.events import task_pb2 as ev
@@ -84,6 +85,15 @@ class Event:
     payload: bytes
     attempts: int = 0
     first_error: str = ""
+
+
+def describe(event: Event) -> str:
+    """The event's fields on one line (for logs and people)."""
+    try:
+        message = typeurls.message_class(event.type_url).FromString(event.payload)
+    except (ValueError, DecodeError):
+        return f"<{len(event.payload)} bytes of {event.type_url}>"
+    return text_format.MessageToString(message, as_one_line=True)
 
 
 # (event) -> None on acceptance; raise on any failure.
@@ -288,7 +298,8 @@ class Outbox:
                 self.spool.ack(head.seq)
             self.stats.delivered += 1
             self.stats.recent.append(head)
-            log.debug("event forwarded %s seq %d", head.topic, head.seq)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("event forwarded %s seq %d {%s}", head.topic, head.seq, describe(head))
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every queued event was accepted; False if ``timeout`` ran out."""
