@@ -140,7 +140,13 @@ class Container:
         io = await self._open_io(stdio)
         try:
             with self.reaper.subscribe() as sub:
-                await run(io.child_fds, None)
+                try:
+                    await run(io.child_fds, None)
+                except OCIRuntimeError as e:
+                    said = io.unread_output()
+                    if said and said not in str(e):
+                        raise OCIRuntimeError(e.command, f"{e}: {said}", e.status) from e
+                    raise
                 io.spawned()
                 pid = read_pid_file(pid_file)
                 early = sub.poll(pid)

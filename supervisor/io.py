@@ -249,6 +249,21 @@ class ProcessIO:
         if not self._outputs:
             self._output_done.set()
 
+    def unread_output(self, limit: int = 4096) -> str:
+        """What sits unread in the output pipes (before :meth:`start`), as text.
+
+        When the runtime fails before the process exists, its own complaints
+        went to the process's stderr: this recovers them for the error message.
+        """
+        chunks: list[bytes] = []
+        for _name, r, _dest in self._outputs:
+            try:
+                os.set_blocking(r, False)
+                chunks.append(os.read(r, limit))
+            except OSError:
+                continue  # nothing there (EAGAIN) or the pipe is gone
+        return b"".join(chunks).decode(errors="replace").strip()
+
     def spawned(self) -> None:
         """The process holds its ends now: close ours, so EOF means it is gone."""
         for fd in self._child_ends:
