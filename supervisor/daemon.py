@@ -23,7 +23,7 @@ import socket
 
 import trio
 
-from supervisor import ttrpc
+from supervisor import introspect, ttrpc
 from supervisor.api.events import ttrpc_pb2 as events_api
 from supervisor.events import Event, Outbox, Spool
 from supervisor.reaper import Reaper
@@ -101,6 +101,9 @@ async def _serve(listener: socket.socket, namespace: str, ttrpc_address: str, bu
         nursery.start_soon(service.run_exits)
         server = ttrpc.Server()
         server.register(SERVICE, service.handlers())
+        inspector = introspect.IntrospectService(service, outbox, namespace=namespace,
+                                                 address=introspect.address_of(listener))
+        server.register(introspect.SERVICE, inspector.handlers())
         trio_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
         await nursery.start(server.serve, trio_listener)
         log.info("shim %d serving namespace %s", os.getpid(), namespace)

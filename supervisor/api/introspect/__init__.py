@@ -1,0 +1,1 @@
+"""supervisor.introspect.v1: the shim's own read-only inspection service (not containerd's)."""

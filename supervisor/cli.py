@@ -1,0 +1,771 @@
+"""``supervisor``: look inside running shims, straight from their sockets.
+
+::
+
+    supervisor ls      [--state-dir DIR] [--namespace NS] [--json] [--timeout S]
+    supervisor inspect TARGET [--state-dir DIR] [--namespace NS] [--json] [--timeout S]
+    supervisor events  TARGET [--state-dir DIR] [--namespace NS] [--json] [--timeout S]
+
+TARGET is a container id (looked up in the state dir), a socket path or a
+``unix://`` address.
+
+Design
+------
+Shims are found without containerd: containerd keeps one bundle per task
+under ``<state-dir>/io.containerd.runtime.v2.task/<namespace>/<id>/`` and the
+shim's ``start`` writes its socket address into the bundle's ``address``
+file.  Several bundles may name one socket (a shim serving a group of
+containers); each socket is asked once.  Every shim is asked over its own
+connection, concurrently, through the ``supervisor.introspect.v1.Introspect``
+service (:mod:`supervisor.introspect`), which answers from memory -- so this
+works while containerd is down.
+
+Invariants
+----------
+* Every connect and every call is bounded by ``--timeout`` (default
+  :data:`DEFAULT_TIMEOUT` s); a shim that does not answer in time, refuses
+  the connection, has no socket or no introspection service is *reported*
+  (with that reason), never a traceback.
+* JSON output has stable keys (documented in ``docs/inspect-json.md``);
+  absent values are ``null``, never missing keys.
+* Exit status: 0 everything answered, 1 something was not found or not
+  reachable, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import trio
+from google.protobuf.message import DecodeError, Message
+
+from supervisor import __version__, ttrpc
+from supervisor.api.introspect import introspect_pb2 as pb
+from supervisor.introspect import SERVICE
+
+DEFAULT_STATE_DIR = "/run/containerd"
+TASK_DIR = "io.containerd.runtime.v2.task"
+DEFAULT_TIMEOUT = 2.0
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """The command line asks for something impossible (exit status 2)."""
+
+
+class Failed(Exception):
+    """Not found or not reachable (exit status 1)."""
+
+
+# --- finding shims ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """One task bundle in containerd's state dir and the shim address it names."""
+
+    namespace: str
+    id: str
+    path: str
+    address: str  # "" when the bundle has no readable address file
+    error: str = ""
+
+
+def discover(state_dir: str, namespace: str | None = None) -> list[Bundle]:
+    """Every task bundle under ``state_dir`` (one namespace or all), sorted."""
+    top = os.path.join(state_dir, TASK_DIR)
+    if not os.path.isdir(state_dir):
+        raise Failed(f"state dir {state_dir} does not exist")
+    try:
+        namespaces = sorted(os.listdir(top)) if namespace is None else [namespace]
+    except FileNotFoundError:
+        return []
+    found: list[Bundle] = []
+    for ns in namespaces:
+        ns_dir = os.path.join(top, ns)
+        try:
+            ids = sorted(os.listdir(ns_dir))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for cid in ids:
+            path = os.path.join(ns_dir, cid)
+            if not os.path.isdir(path):
+                continue
+            try:
+                with open(os.path.join(path, "address"), encoding="utf-8") as f:
+                    address = f.read().strip()
+            except FileNotFoundError:
+                found.append(Bundle(ns, cid, path, "", "no address file (shim not started)"))
+                continue
+            except OSError as e:
+                found.append(Bundle(ns, cid, path, "", f"address file: {e.strerror or e}"))
+                continue
+            if not address:
+                found.append(Bundle(ns, cid, path, "", "empty address file"))
+            else:
+                found.append(Bundle(ns, cid, path, shim_address(address)))
+    return found
+
+
+def shim_address(written: str) -> str:
+    """An ``address`` file's contents -> what to connect to.
+
+    ``unix://...`` as containerd 1.6 writes it; anything else names an
+    abstract socket (as :func:`supervisor.shim.socket_path` binds it).
+    """
+    if written.startswith(("unix://", "/")):
+        return written
+    return "@" + written
+
+
+def normalize_address(target: str) -> str:
+    """``/path``, ``unix:///path`` or ``@abstract`` -> the address to connect to."""
+    if target.startswith(("unix://", "@")):
+        return target
+    return "unix://" + os.path.abspath(target)
+
+
+def looks_like_address(target: str) -> bool:
+    # containerd ids never hold "/" (its identifiers are [A-Za-z0-9._-]).
+    return target.startswith(("unix://", "@")) or "/" in target
+
+
+# --- asking a shim ---------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """What one shim said (each part None when not asked or not answered)."""
+
+    address: str
+    shim: pb.ShimResponse | None = None
+    containers: pb.ContainersResponse | None = None
+    events: pb.EventsResponse | None = None
+    error: str = ""
+
+    @property
+    def reachable(self) -> bool:
+        return not self.error
+
+
+def reason(exc: BaseException, timeout: float) -> str:
+    """A short, human reason a shim could not be asked."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such socket"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, (trio.TooSlowError, TimeoutError)):
+        return f"timeout after {timeout:g}s"
+    if isinstance(exc, ttrpc.RPCError):
+        if exc.code is ttrpc.Code.DEADLINE_EXCEEDED:
+            return f"timeout after {timeout:g}s"
+        if exc.code is ttrpc.Code.UNIMPLEMENTED:
+            return "no introspection service (not a supervisor shim, or an older one)"
+        return f"{exc.code.name.lower()}: {exc.message}"
+    if isinstance(exc, ttrpc.ConnectionEnded):
+        return "connection closed by the shim"
+    if isinstance(exc, DecodeError):
+        return f"bad answer: {exc}"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def ask(
+    address: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    shim: bool = True,
+    containers: bool = True,
+    events: bool = True,
+    container_id: str = "",
+    event_limit: int = 0,
+) -> Report:
+    """Ask the shim at ``address`` (concurrently, each call bounded by ``timeout``)."""
+    report = Report(address)
+    try:
+        with trio.fail_after(timeout):
+            client = await ttrpc.connect_unix(address)
+    except (OSError, trio.TooSlowError) as e:
+        report.error = reason(e, timeout)
+        return report
+    errors: list[BaseException] = []
+
+    async def call(method: str, request: Message, reply: type[Message],
+                   store: Callable[[Any], None]) -> None:
+        try:
+            data = await client.call(SERVICE, method, request.SerializeToString(),
+                                     timeout=timeout)
+            store(reply.FromString(data))
+        except (ttrpc.RPCError, ttrpc.ConnectionEnded, OSError, DecodeError) as e:
+            errors.append(e)
+
+    def set_shim(m: pb.ShimResponse) -> None:
+        report.shim = m
+
+    def set_containers(m: pb.ContainersResponse) -> None:
+        report.containers = m
+
+    def set_events(m: pb.EventsResponse) -> None:
+        report.events = m
+
+    async with client, trio.open_nursery() as nursery:
+        if shim:
+            nursery.start_soon(call, "Shim", pb.ShimRequest(), pb.ShimResponse, set_shim)
+        if containers:
+            nursery.start_soon(call, "Containers", pb.ContainersRequest(id=container_id),
+                               pb.ContainersResponse, set_containers)
+        if events:
+            nursery.start_soon(call, "Events", pb.EventsRequest(limit=event_limit),
+                               pb.EventsResponse, set_events)
+    if errors:
+        report.error = reason(errors[0], timeout)
+    return report
+
+
+async def ask_all(addresses: Sequence[str], timeout: float) -> dict[str, Report]:
+    reports: dict[str, Report] = {}
+
+    async def one(address: str) -> None:
+        reports[address] = await ask(address, timeout=timeout)
+
+    async with trio.open_nursery() as nursery:
+        for address in addresses:
+            nursery.start_soon(one, address)
+    return reports
+
+
+# --- JSON (stable keys: docs/inspect-json.md) -------------------------------------
+
+
+def _time(ts: Any, present: bool = True) -> str | None:
+    """RFC 3339 UTC with nanoseconds, or None for an unset Timestamp."""
+    if not present or (ts.seconds == 0 and ts.nanos == 0):
+        return None
+    base = datetime.datetime.fromtimestamp(ts.seconds, tz=datetime.UTC)
+    return base.strftime("%Y-%m-%dT%H:%M:%S") + f".{ts.nanos:09d}Z"
+
+
+def shim_json(m: pb.ShimResponse) -> dict[str, Any]:
+    return {
+        "pid": m.pid,
+        "version": m.version,
+        "namespace": m.namespace,
+        "address": m.address,
+        "started_at": _time(m.started_at),
+        "uptime_seconds": round(m.uptime_seconds, 3),
+        "memory_rss_bytes": m.memory_rss_bytes,
+        "memory_pss_bytes": m.memory_pss_bytes or None,
+        "open_fds": m.open_fds,
+        "runtime_binary": m.runtime_binary,
+        "runtime_version": m.runtime_version or None,
+        "runtime_version_error": m.runtime_version_error or None,
+        "container_count": m.container_count,
+        "python_version": m.python_version,
+    }
+
+
+def process_json(m: pb.Process) -> dict[str, Any]:
+    return {
+        "exec_id": m.exec_id or None,
+        "pid": m.pid or None,
+        "status": m.status,
+        "exited": m.exited,
+        "exit_status": m.exit_status if m.exited else None,
+        "exited_at": _time(m.exited_at, m.exited),
+        "stdio": {
+            "stdin": m.stdio.stdin or None,
+            "stdout": m.stdio.stdout or None,
+            "stderr": m.stdio.stderr or None,
+            "terminal": m.stdio.terminal,
+        },
+        "io": {
+            "kind": m.io.kind,
+            "stdin_bytes": m.io.stdin_bytes,
+            "stdout_bytes": m.io.stdout_bytes,
+            "stderr_bytes": m.io.stderr_bytes,
+        },
+    }
+
+
+def container_json(m: pb.Container) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "namespace": m.namespace,
+        "bundle": m.bundle,
+        "runtime_binary": m.runtime_binary,
+        "created": m.created,
+        "init": process_json(m.init),
+        "execs": [process_json(e) for e in m.execs],
+    }
+
+
+def event_json(m: pb.Event) -> dict[str, Any]:
+    return {
+        "seq": m.seq,
+        "topic": m.topic,
+        "timestamp": _time(m.timestamp),
+        "namespace": m.namespace,
+        "container_id": m.container_id or None,
+        "process_id": m.process_id or None,
+        "type_url": m.type_url,
+        "attempts": m.attempts,
+        "first_error": m.first_error or None,
+    }
+
+
+def events_json(m: pb.EventsResponse) -> dict[str, Any]:
+    return {
+        "published": m.published,
+        "delivered": m.delivered,
+        "replayed": m.replayed,
+        "pending_count": m.pending_count,
+        "oldest_pending_age_seconds": round(m.oldest_pending_age_seconds, 3),
+        "last_error": m.last_error or None,
+        "last_error_at": _time(m.last_error_at),
+        "spool_error": m.spool_error or None,
+        "pending": [event_json(e) for e in m.pending],
+        "recent": [event_json(e) for e in m.recent],
+    }
+
+
+def report_json(r: Report) -> dict[str, Any]:
+    return {
+        "address": r.address,
+        "reachable": r.reachable,
+        "error": r.error or None,
+        "shim": shim_json(r.shim) if r.shim is not None else None,
+        "containers": (
+            [container_json(c) for c in r.containers.containers]
+            if r.containers is not None else None
+        ),
+        "events": events_json(r.events) if r.events is not None else None,
+    }
+
+
+# --- ls ----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of ``supervisor ls``."""
+
+    namespace: str
+    id: str
+    address: str
+    reachable: bool
+    error: str = ""
+    container: pb.Container | None = None
+    shim_pid: int | None = None
+    pending_events: int | None = None
+
+    def json(self) -> dict[str, Any]:
+        init = self.container.init if self.container is not None else None
+        exited = init is not None and init.exited
+        return {
+            "namespace": self.namespace,
+            "id": self.id,
+            "pid": (init.pid or None) if init is not None else None,
+            "status": init.status if init is not None else ("unknown" if self.reachable
+                                                             else "unreachable"),
+            "exit_status": init.exit_status if init is not None and exited else None,
+            "exited_at": _time(init.exited_at, exited) if init is not None else None,
+            "execs": len(self.container.execs) if self.container is not None else None,
+            "shim_pid": self.shim_pid,
+            "pending_events": self.pending_events,
+            "address": self.address or None,
+            "reachable": self.reachable,
+            "error": self.error or None,
+        }
+
+
+def build_rows(bundles: Sequence[Bundle], reports: dict[str, Report]) -> list[Row]:
+    rows: list[Row] = []
+    seen: set[tuple[str, str, str]] = set()
+    for b in bundles:
+        if not b.address:
+            rows.append(Row(b.namespace, b.id, "", False, b.error))
+            continue
+        report = reports[b.address]
+        row = Row(b.namespace, b.id, b.address, report.reachable, report.error)
+        if report.shim is not None:
+            row.shim_pid = report.shim.pid
+        if report.events is not None:
+            row.pending_events = report.events.pending_count
+        if report.containers is not None:
+            for c in report.containers.containers:
+                if c.id == b.id and c.namespace in ("", b.namespace):
+                    row.container = c
+            if row.container is None and report.reachable:
+                row.error = "the shim does not know this container"
+        rows.append(row)
+        seen.add((b.namespace, b.id, b.address))
+    # Containers a shim serves that have no bundle (should not happen; show them anyway).
+    for address, report in reports.items():
+        for c in report.containers.containers if report.containers is not None else ():
+            if (c.namespace, c.id, address) not in seen:
+                rows.append(Row(
+                    c.namespace, c.id, address, True, "no bundle in the state dir", c,
+                    report.shim.pid if report.shim is not None else None,
+                    report.events.pending_count if report.events is not None else None,
+                ))
+    rows.sort(key=lambda r: (r.namespace, r.id))
+    return rows
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> str:
+    """Columns separated by at least two spaces; the last column is not padded."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    lines = []
+    for row in [list(headers), *rows]:
+        cells = [c.ljust(widths[i]) for i, c in enumerate(row[:-1])] + [row[-1]]
+        lines.append(indent + "  ".join(cells).rstrip() + "\n")
+    return "".join(lines)
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+LS_HEADERS = ("NAMESPACE", "ID", "PID", "STATUS", "EXIT", "EXECS", "SHIM-PID",
+              "PENDING-EVENTS", "NOTE")
+
+
+def format_ls(rows: Sequence[Row], out: TextIO) -> None:
+    cells: list[list[str]] = []
+    for row in rows:
+        j = row.json()
+        note = j["error"] or ""
+        if not row.reachable and row.address:
+            note = f"{note} ({row.address})"
+        cells.append([
+            row.namespace, row.id, _dash(j["pid"]), j["status"].upper(),
+            _dash(j["exit_status"]), _dash(j["execs"]), _dash(j["shim_pid"]),
+            _dash(j["pending_events"]), note,
+        ])
+    out.write(table(LS_HEADERS, cells))
+
+
+def shim_summary(report: Report, bundles: Sequence[Bundle]) -> dict[str, Any]:
+    """One entry of ``ls --json``'s ``shims``."""
+    shim, events = report.shim, report.events
+    return {
+        "address": report.address,
+        "reachable": report.reachable,
+        "error": report.error or None,
+        "pid": shim.pid if shim is not None else None,
+        "namespaces": sorted({b.namespace for b in bundles}),
+        "containers": sorted({b.id for b in bundles}),
+        "pending_events": events.pending_count if events is not None else None,
+    }
+
+
+async def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
+    bundles = discover(args.state_dir, args.namespace)
+    addresses = sorted({b.address for b in bundles if b.address})
+    reports = await ask_all(addresses, args.timeout)
+    rows = build_rows(bundles, reports)
+    if args.json:
+        shims = [shim_summary(reports[a], [b for b in bundles if b.address == a])
+                 for a in addresses]
+        json.dump({"containers": [r.json() for r in rows], "shims": shims}, out, indent=2)
+        out.write("\n")
+    else:
+        format_ls(rows, out)
+    return EXIT_OK if all(r.reachable for r in rows) else EXIT_FAILED
+
+
+# --- inspect / events ------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    address: str
+    container_id: str = ""  # "" = every container of that shim
+    namespace: str = ""
+    bundles: list[Bundle] = field(default_factory=list)
+
+
+def resolve(target: str, state_dir: str, namespace: str | None) -> Target:
+    """A container id (found in the state dir) or a socket address -> where to ask."""
+    if looks_like_address(target):
+        return Target(normalize_address(target))
+    matches = [b for b in discover(state_dir, namespace) if b.id == target]
+    if not matches:
+        where = f"namespace {namespace}" if namespace else "any namespace"
+        raise Failed(f"no container {target!r} in {where} under {state_dir}")
+    spaces = sorted({b.namespace for b in matches})
+    if len(spaces) > 1:
+        raise UsageError(f"container {target!r} exists in namespaces {', '.join(spaces)}: "
+                         "pick one with --namespace")
+    bundle = matches[0]
+    if not bundle.address:
+        raise Failed(f"container {target!r}: {bundle.error}")
+    return Target(bundle.address, bundle.id, bundle.namespace, matches)
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    return f"{hours // 24}d{hours % 24:02d}h"
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB"
+
+
+def _short(ts: str | None) -> str:
+    """An RFC 3339 time from :func:`_time`, to the millisecond (for tables)."""
+    return "-" if ts is None else ts[:23] + "Z"
+
+
+def _age_of(ts: str | None, now: float) -> str:
+    if ts is None:
+        return "-"
+    when = datetime.datetime.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S").replace(
+        tzinfo=datetime.UTC).timestamp() + int(ts[20:29]) / 1e9
+    return _ago(now - when)
+
+
+def format_shim(m: pb.ShimResponse, out: TextIO) -> None:
+    j = shim_json(m)
+    runtime = j["runtime_binary"]
+    if j["runtime_version"]:
+        runtime += f" ({j['runtime_version']})"
+    elif j["runtime_version_error"]:
+        runtime += f" (version unknown: {j['runtime_version_error']})"
+    memory = f"RSS {_mib(m.memory_rss_bytes)}"
+    if m.memory_pss_bytes:
+        memory += f", PSS {_mib(m.memory_pss_bytes)}"
+    out.write("Shim\n")
+    for key, value in (
+        ("Address", j["address"]),
+        ("PID", str(j["pid"])),
+        ("Version", f"{j['version']} (Python {j['python_version']})"),
+        ("Namespace", j["namespace"]),
+        ("Started", f"{_short(j['started_at'])} (up {_ago(m.uptime_seconds)})"),
+        ("Memory", memory),
+        ("Open fds", str(j["open_fds"])),
+        ("Runtime", runtime),
+        ("Containers", str(j["container_count"])),
+    ):
+        out.write(f"  {key + ':':<12}{value}\n")
+
+
+def format_container(m: pb.Container, out: TextIO) -> None:
+    out.write(f"\nContainer {m.id}\n")
+    out.write(f"  {'Namespace:':<12}{m.namespace}\n")
+    out.write(f"  {'Bundle:':<12}{m.bundle}\n")
+    out.write(f"  {'Runtime:':<12}{m.runtime_binary}\n")
+    if not m.created:
+        out.write(f"  {'Note:':<12}Create is still running\n")
+    rows: list[list[str]] = []
+    streams: list[tuple[str, pb.Process]] = []
+    for p in [m.init, *m.execs]:
+        j = process_json(p)
+        name = p.exec_id or "(init)"
+        rows.append([name, _dash(j["pid"]), p.status.upper(), _dash(j["exit_status"]),
+                     _short(j["exited_at"]), "yes" if p.stdio.terminal else "no", p.io.kind])
+        streams.append((name, p))
+    out.write("  Processes:\n")
+    out.write(table(("PROCESS", "PID", "STATUS", "EXIT", "EXITED-AT", "TTY", "IO"), rows,
+                    indent="    "))
+    out.write("  Stdio (bytes copied):\n")
+    for name, p in streams:
+        for stream, path, count in (("stdin", p.stdio.stdin, p.io.stdin_bytes),
+                                    ("stdout", p.stdio.stdout, p.io.stdout_bytes),
+                                    ("stderr", p.stdio.stderr, p.io.stderr_bytes)):
+            if path or count:
+                out.write(f"    {name} {stream}: {path or '-'} ({count} B)\n")
+
+
+def format_events(m: pb.EventsResponse, out: TextIO, now: float) -> None:
+    j = events_json(m)
+    out.write("\nEvents\n")
+    pending = f"{j['pending_count']}"
+    if j["pending_count"]:
+        pending += f" (oldest {_ago(j['oldest_pending_age_seconds'])} old)"
+    out.write(f"  {'Published:':<12}{j['published']}\n")
+    out.write(f"  {'Delivered:':<12}{j['delivered']}\n")
+    if j["replayed"]:
+        out.write(f"  {'Replayed:':<12}{j['replayed']}\n")
+    out.write(f"  {'Pending:':<12}{pending}\n")
+    if j["last_error"]:
+        out.write(f"  {'Last error:':<12}{j['last_error']} "
+                  f"(at {_short(j['last_error_at'])}, {_age_of(j['last_error_at'], now)} ago)\n")
+    if j["spool_error"]:
+        out.write(f"  {'Spool:':<12}{j['spool_error']}\n")
+    for title, events in (("Queue (oldest first)", j["pending"]),
+                          ("Recently delivered", j["recent"])):
+        out.write(f"  {title}:\n")
+        if not events:
+            out.write("    (none)\n")
+            continue
+        out.write(table(
+            ("SEQ", "TOPIC", "CONTAINER", "PROCESS", "TIMESTAMP", "AGE", "ATTEMPTS",
+             "FIRST-ERROR"),
+            [[str(e["seq"]), e["topic"], _dash(e["container_id"]), _dash(e["process_id"]),
+              _short(e["timestamp"]), _age_of(e["timestamp"], now), str(e["attempts"]),
+              _dash(e["first_error"])] for e in events],
+            indent="    ",
+        ))
+
+
+async def _ask_target(args: argparse.Namespace, *, containers: bool) -> tuple[Target, Report]:
+    target = resolve(args.target, args.state_dir, args.namespace)
+    report = await ask(target.address, timeout=args.timeout, containers=containers,
+                       container_id=target.container_id, event_limit=args.limit)
+    return target, report
+
+
+def _check(target: Target, report: Report, label: str) -> None:
+    if not report.reachable:
+        raise Failed(f"{label}: shim at {report.address} unreachable: {report.error}")
+    if target.container_id and report.containers is not None and not any(
+        c.id == target.container_id for c in report.containers.containers
+    ):
+        raise Failed(f"{label}: the shim at {report.address} does not know this container")
+
+
+async def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
+    target, report = await _ask_target(args, containers=True)
+    if args.json:
+        json.dump(report_json(report), out, indent=2)
+        out.write("\n")
+        _check(target, report, args.target)
+        return EXIT_OK
+    _check(target, report, args.target)
+    if report.shim is not None:
+        format_shim(report.shim, out)
+    if report.containers is not None:
+        for c in report.containers.containers:
+            format_container(c, out)
+    if report.events is not None:
+        format_events(report.events, out, time.time())
+    return EXIT_OK
+
+
+async def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
+    # Containers is asked only to check that the shim knows the id.
+    target, report = await _ask_target(args, containers=not looks_like_address(args.target))
+    if args.json:
+        json.dump({
+            "address": report.address,
+            "reachable": report.reachable,
+            "error": report.error or None,
+            "shim_pid": report.shim.pid if report.shim is not None else None,
+            "namespace": report.shim.namespace if report.shim is not None else None,
+            "events": events_json(report.events) if report.events is not None else None,
+        }, out, indent=2)
+        out.write("\n")
+        _check(target, report, args.target)
+        return EXIT_OK
+    _check(target, report, args.target)
+    if report.shim is not None:
+        out.write(f"Shim {report.shim.pid} at {report.shim.address} "
+                  f"(namespace {report.shim.namespace})\n")
+    if report.events is not None:
+        format_events(report.events, out, time.time())
+    return EXIT_OK
+
+
+# --- main ---------------------------------------------------------------------------
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="supervisor",
+        description="Inspect io.containerd.supervisor.v2 shims through their sockets "
+                    "(works while containerd is down).",
+    )
+    top.add_argument("--version", action="version", version=f"supervisor {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                       help=f"containerd's state dir (default {DEFAULT_STATE_DIR})")
+        p.add_argument("--namespace", "-n", default=None,
+                       help="only this namespace (default: all)")
+        p.add_argument("--json", action="store_true", help="JSON output (docs/inspect-json.md)")
+        p.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT,
+                       help=f"seconds for each connect and call (default {DEFAULT_TIMEOUT:g})")
+
+    ls = sub.add_parser("ls", help="every shim-served container, one line each")
+    common(ls)
+    for name, text in (("inspect", "everything about one container (or one shim)"),
+                       ("events", "a shim's event outbox: pending and recently delivered")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("target", metavar="ID|SOCKET",
+                       help="container id, socket path or unix:// address")
+        common(p)
+        p.add_argument("--limit", type=int, default=0,
+                       help="at most this many pending events (default 256)")
+    return top
+
+
+def command(name: str) -> Callable[[argparse.Namespace, TextIO], Awaitable[int]]:
+    if name == "ls":
+        return cmd_ls
+    if name == "inspect":
+        return cmd_inspect
+    if name == "events":
+        return cmd_events
+    raise UsageError(f"unknown command {name!r}")
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
+         err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:  # argparse: --help/--version (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    try:
+        return trio.run(command(args.command), args, out)
+    except UsageError as e:
+        err.write(f"supervisor {args.command}: {e}\n")
+        return EXIT_USAGE
+    except Failed as e:
+        err.write(f"supervisor {args.command}: {e}\n")
+        return EXIT_FAILED
+    except BrokenPipeError:
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
