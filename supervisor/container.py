@@ -35,6 +35,7 @@ from supervisor import errors, metrics, mount
 from supervisor.console import Console, ConsoleError, ConsoleSocket
 from supervisor.errors import AlreadyExists, InvalidArgument, NotFound
 from supervisor.io import Owner, ProcessIO, Stdio, Streams
+from supervisor.oom import OOMWatcher
 from supervisor.options import Settings
 from supervisor.process import Process, State
 from supervisor.reaper import Exit, Reaper
@@ -99,6 +100,8 @@ class Container:
         self.kill_all_on_exit = True
         self.spec: dict[str, Any] = {}
         self.cgroup: metrics.CgroupPaths | None = None
+        self.oom: OOMWatcher | None = None
+        self.background = trio.CancelScope()  # the container's own watchers
         self.created = trio.Event()
 
     # --- lookup ---------------------------------------------------------
@@ -258,6 +261,7 @@ class Container:
         try:
             # Kept, so Stats answers after the init is gone too (until delete).
             self.cgroup = metrics.cgroup_paths(started.pid)
+            self.oom = OOMWatcher(self.cgroup)
         except (OSError, LookupError) as e:
             log.warning("container %s: no cgroup for pid %d: %s", self.id, started.pid, e)
         return started
@@ -368,6 +372,7 @@ class Container:
             if not e.not_found:
                 raise
         self.init.transition("delete")
+        self.background.cancel()
         for p in self.all_processes():
             if p.io is not None:
                 p.io.close()

@@ -200,10 +200,24 @@ class TaskService:
                 return
         self.nursery.start_soon(self._finish_exit, container, process, exit_)
 
+    def _report_oom(self, container: Container) -> None:
+        """Publish a TaskOOM for OOM kills not reported yet (before the exit they cause)."""
+        if container.oom is not None and container.oom.take():
+            log.info("container %s: OOM kill", container.id)
+            self.outbox.publish(ev.TaskOOM(container_id=container.id))
+
+    async def _watch_oom(self, container: Container) -> None:
+        if container.oom is None or not container.oom.available:
+            return
+        with container.background:
+            await container.oom.watch(lambda: self._report_oom(container))
+
     async def _finish_exit(self, container: Container, process: Process, exit_: Exit) -> None:
         if process.io is not None and not await process.io.wait_output(DRAIN_TIMEOUT):
             log.info("%s exited but its output is still open after %.1fs; reporting the exit",
                      process.describe(), DRAIN_TIMEOUT)
+        if process.is_init:
+            self._report_oom(container)
         process.set_exited(exit_.status, exit_.timestamp)
         self.outbox.publish(
             ev.TaskExit(
@@ -264,6 +278,7 @@ class TaskService:
         finally:
             container.created.set()
         self._started(container, container.init, started.early_exit)
+        self.nursery.start_soon(self._watch_oom, container)
         self.outbox.publish(
             ev.TaskCreate(
                 container_id=r.id,

@@ -249,3 +249,23 @@ def test_log_uri_binary(containerd: Containerd, busybox_rootfs: Path, tmp_path: 
     assert "CONTAINER_ID=blog" in env_text
     assert f"CONTAINER_NAMESPACE={containerd.namespace}" in env_text
     assert "tag x" in env_text
+
+
+def test_oom_reported_before_exit(containerd: Containerd, busybox_rootfs: Path) -> None:
+    events = Events(containerd)
+    try:
+        r = containerd.run("oom", "tail", "/dev/zero", rootfs=busybox_rootfs, rm=True,
+                           options=["--memory-limit", str(32 * 1024 * 1024)], check=False,
+                           timeout=60)
+        assert r.returncode == 137
+
+        def lines() -> list[str]:
+            return [ln for ln in events.lines() if '"oom"' in ln
+                    and ("/tasks/oom" in ln or "/tasks/exit" in ln)]
+
+        wait_for(lambda: any("/tasks/exit" in ln for ln in lines()), 10, message="exit event")
+    finally:
+        events.stop()
+    topics = ["/tasks/oom" if "/tasks/oom" in ln else "/tasks/exit" for ln in lines()]
+    assert topics[0] == "/tasks/oom", topics
+    assert topics[-1] == "/tasks/exit", topics
