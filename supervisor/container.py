@@ -104,6 +104,12 @@ class Container:
         self.background = trio.CancelScope()  # the container's own watchers
         self.created = trio.Event()
 
+    @property
+    def work_dir(self) -> str:
+        """containerd's persistent work directory for the bundle (or the bundle)."""
+        work = os.path.join(self.bundle, "work")
+        return work if os.path.isdir(work) else self.bundle
+
     # --- lookup ---------------------------------------------------------
 
     def process(self, exec_id: str) -> Process:
@@ -196,6 +202,7 @@ class Container:
                 gid=self.settings.io_gid,
                 reaper=self.reaper,
                 owner=Owner(self.id, self.namespace),
+                spool_dir=self.work_dir,
             )
         except ValueError as e:
             raise InvalidArgument(str(e)) from e

@@ -43,7 +43,6 @@ import fcntl
 import logging
 import os
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -56,6 +55,10 @@ log = logging.getLogger("supervisor.io")
 
 COPY_BUFFER = 256 * 1024
 PIPE_SIZE = 1024 * 1024
+#: Output held for a destination whose reader is away (containerd down), per stream.
+BACKLOG_LIMIT = 64 * 1024 * 1024
+#: How long copies may go on after the process was deleted.
+CLOSE_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,111 @@ def _open_output(uri: str) -> int:
     return os.open(uri, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
 
+class Backlog:
+    """Output the destination's reader has not taken yet: a bounded, ordered spool.
+
+    Bytes go to an unnamed temporary file in ``directory`` (``O_TMPFILE``: it
+    vanishes with the shim) and leave it in order.  Past ``limit`` bytes held,
+    new output is dropped and counted in :attr:`dropped`, never blocking the
+    process.  Without a usable directory the backlog lives in memory, with the
+    same limit.
+    """
+
+    def __init__(self, directory: str, limit: int) -> None:
+        self.directory = directory
+        self.limit = limit
+        self.dropped = 0
+        self.spooled = 0  # bytes that ever went through the backlog
+        self.broken = False
+        self.finished = False
+        self._fd = -1
+        self._memory = bytearray()
+        self._read = 0
+        self._write = 0
+        self._event = trio.Event()
+
+    @property
+    def held(self) -> int:
+        return self._write - self._read
+
+    @property
+    def empty(self) -> bool:
+        return self.held == 0
+
+    def _file(self) -> int:
+        if self._fd < 0 and self.directory:
+            try:
+                self._fd = os.open(self.directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                log.warning("output backlog in memory (%s: %s)", self.directory, e)
+                self.directory = ""
+        return self._fd
+
+    def append(self, data: bytes) -> None:
+        room = self.limit - self.held
+        if room <= 0:
+            self.dropped += len(data)
+            return
+        if len(data) > room:
+            self.dropped += len(data) - room
+            data = data[:room]
+        fd = self._file()
+        if fd >= 0:
+            try:
+                os.pwrite(fd, data, self._write)
+            except OSError as e:
+                log.warning("output backlog file failed (%s); keeping it in memory", e)
+                os.close(fd)
+                self._fd = -1
+                self.directory = ""
+                self.dropped += self.held  # what the file held is lost
+                self._read = self._write = 0
+                self._memory += data
+            else:
+                self._write += len(data)
+                self.spooled += len(data)
+                self._event.set()
+                return
+        else:
+            self._memory += data
+        self._write += len(data)
+        self.spooled += len(data)
+        self._event.set()
+
+    def peek(self, size: int = COPY_BUFFER) -> bytes:
+        if self.empty:
+            return b""
+        if self._fd >= 0:
+            return os.pread(self._fd, min(size, self.held), self._read)
+        start = self._read - (self._write - len(self._memory))
+        return bytes(self._memory[start:start + size])
+
+    def consume(self, n: int) -> None:
+        self._read += n
+        if self.empty:
+            # Caught up: start the spool over.
+            self._read = self._write = 0
+            self._memory.clear()
+            if self._fd >= 0:
+                os.ftruncate(self._fd, 0)
+        elif self._fd < 0 and self._read - (self._write - len(self._memory)) > COPY_BUFFER:
+            cut = self._read - (self._write - len(self._memory))
+            del self._memory[:cut]
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
+
+    def finish(self) -> None:
+        self.finished = True
+        self._event.set()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class ProcessIO:
     """The pipes of one process and the copies between them and containerd.
 
@@ -157,6 +265,10 @@ class ProcessIO:
         self._stdin_copying = False
         self._closed = False
         self.logger_pid = 0
+        self.spool_dir = ""
+        self.backlog_limit = BACKLOG_LIMIT
+        self.backlogs: dict[str, Backlog] = {}
+        self._copies = trio.CancelScope()
 
     @classmethod
     async def create(
@@ -167,8 +279,10 @@ class ProcessIO:
         gid: int = -1,
         reaper: Reaper | None = None,
         owner: Owner | None = None,
+        spool_dir: str = "",
     ) -> ProcessIO:
         io = cls(stdio)
+        io.spool_dir = spool_dir
         try:
             if stdio.stdout.startswith("binary://"):
                 if reaper is None or owner is None:
@@ -271,50 +385,85 @@ class ProcessIO:
         self._child_ends.clear()
 
     def start(self, nursery: trio.Nursery) -> None:
-        """Start the copies (in the service's nursery; they end on their own)."""
-        for name, r, dest in self._outputs:
-            nursery.start_soon(self._copy_out, name, r, dest)
-        self._outputs = []
+        """Start the copies (in the service's nursery; they end on their own at EOF,
+        or :data:`CLOSE_GRACE` seconds after :meth:`close`)."""
+        outputs, self._outputs = self._outputs, []
         if self._stdin_fifo >= 0:
             self._stdin_copying = True
-            nursery.start_soon(self._copy_in)
+        nursery.start_soon(self._run_copies, outputs, self._stdin_copying)
+
+    async def _run_copies(self, outputs: list[tuple[str, int, int]], stdin: bool) -> None:
+        with self._copies:
+            async with trio.open_nursery() as nursery:
+                for name, r, dest in outputs:
+                    nursery.start_soon(self._copy_out, name, r, dest)
+                if stdin:
+                    nursery.start_soon(self._copy_in)
 
     async def _copy_out(self, name: str, r: int, dest: int) -> None:
-        add: Callable[[int], None] = (
-            (lambda n: setattr(self.counters, "stdout", self.counters.stdout + n))
-            if name == "stdout"
-            else (lambda n: setattr(self.counters, "stderr", self.counters.stderr + n))
-        )
-        broken = False
+        """Pipe -> destination.  Reading never waits for the destination's reader."""
+        backlog = Backlog(self.spool_dir, self.backlog_limit)
+        self.backlogs[name] = backlog
+        counters = self.counters
         try:
             os.set_blocking(r, False)
             os.set_blocking(dest, False)
-            while True:
-                try:
-                    data = os.read(r, COPY_BUFFER)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(r)
-                    continue
-                if not data:
-                    break
-                add(len(data))
-                view = memoryview(data)
-                while view and not broken:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._drain_backlog, name, backlog, dest)
+                while True:
                     try:
-                        n = os.write(dest, view)
-                        view = view[n:]
+                        data = os.read(r, COPY_BUFFER)
                     except BlockingIOError:
-                        await trio.lowlevel.wait_writable(dest)
-                    except OSError as e:
-                        # Keep draining the pipe so the process never blocks.
-                        log.warning("%s: write to %s failed: %s", name, self.stdio, e)
-                        broken = True
+                        await trio.lowlevel.wait_readable(r)
+                        continue
+                    if not data:
+                        break
+                    if name == "stdout":
+                        counters.stdout += len(data)
+                    else:
+                        counters.stderr += len(data)
+                    if backlog.empty and not backlog.broken:
+                        data = self._write_some(name, backlog, dest, data)
+                    if data:
+                        backlog.append(data)
+                backlog.finish()
         finally:
             os.close(r)
             os.close(dest)
+            backlog.close()
             self._outputs_left -= 1
             if self._outputs_left <= 0:
                 self._output_done.set()
+
+    def _write_some(self, name: str, backlog: Backlog, dest: int, data: bytes) -> bytes:
+        """Write what the destination takes now; return the rest."""
+        try:
+            n = os.write(dest, data)
+        except BlockingIOError:
+            return data
+        except OSError as e:
+            # A broken log never blocks or kills the process: keep reading, count, drop.
+            log.warning("%s: write to %s failed: %s", name, self.stdio, e)
+            backlog.broken = True
+            backlog.dropped += len(data)
+            return b""
+        return data[n:]
+
+    async def _drain_backlog(self, name: str, backlog: Backlog, dest: int) -> None:
+        while True:
+            chunk = backlog.peek()
+            if not chunk:
+                if backlog.finished:
+                    return
+                await backlog.wait()
+                continue
+            if backlog.broken:
+                backlog.consume(len(chunk))
+                backlog.dropped += len(chunk)
+                continue
+            await trio.lowlevel.wait_writable(dest)
+            rest = self._write_some(name, backlog, dest, chunk)
+            backlog.consume(len(chunk) - len(rest))
 
     async def _copy_in(self) -> None:
         fifo, w = self._stdin_fifo, self._stdin_w
@@ -399,4 +548,6 @@ class ProcessIO:
             os.close(self._stdin_fifo)
             os.close(self._stdin_w)
             self._stdin_fifo = self._stdin_w = -1
+        # Copies still running (a reader that never came back) end after a grace period.
+        self._copies.deadline = min(self._copies.deadline, trio.current_time() + CLOSE_GRACE)
         self._output_done.set()

@@ -204,3 +204,35 @@ async def test_delete_action_after_shim_sigkill(shim: ShimDriver) -> None:
     assert not os.path.exists(shim.socket)
     runc_state = Path("/run/containerd/runc") / shim.containerd.namespace / "c1"
     assert not runc_state.exists()
+
+
+async def test_output_never_blocks_without_a_reader(shim: ShimDriver, tmp_path: Path) -> None:
+    """Nobody reads the stdout FIFO (containerd is down): the process still runs to the end,
+    and a reader that comes back later gets every line, in order."""
+    out = fifo(tmp_path / "out")
+    script = ('i=0; while [ $i -lt 200000 ]; do i=$((i+1)); echo "line $i"; done')
+    bundle = make_bundle(tmp_path / "b2", Path(shim.bundle / "rootfs"), ["sh", "-c", script])
+    talker = ShimDriver(shim.containerd, "talker", bundle)
+    try:
+        talker.start()
+        await talker.connect()
+        await talker.create(stdout=out)
+        await talker.call("Start", api.StartRequest(id="talker"), api.StartResponse)
+        with trio.fail_after(60):
+            waited = await talker.call("Wait", api.WaitRequest(id="talker"), api.WaitResponse)
+        assert waited.exit_status == 0
+        reader = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
+        data = bytearray()
+        with trio.fail_after(30):
+            while not data.endswith(b"line 200000\n"):
+                try:
+                    chunk = os.read(reader, 1 << 20)
+                except BlockingIOError:
+                    await trio.sleep(0.01)
+                    continue
+                data += chunk
+        os.close(reader)
+        lines = bytes(data).decode().splitlines()
+        assert lines == [f"line {i}" for i in range(1, 200001)]
+    finally:
+        talker.cleanup()
