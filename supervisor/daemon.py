@@ -109,9 +109,10 @@ async def _serve(listener: socket.socket, namespace: str, ttrpc_address: str, bu
         log.info("shim %d serving namespace %s", os.getpid(), namespace)
         await shutdown.wait()
         log.info("shutting down")
-        await server.shutdown(SHUTDOWN_GRACE)
+        # Deliver TaskDelete & co. while containerd is still connected, then close.
         if not await outbox.flush(FLUSH_TIMEOUT):
             log.error("exiting with %d events undelivered", len(outbox.pending))
+        await server.shutdown(SHUTDOWN_GRACE)
         await sender.aclose()
         spool.close()
         nursery.cancel_scope.cancel()

@@ -24,11 +24,7 @@ An unknown type, a missing or malformed settings file, or an unknown key is an
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import tomllib
-from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import any_pb2
@@ -37,51 +33,9 @@ from google.protobuf.message import DecodeError
 from supervisor.api import runtimeoptions_pb2, typeurls
 from supervisor.api.runc import options_pb2, runctypes_pb2
 from supervisor.errors import InvalidArgument
+from supervisor.settings import SETTINGS_FILE, Settings
 
-SETTINGS_FILE = "supervisor-options.json"
-
-
-@dataclass
-class Settings:
-    """What the shim needs to know to run the OCI runtime."""
-
-    binary_name: str = ""
-    root: str = ""
-    systemd_cgroup: bool = False
-    criu_path: str = ""
-    no_pivot_root: bool = False
-    no_new_keyring: bool = False
-    shim_cgroup: str = ""
-    io_uid: int = 0
-    io_gid: int = 0
-    log_level: str = ""
-    config_path: str = ""
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Settings:
-        data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def save(self, bundle: str) -> None:
-        """Keep the settings in the bundle, for ``delete`` after the shim is gone."""
-        path = os.path.join(bundle, SETTINGS_FILE)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, bundle: str) -> Settings:
-        try:
-            with open(os.path.join(bundle, SETTINGS_FILE), encoding="utf-8") as f:
-                return cls.from_json(f.read())
-        except (OSError, ValueError, TypeError):
-            return cls()
-
+__all__ = ["SETTINGS_FILE", "Settings", "decode", "decode_bytes", "load_toml"]
 
 _TOML_KEYS: dict[str, tuple[str, type]] = {}
 for _field, _kind, _camel in (

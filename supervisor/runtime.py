@@ -34,11 +34,12 @@ from typing import Any
 import trio
 
 from supervisor.reaper import Reaper, spawn
+from supervisor.settings import DEFAULT_BINARY, DEFAULT_ROOT
+
+__all__ = ["DEFAULT_BINARY", "DEFAULT_ROOT", "OCIRuntime", "OCIRuntimeError", "read_pid_file"]
 
 log = logging.getLogger("supervisor.runtime")
 
-DEFAULT_BINARY = "runc"
-DEFAULT_ROOT = "/run/containerd/runc"
 
 
 class OCIRuntimeError(Exception):
