@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PROTO_SRC := $(shell find supervisor/api -name '*.proto')
 
-.PHONY: all venv deps lint test unit integration proto demo conformance bench clean
+.PHONY: all venv bytecode deps lint test unit integration proto demo conformance bench clean
 
 all: test
 
@@ -13,6 +13,12 @@ $(VENV)/.stamp: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
+	$(MAKE) --no-print-directory bytecode
+
+# Shims start often: give them bytecode even where PYTHONDONTWRITEBYTECODE is set
+# (Python still reads .pyc files; stale ones are ignored by their source mtime).
+bytecode:
+	$(PY) -m compileall -q supervisor
 
 venv: $(VENV)/.stamp
 
@@ -25,7 +31,7 @@ lint: venv
 
 # The whole suite: lint, types, unit tests and the integration tests against a
 # private containerd (root). Long chaos/soak runs need `PYTEST_ARGS=--long`.
-test: venv deps lint
+test: venv bytecode deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit: venv
