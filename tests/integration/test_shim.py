@@ -269,3 +269,12 @@ def test_oom_reported_before_exit(containerd: Containerd, busybox_rootfs: Path) 
     topics = ["/tasks/oom" if "/tasks/oom" in ln else "/tasks/exit" for ln in lines()]
     assert topics[0] == "/tasks/oom", topics
     assert topics[-1] == "/tasks/exit", topics
+
+
+def test_log_write_error_never_blocks(containerd: Containerd, busybox_rootfs: Path) -> None:
+    """A log destination that fails every write (ENOSPC) costs the output, not the container
+    (containerd#12462)."""
+    r = containerd.run("full", "sh", "-c", "seq 1 300000; exit 6", rootfs=busybox_rootfs,
+                       rm=True, options=["--log-uri", "file:///dev/full"], check=False,
+                       timeout=60)
+    assert r.returncode == 6
