@@ -118,15 +118,19 @@ async def _serve(listener: socket.socket, namespace: str, ttrpc_address: str, bu
         nursery.cancel_scope.cancel()
 
 
-def _remove_socket(bundle: str) -> None:
+def _socket_path(listener: socket.socket) -> str:
+    """The listening socket's file (empty for an abstract or unnamed socket)."""
     try:
-        with open(os.path.join(bundle, "address"), encoding="utf-8") as f:
-            address = f.read().strip()
+        name = listener.getsockname()
     except OSError:
-        return
-    if address.startswith("unix://"):
+        return ""
+    return name if isinstance(name, str) and name.startswith("/") else ""
+
+
+def _remove_socket(path: str) -> None:
+    if path:
         try:
-            os.unlink(address[len("unix://"):])
+            os.unlink(path)
         except FileNotFoundError:
             pass  # already gone
 
@@ -140,11 +144,13 @@ def serve(
     bundle: str,
 ) -> int:
     log.debug("starting shim for %s/%s in %s", namespace, container_id, bundle)
+    # Known now: containerd may remove the bundle (and its address file) before we exit.
+    path = _socket_path(listener)
     try:
         trio.run(_serve, listener, namespace, ttrpc_address, bundle)
     except Exception:
         log.exception("shim failed")
         return 1
     finally:
-        _remove_socket(bundle)
+        _remove_socket(path)
     return 0
