@@ -296,6 +296,10 @@ def process_json(m: pb.Process) -> dict[str, Any]:
             "stdin_bytes": m.io.stdin_bytes,
             "stdout_bytes": m.io.stdout_bytes,
             "stderr_bytes": m.io.stderr_bytes,
+            "stdout_backlog_bytes": m.io.stdout_backlog_bytes,
+            "stderr_backlog_bytes": m.io.stderr_backlog_bytes,
+            "stdout_dropped_bytes": m.io.stdout_dropped_bytes,
+            "stderr_dropped_bytes": m.io.stderr_dropped_bytes,
         },
     }
 

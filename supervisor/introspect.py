@@ -236,8 +236,14 @@ def _io_counters(process: Process) -> pb.IOCounters:
         if kind == "pipes" and stdio.is_null():
             kind = "none"
         p = io.counters
-        return pb.IOCounters(kind=kind, stdin_bytes=p.stdin, stdout_bytes=p.stdout,
-                             stderr_bytes=p.stderr)
+        out, err = io.backlogs.get("stdout"), io.backlogs.get("stderr")
+        return pb.IOCounters(
+            kind=kind, stdin_bytes=p.stdin, stdout_bytes=p.stdout, stderr_bytes=p.stderr,
+            stdout_backlog_bytes=out.held if out else 0,
+            stderr_backlog_bytes=err.held if err else 0,
+            stdout_dropped_bytes=out.dropped if out else 0,
+            stderr_dropped_bytes=err.dropped if err else 0,
+        )
     return pb.IOCounters(kind="none")
 
 

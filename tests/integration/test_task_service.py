@@ -16,6 +16,7 @@ from harness import Containerd, wait_for
 from shim_driver import ShimDriver, make_bundle
 
 from supervisor.api import typeurls
+from supervisor.api.introspect import introspect_pb2 as ipb
 from supervisor.api.task.v2 import shim_pb2 as api
 from supervisor.api.types import task_pb2 as types
 from supervisor.ttrpc import Code, RPCError
@@ -221,6 +222,14 @@ async def test_output_never_blocks_without_a_reader(shim: ShimDriver, tmp_path: 
         with trio.fail_after(60):
             waited = await talker.call("Wait", api.WaitRequest(id="talker"), api.WaitResponse)
         assert waited.exit_status == 0
+        # The shim holds what nobody read yet, and says so.
+        assert talker.client is not None
+        raw = await talker.client.call("supervisor.introspect.v1.Introspect", "Containers",
+                                       ipb.ContainersRequest(id="talker").SerializeToString(),
+                                       timeout=5)
+        io = ipb.ContainersResponse.FromString(raw).containers[0].init.io
+        assert io.stdout_backlog_bytes > 0
+        assert io.stdout_dropped_bytes == 0
         reader = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
         data = bytearray()
         with trio.fail_after(30):

@@ -108,16 +108,24 @@ class Stdio(_message.Message):
     def __init__(self, stdin: _Optional[str] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., terminal: _Optional[bool] = ...) -> None: ...
 
 class IOCounters(_message.Message):
-    __slots__ = ("kind", "stdin_bytes", "stdout_bytes", "stderr_bytes")
+    __slots__ = ("kind", "stdin_bytes", "stdout_bytes", "stderr_bytes", "stdout_backlog_bytes", "stderr_backlog_bytes", "stdout_dropped_bytes", "stderr_dropped_bytes")
     KIND_FIELD_NUMBER: _ClassVar[int]
     STDIN_BYTES_FIELD_NUMBER: _ClassVar[int]
     STDOUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     STDERR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_BACKLOG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STDERR_BACKLOG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_DROPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STDERR_DROPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
     kind: str
     stdin_bytes: int
     stdout_bytes: int
     stderr_bytes: int
-    def __init__(self, kind: _Optional[str] = ..., stdin_bytes: _Optional[int] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ...) -> None: ...
+    stdout_backlog_bytes: int
+    stderr_backlog_bytes: int
+    stdout_dropped_bytes: int
+    stderr_dropped_bytes: int
+    def __init__(self, kind: _Optional[str] = ..., stdin_bytes: _Optional[int] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., stdout_backlog_bytes: _Optional[int] = ..., stderr_backlog_bytes: _Optional[int] = ..., stdout_dropped_bytes: _Optional[int] = ..., stderr_dropped_bytes: _Optional[int] = ...) -> None: ...
 
 class EventsRequest(_message.Message):
     __slots__ = ("limit",)
