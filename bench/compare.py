@@ -1,7 +1,7 @@
 """Benchmark our shim side by side with containerd's Go shim, in one private containerd.
 
     bench/compare [--runs N] [--quick] [--only LIST] [--markdown-out FILE]
-                  [--runtime-ours R] [--runtime-go R] [--cpu-seconds S] ...
+                  [--runtime-ours R] [--runtime-go R] [--cpu-seconds S] [--forkserver] ...
 
 One containerd is started with the integration harness (``tests/integration/harness.py``;
 its own root, state, namespace and log below /tmp, never the system's containerd), a busybox
@@ -28,6 +28,11 @@ metric starts with ``--warmup`` unrecorded runs per runtime.  Metrics (``--only`
                 utime+stime delta from ``/proc/PID/stat`` over ``--cpu-seconds`` (60), the
                 precise ``se.sum_exec_runtime`` and the context switches of the threads
                 alive at the end (a thread that exits meanwhile is not counted).
+
+With ``--forkserver`` a ``supervisor-forkserver`` is started first (its socket in the
+containerd's directory, passed to our shims as ``$SUPERVISOR_FORKSERVER`` through containerd's
+environment), so our shims are forked from it instead of started cold; its own memory is
+reported with the facts (it is shared by all the shims it forked), and it is stopped by pid.
 
 The table shows medians, ``ours/Go`` ratios and the direction that is better.  Machine facts
 (nproc, kernel, load, containerd/runc/shim versions) and the exact command line are printed
@@ -74,6 +79,7 @@ METRICS = ("run", "exec", "events", "coldstart", "memory", "throughput", "cpu")
 THROUGHPUT_BYTES = 209715200
 MIB = 1 << 20
 TASK_SERVICE = "containerd.task.v2.Task"
+FORKSERVER_ENV = "SUPERVISOR_FORKSERVER"
 EVENT_TOPICS = ("/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete")
 
 
@@ -279,18 +285,65 @@ class Bench:
         self._seq = 0
         self._streams: list[EventStream] = []
         self.load_at_start = _loadavg()
+        self.forkserver: subprocess.Popen[bytes] | None = None
 
     # -- setup / teardown ---------------------------------------------------------
 
     def start(self) -> None:
+        if self.args.forkserver:
+            self.start_forkserver()
+        else:
+            self.c.extra_env[FORKSERVER_ENV] = ""  # cold, even if the machine runs one
         self.c.start()
         self.rootfs = harness.build_busybox_rootfs(self.c.dir / "rootfs")
+
+    def start_forkserver(self) -> None:
+        """``supervisor-forkserver`` on a socket in our directory; containerd's shims use it."""
+        binary = shutil.which("supervisor-forkserver",
+                              path=os.pathsep.join(map(str, harness.shim_bin_dirs())))
+        if binary is None:
+            raise BenchError("no supervisor-forkserver next to our shim (pip install -e .)")
+        sock = self.c.dir / "forkserver.sock"
+        with open(self.c.dir / "forkserver.log", "ab") as log:
+            self.forkserver = subprocess.Popen(
+                [binary, "--socket", str(sock)], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = self.forkserver
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise BenchError(f"supervisor-forkserver exited with {proc.returncode}")
+            return sock.is_socket()
+
+        harness.wait_for(ready, 20, 0.02, message="supervisor-forkserver to listen")
+        self.c.extra_env[FORKSERVER_ENV] = str(sock)
+
+    def forkserver_facts(self) -> str:
+        proc = self.forkserver
+        if proc is None:
+            return f"cold start (${FORKSERVER_ENV} empty: no fork server)"
+        if proc.poll() is not None:
+            return f"fork server (exited with {proc.returncode} before the end!)"
+        roll = smaps_rollup_kib(proc.pid)
+        return (f"fork server `supervisor-forkserver` (pid {proc.pid}; its own Pss "
+                f"{roll['Pss'] / 1024:.1f} MiB, Private_Dirty {roll['Private_Dirty'] / 1024:.1f}"
+                " MiB at the end, shared copy-on-write with the shims it forked)")
 
     def cleanup(self) -> None:
         for s in self._streams:
             with contextlib.suppress(Exception):
                 s.close()
-        self.c.cleanup()
+        try:
+            self.c.cleanup()
+        finally:
+            proc, self.forkserver = self.forkserver, None
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
 
     # -- helpers ------------------------------------------------------------------
 
@@ -643,6 +696,7 @@ class Bench:
             f"- ours: {self.runtimes['ours']} = {ours} "
             f"({_first_line([sys.executable, '--version'])}); "
             f"Go: {self.runtimes['go']} = {go_shim}",
+            f"- ours started by: {self.forkserver_facts()}",
             f"- runs: {self.args.runs} per runtime (+{self.args.warmup} warm-up), "
             f"throughput {self.args.throughput_runs}, idle CPU {self.args.cpu_seconds:g} s",
         ]
@@ -673,6 +727,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--markdown-out", type=Path, help="also write facts and table to this file")
     p.add_argument("--runtime-ours", default=OURS_RUNTIME, help=f"default {OURS_RUNTIME}")
     p.add_argument("--runtime-go", default=GO_RUNTIME, help=f"default {GO_RUNTIME}")
+    p.add_argument("--forkserver", action="store_true",
+                   help="start a supervisor-forkserver and have our shims forked from it "
+                        f"(${FORKSERVER_ENV} in containerd's environment)")
     args = p.parse_args(argv)
     if args.runs is None:
         args.runs = 3 if args.quick else 20

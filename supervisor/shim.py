@@ -11,12 +11,18 @@ containerd 1.6 runs the shim binary three ways (facts from containerd's
 ``start``
     Picks the socket ``/run/containerd/s/<sha256(address/namespace/group)>``
     (the group is the id, or the sandbox id from the bundle's annotations, so
-    a pod's containers share one shim), binds it 0600, starts the daemon in a
-    new session with the listening socket as fd 3 and no stdio of
-    containerd's, writes ``address`` in the bundle and prints the address --
-    nothing else -- on stdout.  If a live shim already serves that socket it
+    a pod's containers share one shim), binds it 0600 and writes ``address``
+    in the bundle.  Then the daemon: forked by the fork server
+    (:mod:`supervisor.forkserver`) when its socket exists and it answers
+    within 2 s, else (or on any failure) started cold -- a new interpreter in
+    a new session with the listening socket as fd 3 and no stdio of
+    containerd's.  A forked shim is moved into ``start``'s own cgroups (where
+    a cold one is born); either then gets ``ShimCgroup`` and the OOM score.
+    ``start`` prints the address -- nothing else, on stdout or stderr, since
+    containerd reads both as the address; a fork-server failure is noted in
+    the bundle's ``log`` FIFO.  If a live shim already serves that socket it
     just prints its address.  It imports neither trio nor protobuf unless
-    options arrive on stdin.
+    options arrive on stdin, nor :mod:`logging`.
 
 ``delete``
     Cleans up after a shim that is gone: force-deletes the runtime's
@@ -34,16 +40,17 @@ the daemon
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
-import logging
 import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
 
 from supervisor import __version__
+
+try:  # the builtin module: hashlib would load OpenSSL (~2 ms) for one digest
+    from _sha256 import sha256  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - interpreters without it
+    from hashlib import sha256
 
 SOCKET_DIR = "/run/containerd/s"
 GROUP_LABELS = (
@@ -54,24 +61,40 @@ GROUP_LABELS = (
 LISTEN_FD = 3
 EXIT_USAGE = 2
 
-log = logging.getLogger("supervisor.shim")
-
 
 class UsageError(Exception):
     pass
 
 
-@dataclass
 class Flags:
-    namespace: str = ""
-    id: str = ""
-    address: str = ""
-    publish_binary: str = ""
-    bundle: str = ""
-    socket: str = ""
-    debug: bool = False
-    version: bool = False
-    action: str = ""
+    """The parsed command line.  A plain class: ``dataclasses`` costs ``start`` ~5 ms."""
+
+    __slots__ = ("action", "address", "bundle", "debug", "id", "namespace", "publish_binary",
+                 "socket", "version")
+
+    def __init__(self, *, namespace: str = "", id: str = "", address: str = "",
+                 publish_binary: str = "", bundle: str = "", socket: str = "",
+                 debug: bool = False, version: bool = False, action: str = "") -> None:
+        self.namespace = namespace
+        self.id = id
+        self.address = address
+        self.publish_binary = publish_binary
+        self.bundle = bundle
+        self.socket = socket
+        self.debug = debug
+        self.version = version
+        self.action = action
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"Flags({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Flags):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaces
 
 
 _VALUE_FLAGS = {
@@ -122,7 +145,7 @@ def parse_flags(argv: list[str]) -> Flags:
 
 
 def socket_address(containerd_address: str, namespace: str, group: str) -> str:
-    digest = hashlib.sha256(os.path.join(containerd_address, namespace, group).encode())
+    digest = sha256(os.path.join(containerd_address, namespace, group).encode())
     return f"unix://{SOCKET_DIR}/{digest.hexdigest()}"
 
 
@@ -134,10 +157,15 @@ def socket_path(address: str) -> str:
 
 def group_of(container_id: str, bundle: str) -> str:
     try:
-        with open(os.path.join(bundle, "config.json"), encoding="utf-8") as f:
-            spec = json.load(f)
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         return container_id
+    if b"annotations" not in raw and b"\\u" not in raw:
+        return container_id  # no annotations (nor escaped keys): skip importing json
+    import json
+
+    spec = json.loads(raw)
     annotations = spec.get("annotations") or {} if isinstance(spec, dict) else {}
     for label in GROUP_LABELS:
         value = annotations.get(label)
@@ -224,9 +252,86 @@ def daemon_argv(flags: Flags) -> list[str]:
     return argv
 
 
-def action_start(flags: Flags) -> int:
+def cgroup_mounts() -> list[tuple[set[str], str, str]]:
+    """(controllers, mount root, mount point) of every cgroup hierarchy; v2's set is empty."""
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            fields, tail = pre.split(), post.split()
+            if len(fields) < 5 or len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
+                continue
+            controllers = set(tail[2].split(",")) if tail[0] == "cgroup" else set()
+            out.append((controllers, fields[3], fields[4].replace("\\040", " ")))
+    return out
+
+
+def join_own_cgroups(pid: int) -> None:
+    """Move ``pid`` into this process's cgroups, where a cold-started daemon is born."""
+    with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
+        theirs = set(f.read().splitlines())
+    with open("/proc/self/cgroup", encoding="utf-8") as f:
+        ours = [line for line in f.read().splitlines() if line and line not in theirs]
+    if not ours:
+        return
+    mounts = cgroup_mounts()
+    for line in ours:
+        _, names, path = line.split(":", 2)
+        wanted = set(names.split(",")) if names else set()
+        for controllers, root, mountpoint in mounts:
+            if (wanted <= controllers if wanted else not controllers) and (
+                    root in ("/", path) or path.startswith(root + "/")):
+                rel = path if root == "/" else path[len(root):]
+                target = os.path.join(mountpoint, rel.lstrip("/"), "cgroup.procs")
+                with open(target, "w", encoding="ascii") as f:
+                    f.write(str(pid))
+                break
+
+
+def note(level: str, message: str) -> None:
+    """One line in the bundle's ``log`` FIFO (containerd's log) if it is read; never blocks.
+
+    ``start`` may not write to stderr: containerd reads its output as the address.
+    """
+    try:
+        fd = os.open("log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return  # no FIFO, or nobody reads it: there is no one to tell
+    try:
+        text = message.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.write(fd, f'time="{stamp}" level={level} msg="{text}" logger=supervisor.shim\n'
+                 .encode(errors="replace"))
+    except OSError:
+        pass  # a full FIFO: the note is dropped, as the daemon's own records would be
+    finally:
+        os.close(fd)
+
+
+def start_daemon(flags: Flags, listener: socket.socket) -> tuple[int, bool]:
+    """Start the daemon serving ``listener``: (its pid, whether the fork server forked it).
+
+    The fork server is asked when its socket exists; on any failure no forked
+    shim will ever serve the listener (:mod:`supervisor.forkserver`), so the
+    cold start that follows cannot race one.
+    """
+    from supervisor import forkserver
+
+    path = forkserver.socket_path()
+    if path and os.path.exists(path):
+        try:
+            request = forkserver.Request.of_this_process(
+                namespace=flags.namespace, id=flags.id, address=flags.address,
+                debug=flags.debug, argv=daemon_argv(flags))
+            return forkserver.request_shim(path, request, listener.fileno()), True
+        except Exception as e:  # whatever went wrong, the cold start below still works
+            note("warning", f"fork server {path}: {e}; starting the shim cold")
     from supervisor._spawn import spawn
 
+    return spawn(daemon_argv(flags), fds={LISTEN_FD: listener.fileno()}, setsid=True), False
+
+
+def action_start(flags: Flags) -> int:
     bundle = os.getcwd()
     address = socket_address(flags.address, flags.namespace, group_of(flags.id, bundle))
     path = socket_path(address)
@@ -244,8 +349,13 @@ def action_start(flags: Flags) -> int:
     try:
         write_file_atomic("address", address)
         options = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
-        pid = spawn(daemon_argv(flags), fds={LISTEN_FD: listener.fileno()}, setsid=True)
+        pid, forked = start_daemon(flags, listener)
         try:
+            if forked:
+                try:
+                    join_own_cgroups(pid)
+                except OSError as e:
+                    note("warning", f"shim {pid} stays in the fork server's cgroups: {e}")
             if options:
                 from supervisor.options import decode_bytes
 
@@ -270,94 +380,23 @@ def action_start(flags: Flags) -> int:
 
 
 def action_delete(flags: Flags) -> int:
-    import subprocess
+    """See :mod:`supervisor._delete` (light: no trio, no protobuf)."""
+    from supervisor._delete import action_delete as delete
 
-    from supervisor import mount
-    from supervisor.api.task.v2 import shim_pb2
-    from supervisor.options import Settings
-    from supervisor.runtime import DEFAULT_BINARY, DEFAULT_ROOT
-
-    bundle = flags.bundle or os.getcwd()
-    settings = Settings.load(bundle)
-    root = os.path.join(settings.root or DEFAULT_ROOT, flags.namespace)
-    argv = [settings.binary_name or DEFAULT_BINARY, "--root", root,
-            "--log", os.path.join(bundle, "log.json"), "--log-format", "json"]
-    if settings.systemd_cgroup:
-        argv.append("--systemd-cgroup")
-    try:
-        done = subprocess.run([*argv, "delete", "--force", flags.id], capture_output=True,
-                              check=False, timeout=60)
-        if done.returncode != 0:
-            log.warning("runtime delete %s: %s", flags.id, done.stderr.decode(errors="replace"))
-    except (OSError, subprocess.TimeoutExpired) as e:
-        log.warning("runtime delete %s: %s", flags.id, e)
-    try:
-        mount.unmount_all(os.path.join(bundle, "rootfs"), detach=True)
-    except OSError as e:
-        log.warning("unmount rootfs of %s: %s", flags.id, e)
-    pid = 0
-    try:
-        with open(os.path.join(bundle, "init.pid"), encoding="ascii") as f:
-            pid = int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        pid = 0
-    try:
-        with open(os.path.join(bundle, "address"), encoding="utf-8") as f:
-            path = socket_path(f.read().strip())
-        if not path.startswith("\0") and os.path.exists(path) and not can_connect(path):
-            os.unlink(path)
-    except OSError:
-        pass  # no address file, or the socket went away already: nothing to remove
-    response = shim_pb2.DeleteResponse(pid=pid, exit_status=128 + 9)
-    response.exited_at.FromNanoseconds(time.time_ns())
-    sys.stdout.buffer.write(response.SerializeToString())
-    sys.stdout.buffer.flush()
-    return 0
+    return delete(flags.namespace, flags.id, flags.bundle or os.getcwd())
 
 
 # --- serve (the daemon) ---------------------------------------------------
 
 
-class FifoLogHandler(logging.Handler):
-    """Log records to the bundle's ``log`` FIFO without ever blocking.
-
-    containerd reads that FIFO into its own log.  When nobody reads it (say
-    containerd is down) and it is full, records are counted and dropped, so
-    the shim never stalls on its own logging.
-    """
-
-    def __init__(self, path: str) -> None:
-        super().__init__()
-        self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        self.dropped = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            data = (self.format(record) + "\n").encode(errors="replace")
-            os.write(self.fd, data)
-        except BlockingIOError:
-            self.dropped += 1
-        except Exception:
-            self.handleError(record)
-
-
-def setup_logging(debug: bool) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    fmt = logging.Formatter(
-        'time="%(asctime)s" level=%(levelname)s msg="%(message)s" logger=%(name)s',
-    )
-    handler: logging.Handler
-    try:
-        handler = FifoLogHandler("log")
-    except OSError:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(fmt)
-    root.addHandler(handler)
-
-
 def action_serve(flags: Flags) -> int:
+    """The daemon, cold (``main``) or forked (:mod:`supervisor.forkserver`): fd 3, cwd bundle."""
+    import logging
+
+    from supervisor.shimlog import setup_logging
+
     setup_logging(flags.debug)
+    log = logging.getLogger("supervisor.shim")
     from supervisor.daemon import serve
 
     try:
@@ -391,7 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         if flags.action == "start":
             return action_start(flags)
         if flags.action == "delete":
-            return action_delete(flags)
+            rc = action_delete(flags)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)  # containerd waits for us: skip the interpreter's teardown
         if flags.action == "":
             return action_serve(flags)
     except Exception as e:

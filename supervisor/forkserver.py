@@ -1,0 +1,726 @@
+"""``supervisor-forkserver``: shim daemons forked from a pre-imported parent.
+
+Why
+---
+A cold shim daemon is a new interpreter importing trio, protobuf and our
+modules: ~190 ms before it answers containerd and ~20 MB of private memory
+each.  The fork server imports all of that once, runs ``gc.collect();
+gc.freeze()`` (so the collector never writes to those objects, whose pages
+then stay shared) and forks one shim per request.  A forked shim answers in a
+few milliseconds and shares the imported code and objects copy-on-write.
+``start`` (:mod:`supervisor.shim`) asks the fork server when its socket
+exists and falls back to the cold start on any failure.
+
+Protocol
+--------
+One ``SOCK_SEQPACKET`` connection per shim on a 0600 unix socket
+(:data:`DEFAULT_SOCKET`, or ``$SUPERVISOR_FORKSERVER``; empty disables it)::
+
+    client -> server   msgpack map (see Request) + SCM_RIGHTS: the shim's
+                       bound, listening socket
+    server -> client   {"pid": N} + SCM_RIGHTS: write end of the shim's go pipe
+                       | {"error": "why"} (no fd)
+    client -> shim     one byte "g" on the go pipe: only now does it serve
+
+The server forks an intermediate child that forks the shim and exits at once
+(the server reaps it), so the shim is nobody's child, like a cold shim whose
+``start`` has exited.  The shim starts a new session, moves to the bundle,
+takes the client's environment, umask, rlimits, nice value and CPU affinity,
+gets /dev/null on 0-2, the listener on fd 3 and nothing else, has every signal
+disposition and the mask as a fresh interpreter has them, shows the cold
+command line and its environment in ``/proc/PID/cmdline`` and ``environ``
+(``PR_SET_MM_MAP``), reports its pid (or why it failed) on
+a status pipe and waits for the go byte before running the same code as a
+cold daemon (``shim.action_serve``).
+
+Invariants
+----------
+* At most one daemon serves a listener: the client's write of the go byte is
+  the single commit point.  A client that times out closes its connection
+  and never got or wrote the go pipe; a server that dies closes its copy; in
+  both cases the shim reads EOF and exits without serving, so the client's
+  cold fallback can never race a late forked shim.  A failed write (EPIPE)
+  means that shim is gone, so the fallback is again safe.
+* A forked shim is refused unless it would equal a cold one where the
+  client's own process cannot fix it afterwards: same uid (SO_PEERCRED), same
+  namespaces, root directory, credentials, capabilities, no_new_privs and
+  seccomp mode as the client.  Anything else is copied from the client (see
+  above); cgroups and the OOM score are set by ``start`` on the returned pid.
+* The server runs no trio, starts no threads (fork safety), handles one
+  connection at a time with every read bounded by :data:`REQUEST_TIMEOUT`,
+  answers a bad request with an error and keeps serving.  No child ever
+  returns into the server's code: every child path ends in ``os._exit``.
+* Importing this module loads nothing ``start`` has not loaded already (no
+  typing, logging or msgpack): the client imports msgpack and resource only
+  when a fork server is there, the server everything else in :func:`main`.
+* The client's whole exchange (connect, send, answer, go) is bounded by one
+  deadline, :data:`CLIENT_TIMEOUT`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+TYPE_CHECKING = False  # not typing's: importing typing costs `start` ~2 ms
+if TYPE_CHECKING:
+    import logging
+    from collections.abc import Mapping, Sequence
+    from typing import Any
+
+DEFAULT_SOCKET = "/run/containerd/supervisor-forkserver.sock"
+SOCKET_ENV = "SUPERVISOR_FORKSERVER"
+PROTOCOL = 1
+MAX_MESSAGE = 256 * 1024
+REQUEST_TIMEOUT = 2.0  # server: each read and write of one connection
+SETUP_TIMEOUT = 5.0  # server: fork until the shim reports its pid
+CLIENT_TIMEOUT = 2.0  # start: connect, send and answer, all together
+LISTEN_FD = 3  # where the shim finds its listener, as in a cold start
+STATUS_FD = 4  # transient in the shim: its report to the server
+GO_FD = 5  # transient in the shim: the go pipe
+NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user", "cgroup", "time")
+STATUS_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
+                 "NoNewPrivs", "Seccomp")
+# Modules a daemon uses; importing them here is the point of the fork server.
+PRELOAD = ("supervisor.daemon", "supervisor.shim", "supervisor.shimlog", "supervisor.options",
+           "encodings.ascii", "ctypes", "fcntl", "resource", "select", "struct", "msgpack")
+EXIT_SETUP_FAILED = 121
+
+
+class ForkServerError(Exception):
+    """The fork server refused or failed a request; the message says why."""
+
+
+# --------------------------------------------------------------------------- both sides
+
+
+def socket_path() -> str | None:
+    """The fork server's socket: ``$SUPERVISOR_FORKSERVER`` (empty: none) or the default."""
+    value = os.environ.get(SOCKET_ENV)
+    if value is None:
+        return DEFAULT_SOCKET
+    return value or None
+
+
+def identity() -> dict[str, Any]:
+    """What a forked shim cannot take from its client: namespaces, root, credentials."""
+    namespaces: dict[str, int] = {}
+    for name in NAMESPACES:
+        try:
+            namespaces[name] = os.stat(f"/proc/self/ns/{name}").st_ino
+        except OSError:
+            continue  # a kernel without this namespace type: nothing to compare
+    root = os.stat("/")
+    status: dict[str, str] = {}
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in STATUS_FIELDS:
+                status[key] = " ".join(value.split())
+    return {"ns": namespaces, "root": [root.st_dev, root.st_ino], "status": status}
+
+
+def identity_mismatch(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> str | None:
+    """Why a shim forked by ``ours`` would differ from a cold start by ``theirs``, or None."""
+    ns_ours, ns_theirs = ours.get("ns") or {}, theirs.get("ns") or {}
+    if not isinstance(ns_theirs, dict):
+        return "malformed namespaces"
+    for name in sorted(set(ns_ours) & set(ns_theirs)):
+        if ns_ours[name] != ns_theirs[name]:
+            return f"different {name} namespace"
+    if list(ours.get("root") or []) != list(theirs.get("root") or []):
+        return "different root directory"
+    st_ours, st_theirs = ours.get("status") or {}, theirs.get("status") or {}
+    if not isinstance(st_theirs, dict):
+        return "malformed credentials"
+    for key in STATUS_FIELDS:
+        if st_ours.get(key) != st_theirs.get(key):
+            return f"different {key} ({st_theirs.get(key)!r}, fork server {st_ours.get(key)!r})"
+    return None
+
+
+class Request:
+    """One shim to fork: what a cold start passes on its command line, and its context."""
+
+    __slots__ = ("address", "affinity", "argv", "cwd", "debug", "env", "id", "identity",
+                 "namespace", "nice", "rlimits", "umask")
+
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        id: str,
+        address: str,
+        debug: bool,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: str,
+        umask: int,
+        rlimits: Sequence[tuple[int, int, int]],
+        nice: int,
+        affinity: Sequence[int],
+        identity: Mapping[str, Any],
+    ) -> None:
+        self.namespace = namespace
+        self.id = id
+        self.address = address
+        self.debug = debug
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.cwd = cwd
+        self.umask = umask
+        self.rlimits = [tuple(r) for r in rlimits]
+        self.nice = nice
+        self.affinity = list(affinity)
+        self.identity = dict(identity)
+
+    @classmethod
+    def of_this_process(cls, *, namespace: str, id: str,
+                        address: str, debug: bool, argv: Sequence[str]) -> Request:
+        """A request for a shim that inherits what a cold start by this process would."""
+        import resource  # noqa: PLC0415 - C module, ~0.1 ms; only the client needs it
+
+        mask = os.umask(0)
+        os.umask(mask)
+        rlimits = []
+        for name in dir(resource):
+            if name.startswith("RLIMIT_"):
+                which = getattr(resource, name)
+                soft, hard = resource.getrlimit(which)
+                rlimits.append((which, soft, hard))
+        return cls(namespace=namespace, id=id, address=address, debug=debug, argv=argv,
+                   env=os.environ, cwd=os.getcwd(), umask=mask, rlimits=sorted(set(rlimits)),
+                   nice=os.getpriority(os.PRIO_PROCESS, 0),
+                   affinity=sorted(os.sched_getaffinity(0)), identity=identity())
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = {k: getattr(self, k) for k in self.__slots__}
+        wire["v"] = PROTOCOL
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: object) -> Request:
+        """Check every field's type and range; :class:`ForkServerError` says what is wrong."""
+        if not isinstance(wire, dict):
+            raise ForkServerError("request is not a map")
+        if wire.get("v") != PROTOCOL:
+            raise ForkServerError(f"protocol version {wire.get('v')!r}, want {PROTOCOL}")
+
+        def field(name: str, kind: type) -> Any:
+            value = wire.get(name)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ForkServerError(f"field {name!r}: want {kind.__name__}, got {value!r:.80}")
+            return value
+
+        def strings(name: str, value: object) -> str:
+            if not isinstance(value, str) or "\0" in value:
+                raise ForkServerError(f"field {name!r}: bad string {value!r:.80}")
+            return value
+
+        namespace = strings("namespace", field("namespace", str))
+        cid = strings("id", field("id", str))
+        if not namespace or not cid:
+            raise ForkServerError("namespace and id must not be empty")
+        argv = [strings("argv", a) for a in field("argv", list)]
+        if not argv:
+            raise ForkServerError("field 'argv' is empty")
+        env: dict[str, str] = {}
+        for k, v in field("env", dict).items():
+            if not strings("env", k) or "=" in k:
+                raise ForkServerError(f"bad environment variable name {k!r:.80}")
+            env[k] = strings("env", v)
+        cwd = strings("cwd", field("cwd", str))
+        if not os.path.isabs(cwd):
+            raise ForkServerError(f"cwd {cwd!r} is not absolute")
+        umask = field("umask", int)
+        if not 0 <= umask <= 0o777:
+            raise ForkServerError(f"bad umask {umask!r}")
+        rlimits: list[tuple[int, int, int]] = []
+        for r in field("rlimits", list):
+            if (not isinstance(r, list) or len(r) != 3
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)):
+                raise ForkServerError(f"bad rlimit {r!r:.80}")
+            rlimits.append((r[0], r[1], r[2]))
+        affinity = field("affinity", list)
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in affinity):
+            raise ForkServerError(f"bad CPU affinity {affinity!r:.80}")
+        return cls(namespace=namespace, id=cid, address=strings("address", field("address", str)),
+                   debug=field("debug", bool), argv=argv, env=env, cwd=cwd, umask=umask,
+                   rlimits=rlimits, nice=field("nice", int), affinity=affinity,
+                   identity=field("identity", dict))
+
+
+# --------------------------------------------------------------------------- client
+
+
+def request_shim(path: str, request: Request, listener_fd: int,
+                 timeout: float = CLIENT_TIMEOUT) -> int:
+    """Have the fork server at ``path`` start a shim serving ``listener_fd``; its pid.
+
+    Raises :class:`ForkServerError` or ``OSError``; in every such case no shim
+    will ever serve ``listener_fd`` (see the module's invariants), so the
+    caller may start one cold.
+    """
+    import time  # noqa: PLC0415 - builtin, loaded by `start` already
+
+    import msgpack  # noqa: PLC0415 - ~2 ms, only when a fork server is there
+
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no answer within {timeout:g} s")
+        return remaining
+
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    fds: list[int] = []
+    try:
+        conn.settimeout(left())
+        conn.connect(path)
+        conn.settimeout(left())
+        socket.send_fds(conn, [msgpack.packb(request.to_wire())], [listener_fd])
+        conn.settimeout(left())
+        data, fds, flags, _ = socket.recv_fds(conn, MAX_MESSAGE, 1)
+        if not data:
+            raise ForkServerError("the fork server closed the connection")
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise ForkServerError("answer truncated")
+        try:
+            answer = msgpack.unpackb(data)
+        except ValueError as e:
+            raise ForkServerError(f"undecodable answer: {e}") from None
+        if not isinstance(answer, dict):
+            raise ForkServerError(f"bad answer {answer!r:.80}")
+        if "error" in answer:
+            raise ForkServerError(str(answer["error"]))
+        pid = answer.get("pid")
+        if not isinstance(pid, int) or pid <= 0 or len(fds) != 1:
+            raise ForkServerError(f"bad answer {answer!r:.80} with {len(fds)} fds")
+        # The commit point: from here on the shim serves (or it is gone: EPIPE).
+        os.write(fds[0], b"g")
+        return pid
+    finally:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+
+
+# --------------------------------------------------------------------------- the shim side
+
+
+def _reset_signals() -> None:
+    """Dispositions and mask as a fresh interpreter has them (the server blocked all)."""
+    import signal  # noqa: PLC0415 - loaded in the server; keeps the client light
+
+    fresh: dict[int, Any] = {signal.SIGINT: signal.default_int_handler,
+                             signal.SIGPIPE: signal.SIG_IGN,
+                             signal.SIGXFSZ: signal.SIG_IGN}  # what Python sets up at its start
+    for sig in signal.valid_signals():
+        want = fresh.get(sig, signal.SIG_DFL)
+        try:
+            if signal.getsignal(sig) != want:
+                signal.signal(sig, want)
+        except (OSError, ValueError):
+            continue  # SIGKILL, SIGSTOP and the signals libc reserves cannot be set
+    signal.set_wakeup_fd(-1)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def _arrange_fds(listener_fd: int, status_fd: int, go_fd: int) -> None:
+    """0-2 /dev/null, the listener on 3, status on 4, go on 5; every other fd closed."""
+    import fcntl  # noqa: PLC0415 - loaded in the server
+
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    # Lift every source above every target so that no dup2 clobbers another source.
+    lifted = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 16)
+              for fd in (devnull, listener_fd, status_fd, go_fd)]
+    for target in (0, 1, 2):
+        os.dup2(lifted[0], target)
+    os.dup2(lifted[1], LISTEN_FD)  # inheritable, as posix_spawn's dup2 leaves it cold
+    os.dup2(lifted[2], STATUS_FD, inheritable=False)
+    os.dup2(lifted[3], GO_FD, inheritable=False)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > GO_FD:
+            try:
+                os.close(fd)
+            except OSError:
+                continue  # the directory listing's own fd, closed already
+
+
+class Native:
+    """libc through ctypes, prepared once in the server; a shim only calls it."""
+
+    PR_SET_NAME = 15
+    PR_SET_MM = 35
+    PR_SET_MM_MAP = 14
+
+    def __init__(self) -> None:
+        import ctypes  # noqa: PLC0415 - the server's; `start` never builds a Native
+
+        self.ctypes = ctypes
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.sbrk.restype = ctypes.c_void_p
+        self.libc.sbrk.argtypes = [ctypes.c_long]
+        self.libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p,
+                                    ctypes.c_ulong, ctypes.c_ulong]
+
+        class MmMap(ctypes.Structure):  # struct prctl_mm_map, <linux/prctl.h>
+            _fields_ = [(n, ctypes.c_uint64) for n in (
+                "start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
+                "start_stack", "arg_start", "arg_end", "env_start", "env_end", "auxv")] + [
+                ("auxv_size", ctypes.c_uint32), ("exe_fd", ctypes.c_uint32)]
+
+        self.mm_map = MmMap
+
+    @staticmethod
+    def replace_environ(env: Mapping[str, str]) -> None:
+        """``os.environ`` (and so the C environment) becomes ``env``, changing only what differs.
+
+        The server never sets variables behind ``os.environ``'s back, so the two agree.
+        """
+        current = os.environ
+        for key in [k for k in current if k not in env]:
+            del current[key]
+        for key, value in env.items():
+            if current.get(key) != value:
+                current[key] = value
+
+    def show_as(self, argv: Sequence[str], env: Mapping[str, str]) -> object | None:
+        """Make ``/proc/self/{cmdline,environ,comm}`` show ``argv`` and ``env``, as if exec'd.
+
+        ``PR_SET_MM_MAP`` (CONFIG_CHECKPOINT_RESTORE, no capability needed)
+        points the kernel at new buffers, which must live as long as the
+        process: the caller keeps the returned object.  None if refused (the
+        fork server's command line and environment then show instead).
+        """
+        ctypes = self.ctypes
+        comm = ctypes.create_string_buffer(os.path.basename(argv[0]).encode()[:15])
+        self.libc.prctl(self.PR_SET_NAME, ctypes.addressof(comm), None, 0, 0)
+        args = b"".join(a.encode() + b"\0" for a in argv)
+        envs = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
+        buf = ctypes.create_string_buffer(args + envs, len(args) + len(envs))
+        with open("/proc/self/stat", encoding="ascii") as f:
+            stat = f.read()
+        field = [0, 0, 0, 0, *map(int, stat[stat.rindex(")") + 2 :].split()[1:])]  # 1-based
+        arg_start = ctypes.addressof(buf)
+        env_start = arg_start + len(args)
+        mm = self.mm_map(field[26], field[27], field[45], field[46], field[47],
+                         self.libc.sbrk(0) or 0, field[28], arg_start, env_start,
+                         env_start, env_start + len(envs), 0, 0, 0xFFFFFFFF)
+        if self.libc.prctl(self.PR_SET_MM, self.PR_SET_MM_MAP, ctypes.addressof(mm),
+                           ctypes.sizeof(mm), 0) != 0:
+            return None
+        kept: object = buf
+        return kept
+
+
+def _report_error(fd: int, e: BaseException) -> None:
+    try:
+        os.write(fd, b"E" + f"{type(e).__name__}: {e}".encode(errors="replace")[:4000])
+    except OSError:
+        pass  # the server went away; it reports the shim as failed either way
+
+
+def _become_shim(request: Request, listener_fd: int, status_fd: int, go_fd: int, *,
+                 server_sockets: Sequence[socket.socket], native: Native) -> None:
+    """The grandchild: set up like a cold shim, report, wait for go, serve, exit."""
+    import logging  # noqa: PLC0415 - all loaded in the server
+    import resource  # noqa: PLC0415
+
+    from supervisor import shim  # noqa: PLC0415
+
+    report = status_fd
+    try:
+        for s in server_sockets:
+            s.detach()  # their fds are closed below; the objects must not close reused ones
+        _reset_signals()
+        os.setsid()
+        os.chdir(request.cwd)
+        native.replace_environ(request.env)
+        _arrange_fds(listener_fd, status_fd, go_fd)
+        report = STATUS_FD
+        os.umask(request.umask)
+        for which, soft, hard in request.rlimits:
+            if resource.getrlimit(which) != (soft, hard):
+                resource.setrlimit(which, (soft, hard))
+        if os.getpriority(os.PRIO_PROCESS, 0) != request.nice:
+            os.setpriority(os.PRIO_PROCESS, 0, request.nice)
+        if sorted(os.sched_getaffinity(0)) != request.affinity:
+            os.sched_setaffinity(0, request.affinity)
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.setLevel(logging.WARNING)
+        keep = [native.show_as(request.argv, request.env)]  # referenced until os._exit
+        sys.argv = request.argv[1:] or request.argv
+        os.write(STATUS_FD, b"P%d" % os.getpid())
+        os.close(STATUS_FD)
+        report = -1
+        go = os.read(GO_FD, 1)
+        os.close(GO_FD)
+        if go != b"g":
+            os._exit(0)  # nobody committed to this shim: vanish without serving
+        flags = shim.Flags(namespace=request.namespace, id=request.id, address=request.address,
+                           debug=request.debug)
+        rc = shim.action_serve(flags)
+        logging.shutdown()
+        keep.clear()
+        os._exit(rc)
+    except BaseException as e:
+        if report >= 0:
+            _report_error(report, e)
+        os._exit(EXIT_SETUP_FAILED)
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class ForkServer:
+    """The accept loop; one connection at a time, each bounded by REQUEST_TIMEOUT."""
+
+    def __init__(self, sock: socket.socket, log: logging.Logger) -> None:
+        self.sock = sock
+        self.log = log
+        self.identity = identity()
+        self.native = Native()
+        self.served = 0
+
+    def serve_forever(self) -> None:
+        while True:
+            conn, _ = self.sock.accept()
+            try:
+                self.handle(conn)
+            except Exception:
+                self.log.exception("request failed")  # and keep serving
+            finally:
+                conn.close()
+
+    def handle(self, conn: socket.socket) -> None:
+        import struct  # noqa: PLC0415 - server only; loaded
+
+        import msgpack  # noqa: PLC0415
+
+        conn.settimeout(REQUEST_TIMEOUT)
+        peer_pid, peer_uid, _ = struct.unpack(
+            "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        fds: list[int] = []
+        intermediate = 0
+        try:
+            try:
+                try:  # read it even to refuse it: a close with unread data resets the peer
+                    data, fds, flags, _ = socket.recv_fds(conn, MAX_MESSAGE, 1)
+                except OSError as e:  # a timeout, or the client went away
+                    raise ForkServerError(f"reading the request: {e or type(e).__name__}"
+                                          ) from None
+                if peer_uid != os.geteuid():
+                    raise ForkServerError(f"uid {peer_uid} may not use this fork server")
+                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    raise ForkServerError("request too large or with too many fds")
+                if not data:
+                    raise ForkServerError("empty request")
+                try:
+                    wire = msgpack.unpackb(data)
+                except ValueError as e:
+                    raise ForkServerError(f"undecodable request: {e}") from None
+                request = Request.from_wire(wire)
+                if len(fds) != 1:
+                    raise ForkServerError(f"want 1 fd (the shim's listener), got {len(fds)}")
+                check_listener(fds[0])
+                why = identity_mismatch(self.identity, request.identity)
+                if why:
+                    raise ForkServerError(f"a forked shim would differ from a cold one: {why}")
+                status_r, go_w, intermediate = self.fork_shim(request, fds[0], conn)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            try:
+                pid = self.await_shim(status_r)
+                self.served += 1
+                self.log.info("shim %d for %s/%s (request %d from pid %d)", pid,
+                              request.namespace, request.id, self.served, peer_pid)
+                self.reply(conn, {"pid": pid}, go_w)
+            finally:
+                os.close(status_r)
+                os.close(go_w)  # the client's copy (if it got one) is now the only one
+        except ForkServerError as e:
+            self.log.warning("refused request from pid %d: %s", peer_pid, e)
+            self.reply(conn, {"error": str(e)})
+        finally:
+            if intermediate:
+                os.waitpid(intermediate, 0)  # after the answer: its exit is not on the path
+
+    def reply(self, conn: socket.socket, answer: dict[str, Any], fd: int | None = None) -> None:
+        import msgpack  # noqa: PLC0415 - server only; loaded
+
+        try:
+            socket.send_fds(conn, [msgpack.packb(answer)], [] if fd is None else [fd])
+        except OSError as e:
+            self.log.warning("could not answer %r: %s", answer, e)
+
+    def fork_shim(self, request: Request, listener_fd: int, conn: socket.socket
+                  ) -> tuple[int, int, int]:
+        """Fork the shim via an intermediate child: (status pipe, go pipe, intermediate pid).
+
+        The status pipe's read end gets the shim's report; the go pipe's write
+        end is for the client.  The intermediate exits at once; reap it.
+        """
+        import signal  # noqa: PLC0415 - server only; loaded
+
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            try:
+                child = os.fork()
+                if child == 0:  # the intermediate: fork the shim, exit at once
+                    code = EXIT_SETUP_FAILED
+                    try:
+                        if os.fork() == 0:
+                            _become_shim(request, listener_fd, status_w, go_r,  # no return
+                                         server_sockets=[self.sock, conn], native=self.native)
+                        code = 0
+                    except BaseException as e:
+                        _report_error(status_w, e)
+                    finally:
+                        os._exit(code)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        except OSError as e:
+            for fd in (status_r, go_w):
+                os.close(fd)
+            raise ForkServerError(f"fork: {e}") from None
+        finally:
+            os.close(status_w)
+            os.close(go_r)
+        return status_r, go_w, child
+
+    def await_shim(self, status_r: int) -> int:
+        """The shim's pid from its report on the status pipe (ForkServerError if none)."""
+        import select  # noqa: PLC0415 - server only; loaded
+
+        poller = select.poll()
+        poller.register(status_r, select.POLLIN)
+        if not poller.poll(SETUP_TIMEOUT * 1000):
+            raise ForkServerError(f"the shim did not report within {SETUP_TIMEOUT:g} s")
+        status = os.read(status_r, 4096)
+        if status.startswith(b"P") and status[1:].isdigit():
+            return int(status[1:])
+        if status.startswith(b"E"):
+            raise ForkServerError("shim setup failed: " + status[1:].decode(errors="replace"))
+        raise ForkServerError("the shim died during its setup")
+
+
+def check_listener(fd: int) -> None:
+    """``fd`` must be a listening unix stream socket (what ``start`` binds)."""
+    copy = os.dup(fd)
+    try:
+        sock = socket.socket(fileno=copy)
+    except OSError as e:
+        os.close(copy)
+        raise ForkServerError(f"the fd is not a socket: {e}") from None
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
+            raise ForkServerError("the fd is not a listening unix stream socket")
+    finally:
+        sock.close()
+
+
+def preload(log: logging.Logger) -> None:
+    """Import what a daemon uses, then freeze it all out of the collector's reach."""
+    import gc  # noqa: PLC0415
+    import importlib  # noqa: PLC0415
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    gc.collect()
+    gc.freeze()
+    log.debug("preloaded %d modules, %d objects frozen", len(sys.modules), gc.get_freeze_count())
+
+
+def bind(path: str) -> socket.socket:
+    """The server's socket at ``path``, 0600; a stale socket is replaced, a live one is not."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o711, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        old_umask = os.umask(0o177)
+        try:
+            try:
+                sock.bind(path)
+            except OSError as e:
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                try:
+                    probe.connect(path)
+                except OSError:
+                    os.unlink(path)  # nobody serves it: stale
+                else:
+                    raise OSError(e.errno, f"a fork server already serves {path}") from None
+                finally:
+                    probe.close()
+                sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Stop(BaseException):
+    pass
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stop(signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse  # noqa: PLC0415 - the server's imports; `start` never runs this
+    import logging  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="supervisor-forkserver",
+        description="Fork pre-imported shim daemons for containerd-shim-supervisor-v2 "
+                    "(its `start` uses this socket when present, else starts shims cold).")
+    parser.add_argument("--socket", default=os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET,
+                        help=f"unix socket to serve (default ${SOCKET_ENV} or {DEFAULT_SOCKET};"
+                             " start reads the same variable)")
+    parser.add_argument("--debug", action="store_true", help="log every step")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
+                        format="supervisor-forkserver: %(levelname)s %(message)s")
+    log = logging.getLogger("supervisor.forkserver")
+    preload(log)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        sock = bind(args.socket)
+    except OSError as e:
+        log.error("cannot serve %s: %s", args.socket, e)
+        return 1
+    bound = os.stat(args.socket)
+    log.info("pid %d serving %s", os.getpid(), args.socket)
+    try:
+        ForkServer(sock, log).serve_forever()
+    except _Stop as e:
+        log.info("stopping on signal %s", e)
+    finally:
+        sock.close()
+        try:
+            now = os.stat(args.socket)
+            if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
+                os.unlink(args.socket)  # only our own: a successor may have bound anew
+        except OSError:
+            pass  # already gone
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

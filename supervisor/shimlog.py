@@ -1,0 +1,55 @@
+"""The shim daemon's logging: records to the bundle's ``log`` FIFO, never blocking.
+
+Kept out of :mod:`supervisor.shim` so that ``start`` and ``delete``, which
+containerd waits for, do not pay for importing :mod:`logging`'s handler
+machinery before they need it; the daemon (cold or forked) imports it in
+``action_serve``.
+
+Invariant: logging never stalls the shim.  When nobody reads the FIFO (say
+containerd is down) and it is full, records are counted and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+class FifoLogHandler(logging.Handler):
+    """Log records to the bundle's ``log`` FIFO without ever blocking.
+
+    containerd reads that FIFO into its own log.  When nobody reads it (say
+    containerd is down) and it is full, records are counted and dropped, so
+    the shim never stalls on its own logging.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode(errors="replace")
+            os.write(self.fd, data)
+        except BlockingIOError:
+            self.dropped += 1
+        except Exception:
+            self.handleError(record)
+
+
+FORMAT = 'time="%(asctime)s" level=%(levelname)s msg="%(message)s" logger=%(name)s'
+
+
+def setup_logging(debug: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    fmt = logging.Formatter(FORMAT)
+    handler: logging.Handler
+    try:
+        handler = FifoLogHandler("log")
+    except OSError:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
