@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+from collections.abc import Iterator
 
+import pytest
 import trio
 
-from supervisor.reaper import Reaper, spawn, zombies
+from supervisor.reaper import PR_SET_CHILD_SUBREAPER, Reaper, spawn, zombies
+
+
+@pytest.fixture(autouse=True)
+def _not_a_subreaper_afterwards() -> Iterator[None]:
+    """The reaper makes this (pytest) process a subreaper; undo it, or the shims later
+    tests start would be re-parented to pytest, which never reaps them."""
+    yield
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 async def test_exit_code_and_signal(nursery: trio.Nursery) -> None:

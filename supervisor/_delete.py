@@ -1,0 +1,113 @@
+"""The ``delete`` action: clean up after a shim that is gone, answer containerd, exit fast.
+
+containerd runs ``SHIM ... -id ID -bundle DIR delete`` on its critical path
+after every task whose shim disconnected (and after a shim was killed).  It
+needs no daemon and no containerd: it force-deletes the runtime's container,
+unmounts the rootfs, removes a socket nobody serves, and writes a protobuf
+``DeleteResponse`` (init pid, status 128+SIGKILL, now) on stdout.
+
+Kept light on purpose -- no trio, no protobuf runtime: the three fields of
+``DeleteResponse`` are encoded by hand (field numbers from containerd's
+``runtime/v2/task/shim.proto``; ``tests/unit/test_delete.py`` checks the bytes
+against the generated class).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from supervisor import mount
+from supervisor.settings import DEFAULT_BINARY, DEFAULT_ROOT, Settings
+
+log = logging.getLogger("supervisor.delete")
+
+SIGKILL_STATUS = 128 + 9
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
+    """``DeleteResponse{pid=1, exit_status=2, exited_at=3 (Timestamp{seconds=1, nanos=2})}``."""
+    seconds, nanos = divmod(exited_at_ns, 1_000_000_000)
+    stamp = b""
+    if seconds:
+        stamp += b"\x08" + _varint(seconds)
+    if nanos:
+        stamp += b"\x10" + _varint(nanos)
+    out = b""
+    if pid:
+        out += b"\x08" + _varint(pid)
+    if exit_status:
+        out += b"\x10" + _varint(exit_status)
+    out += b"\x1a" + _varint(len(stamp)) + stamp
+    return out
+
+
+def _socket_alive(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(0.5)
+    try:
+        s.connect(path)
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
+
+
+def cleanup(namespace: str, container_id: str, bundle: str) -> int:
+    """Do the cleanup; return the init pid (0 if unknown)."""
+    settings = Settings.load(bundle)
+    root = os.path.join(settings.root or DEFAULT_ROOT, namespace)
+    argv = [settings.binary_name or DEFAULT_BINARY, "--root", root,
+            "--log", os.path.join(bundle, "log.json"), "--log-format", "json"]
+    if settings.systemd_cgroup:
+        argv.append("--systemd-cgroup")
+    try:
+        done = subprocess.run([*argv, "delete", "--force", container_id], capture_output=True,
+                              check=False, timeout=60)
+        if done.returncode != 0:
+            log.warning("runtime delete %s: %s", container_id,
+                        done.stderr.decode(errors="replace").strip())
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("runtime delete %s: %s", container_id, e)
+    try:
+        mount.unmount_all(os.path.join(bundle, "rootfs"), detach=True)
+    except OSError as e:
+        log.warning("unmount rootfs of %s: %s", container_id, e)
+    try:
+        with open(os.path.join(bundle, "init.pid"), encoding="ascii") as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        pid = 0
+    try:
+        with open(os.path.join(bundle, "address"), encoding="utf-8") as f:
+            address = f.read().strip()
+        path = address.removeprefix("unix://")
+        if address.startswith("unix://") and os.path.exists(path) and not _socket_alive(path):
+            os.unlink(path)
+    except OSError:
+        pass  # no address file, or the socket went away already: nothing to remove
+    return pid
+
+
+def action_delete(namespace: str, container_id: str, bundle: str) -> int:
+    pid = cleanup(namespace, container_id, bundle)
+    sys.stdout.buffer.write(encode_delete_response(pid, SIGKILL_STATUS, time.time_ns()))
+    sys.stdout.buffer.flush()
+    return 0

@@ -1,0 +1,32 @@
+"""The delete action's hand-encoded DeleteResponse matches the generated class."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from supervisor._delete import encode_delete_response
+from supervisor.api.task.v2 import shim_pb2
+
+
+@pytest.mark.parametrize(
+    ("pid", "status", "ns"),
+    [(0, 0, 0), (1, 137, 1_795_000_000_123_456_789), (4_000_000, 255, 5), (70000, 1, 10**18)],
+)
+def test_matches_protobuf(pid: int, status: int, ns: int) -> None:
+    ours = encode_delete_response(pid, status, ns)
+    parsed = shim_pb2.DeleteResponse.FromString(ours)
+    assert (parsed.pid, parsed.exit_status, parsed.exited_at.ToNanoseconds()) == (pid, status, ns)
+    want = shim_pb2.DeleteResponse(pid=pid, exit_status=status)
+    want.exited_at.FromNanoseconds(ns)
+    assert ours == want.SerializeToString()
+
+
+def test_delete_path_imports_neither_trio_nor_protobuf() -> None:
+    code = ("import sys, supervisor._delete; "
+            "print('trio' in sys.modules, 'google.protobuf' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "False"]
