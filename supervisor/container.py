@@ -46,6 +46,8 @@ log = logging.getLogger("supervisor.container")
 INIT_PID_FILE = "init.pid"
 RUNTIME_LOG = "log.json"
 CLEANUP_TIMEOUT = 30.0
+#: How long output may make no progress before an exit or a delete stops waiting for it.
+DRAIN_TIMEOUT = 2.0
 CONSOLE_TIMEOUT = 30.0
 
 
@@ -365,6 +367,8 @@ class Container:
         process.check("delete")
         process.transition("delete")
         if process.io is not None:
+            # As containerd's shim does: Delete returns once the output was delivered.
+            await process.io.wait_output(DRAIN_TIMEOUT)
             process.io.close()
         self.execs.pop(process.exec_id, None)
 
@@ -382,6 +386,7 @@ class Container:
         self.background.cancel()
         for p in self.all_processes():
             if p.io is not None:
+                await p.io.wait_output(DRAIN_TIMEOUT)
                 p.io.close()
         if self.rootfs:
             try:

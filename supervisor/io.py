@@ -57,6 +57,8 @@ COPY_BUFFER = 256 * 1024
 PIPE_SIZE = 1024 * 1024
 #: Output held for a destination whose reader is away (containerd down), per stream.
 BACKLOG_LIMIT = 64 * 1024 * 1024
+#: A reader that takes nothing for this long while the backlog is full is gone.
+STALL_TIMEOUT = 5.0
 #: How long copies may go on after the process was deleted.
 CLOSE_GRACE = 5.0
 
@@ -141,10 +143,12 @@ class Backlog:
     """Output the destination's reader has not taken yet: a bounded, ordered spool.
 
     Bytes go to an unnamed temporary file in ``directory`` (``O_TMPFILE``: it
-    vanishes with the shim) and leave it in order.  Past ``limit`` bytes held,
-    new output is dropped and counted in :attr:`dropped`, never blocking the
-    process.  Without a usable directory the backlog lives in memory, with the
-    same limit.
+    vanishes with the shim) and leave it in order.  At ``limit`` bytes held, the
+    copy stops reading while the reader makes progress (a slow reader loses
+    nothing); if it takes nothing for :data:`STALL_TIMEOUT` seconds (containerd
+    is down), further output is dropped and counted in :attr:`dropped` rather
+    than blocking the process.  Without a usable directory the backlog lives in
+    memory, with the same limit.
     """
 
     def __init__(self, directory: str, limit: int) -> None:
@@ -159,6 +163,7 @@ class Backlog:
         self._read = 0
         self._write = 0
         self._event = trio.Event()
+        self._progress = trio.Event()
 
     @property
     def held(self) -> int:
@@ -178,13 +183,7 @@ class Backlog:
         return self._fd
 
     def append(self, data: bytes) -> None:
-        room = self.limit - self.held
-        if room <= 0:
-            self.dropped += len(data)
-            return
-        if len(data) > room:
-            self.dropped += len(data) - room
-            data = data[:room]
+        """Hold ``data`` (the copy keeps :attr:`held` near :attr:`limit`; see above)."""
         fd = self._file()
         if fd >= 0:
             try:
@@ -218,6 +217,7 @@ class Backlog:
 
     def consume(self, n: int) -> None:
         self._read += n
+        self._progress.set()
         if self.empty:
             # Caught up: start the spool over.
             self._read = self._write = 0
@@ -231,6 +231,10 @@ class Backlog:
     async def wait(self) -> None:
         await self._event.wait()
         self._event = trio.Event()
+
+    async def wait_progress(self) -> None:
+        await self._progress.wait()
+        self._progress = trio.Event()
 
     def finish(self) -> None:
         self.finished = True
@@ -268,6 +272,9 @@ class ProcessIO:
         self.spool_dir = ""
         self.backlog_limit = BACKLOG_LIMIT
         self.backlogs: dict[str, Backlog] = {}
+        self.delivered = 0  # bytes written to the destinations
+        self._eofs = 0  # output pipes that reached EOF
+        self._outputs_total = 0
         self._copies = trio.CancelScope()
 
     @classmethod
@@ -359,7 +366,7 @@ class ProcessIO:
             for fd in self._child_ends:
                 if fd != devnull:
                     os.fchown(fd, uid, gid)
-        self._outputs_left = len(self._outputs)
+        self._outputs_left = self._outputs_total = len(self._outputs)
         if not self._outputs:
             self._output_done.set()
 
@@ -410,7 +417,20 @@ class ProcessIO:
             os.set_blocking(dest, False)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._drain_backlog, name, backlog, dest)
+                stalled_at = -1  # self.delivered when the reader was found gone
                 while True:
+                    if backlog.held >= backlog.limit and stalled_at != self.delivered:
+                        stalled_at = -1
+                        # A slow reader gets backpressure (nothing is lost); only a
+                        # reader that takes nothing for STALL_TIMEOUT costs output.
+                        mark = self.delivered
+                        with trio.move_on_after(STALL_TIMEOUT):
+                            while backlog.held >= backlog.limit:
+                                await backlog.wait_progress()
+                        if backlog.held >= backlog.limit and self.delivered == mark:
+                            stalled_at = mark
+                            log.warning("%s: nobody reads %s; dropping output past %d bytes",
+                                        name, self.stdio, backlog.limit)
                     try:
                         data = os.read(r, COPY_BUFFER)
                     except BlockingIOError:
@@ -425,7 +445,11 @@ class ProcessIO:
                     if backlog.empty and not backlog.broken:
                         data = self._write_some(name, backlog, dest, data)
                     if data:
-                        backlog.append(data)
+                        if stalled_at == self.delivered:
+                            backlog.dropped += len(data)  # the reader is gone (see above)
+                        else:
+                            backlog.append(data)
+                self._eofs += 1
                 backlog.finish()
         finally:
             os.close(r)
@@ -447,6 +471,7 @@ class ProcessIO:
             backlog.broken = True
             backlog.dropped += len(data)
             return b""
+        self.delivered += n
         return data[n:]
 
     async def _drain_backlog(self, name: str, backlog: Backlog, dest: int) -> None:
@@ -523,14 +548,24 @@ class ProcessIO:
             self._stdin_fifo = self._stdin_w = -1
 
     async def wait_output(self, timeout: float | None = None) -> bool:
-        """Wait until every output stream reached EOF; False if ``timeout`` ran out."""
+        """Wait until every output stream was delivered to its end.
+
+        With ``timeout``: give up (False) once ``timeout`` seconds pass without
+        the streams finishing -- unless the process's pipes all reached EOF and
+        the backlog is still being delivered, in which case waiting goes on for
+        as long as each ``timeout`` period makes progress.  (A pipe without EOF
+        means a child of the process still holds it: that is not waited for.)
+        """
         if timeout is None:
             await self._output_done.wait()
             return True
-        with trio.move_on_after(timeout):
-            await self._output_done.wait()
-            return True
-        return False
+        while True:
+            mark = self.delivered
+            with trio.move_on_after(timeout):
+                await self._output_done.wait()
+                return True
+            if self._eofs < self._outputs_total or self.delivered == mark:
+                return False
 
     def close(self) -> None:
         """Release every fd not owned by a running copy (idempotent)."""

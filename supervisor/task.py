@@ -40,7 +40,7 @@ from supervisor.api.events import task_pb2 as ev
 from supervisor.api.runc import options_pb2
 from supervisor.api.task.v2 import shim_pb2 as api
 from supervisor.api.types import task_pb2 as types
-from supervisor.container import Container
+from supervisor.container import DRAIN_TIMEOUT, Container
 from supervisor.events import Outbox
 from supervisor.io import Stdio
 from supervisor.mount import MountSpec
@@ -53,7 +53,6 @@ from supervisor.ttrpc import CallContext, Code, RPCError
 log = logging.getLogger("supervisor.task")
 
 SERVICE = "containerd.task.v2.Task"
-DRAIN_TIMEOUT = 2.0
 
 Req = TypeVar("Req", bound=Message)
 
@@ -214,7 +213,7 @@ class TaskService:
 
     async def _finish_exit(self, container: Container, process: Process, exit_: Exit) -> None:
         if process.io is not None and not await process.io.wait_output(DRAIN_TIMEOUT):
-            log.info("%s exited but its output is still open after %.1fs; reporting the exit",
+            log.info("%s exited but its output did not finish within %.1fs; reporting the exit",
                      process.describe(), DRAIN_TIMEOUT)
         if process.is_init:
             self._report_oom(container)

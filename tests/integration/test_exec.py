@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 from harness import IMAGE_PATH_ENV, Containerd, shims_for, wait_for, zombies_of
@@ -82,3 +83,24 @@ def test_100mb_of_output_every_byte(containerd: Containerd, busybox_rootfs: Path
         bad += len(chunk) - chunk.count(b"a")
     assert proc.wait(timeout=120) == 0
     assert (total, bad) == (104857600, 0)
+
+
+def test_slow_reader_loses_nothing(containerd: Containerd, busybox_rootfs: Path) -> None:
+    """The reader is slower than the container: backpressure, not loss (and the exit and
+    Delete wait while the output is still being delivered)."""
+    c = containerd
+    size = 96 * 1024 * 1024  # more than the 64 MiB backlog
+    argv = c.ctr_argv("run", "--rm", "--runtime", c.runtime, "--fifo-dir", str(c.fifo_dir),
+                      "--env", IMAGE_PATH_ENV, "--rootfs", str(busybox_rootfs), "slow",
+                      "sh", "-c", f"head -c {size} /dev/zero | tr '\\000' 'b'")
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    total = bad = 0
+    start = time.monotonic()
+    while chunk := proc.stdout.read(1 << 20):
+        total += len(chunk)
+        bad += len(chunk) - chunk.count(b"b")
+        if time.monotonic() - start < 4:
+            time.sleep(0.05)  # ~20 MB/s for a while: far slower than the writer
+    assert proc.wait(timeout=180) == 0
+    assert (total, bad) == (size, 0)
