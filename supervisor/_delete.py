@@ -70,6 +70,18 @@ def _socket_alive(path: str) -> bool:
     return True
 
 
+def _force_delete(argv: list[str], container_id: str) -> None:
+    try:
+        done = subprocess.run([*argv, "delete", "--force", container_id], capture_output=True,
+                              check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("runtime delete %s: %s", container_id, e)
+        return
+    if done.returncode != 0:
+        log.warning("runtime delete %s: %s", container_id,
+                    done.stderr.decode(errors="replace").strip())
+
+
 def cleanup(namespace: str, container_id: str, bundle: str) -> int:
     """Do the cleanup; return the init pid (0 if unknown)."""
     settings = Settings.load(bundle)
@@ -78,14 +90,10 @@ def cleanup(namespace: str, container_id: str, bundle: str) -> int:
             "--log", os.path.join(bundle, "log.json"), "--log-format", "json"]
     if settings.systemd_cgroup:
         argv.append("--systemd-cgroup")
-    try:
-        done = subprocess.run([*argv, "delete", "--force", container_id], capture_output=True,
-                              check=False, timeout=60)
-        if done.returncode != 0:
-            log.warning("runtime delete %s: %s", container_id,
-                        done.stderr.decode(errors="replace").strip())
-    except (OSError, subprocess.TimeoutExpired) as e:
-        log.warning("runtime delete %s: %s", container_id, e)
+    # runc and crun keep a container's state in <root>/<id>: without it there is nothing
+    # to force-delete (the usual case: the shim deleted it before it exited).
+    if os.path.exists(os.path.join(root, container_id)):
+        _force_delete(argv, container_id)
     try:
         mount.unmount_all(os.path.join(bundle, "rootfs"), detach=True)
     except OSError as e:
