@@ -6,25 +6,27 @@ needs no daemon and no containerd: it force-deletes the runtime's container,
 unmounts the rootfs, removes a socket nobody serves, and writes a protobuf
 ``DeleteResponse`` (init pid, status 128+SIGKILL, now) on stdout.
 
-Kept light on purpose -- no trio, no protobuf runtime: the three fields of
-``DeleteResponse`` are encoded by hand (field numbers from containerd's
-``runtime/v2/task/shim.proto``; ``tests/unit/test_delete.py`` checks the bytes
-against the generated class).
+Kept light on purpose (it runs once per task, and containerd waits for it):
+no trio, no protobuf runtime -- the three fields of ``DeleteResponse`` are
+encoded by hand (field numbers from containerd's ``runtime/v2/task/shim.proto``;
+``tests/unit/test_delete.py`` checks the bytes against the generated class) --
+no logging package (warnings go to stderr, which containerd logs), and the
+runtime, mount and socket modules are imported only when there is work for
+them (usually there is none: the shim cleaned up before it exited).
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
-from supervisor import mount
-from supervisor.settings import DEFAULT_BINARY, DEFAULT_ROOT, Settings
+from supervisor.defaults import DEFAULT_BINARY, DEFAULT_ROOT, SETTINGS_FILE
 
-log = logging.getLogger("supervisor.delete")
+
+def warn(message: str) -> None:
+    sys.stderr.write(f"containerd-shim-supervisor-v2 delete: {message}\n")
 
 SIGKILL_STATUS = 128 + 9
 
@@ -59,6 +61,8 @@ def encode_delete_response(pid: int, exit_status: int, exited_at_ns: int) -> byt
 
 
 def _socket_alive(path: str) -> bool:
+    import socket
+
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(0.5)
     try:
@@ -70,34 +74,55 @@ def _socket_alive(path: str) -> bool:
     return True
 
 
+def _mounted(path: str) -> bool:
+    """Whether anything is mounted on ``path`` (mountinfo escapes spaces as \\040)."""
+    target = os.path.realpath(path).replace(" ", "\\040")
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            return any(line.split(" ", 5)[4] == target for line in f if line.count(" ") > 4)
+    except OSError:
+        return True  # cannot tell: let unmount_all find out
+
+
 def _force_delete(argv: list[str], container_id: str) -> None:
+    import subprocess
+
     try:
         done = subprocess.run([*argv, "delete", "--force", container_id], capture_output=True,
                               check=False, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
-        log.warning("runtime delete %s: %s", container_id, e)
+        warn(f"runtime delete {container_id}: {e}")
         return
     if done.returncode != 0:
-        log.warning("runtime delete %s: %s", container_id,
-                    done.stderr.decode(errors="replace").strip())
+        warn(f"runtime delete {container_id}: {done.stderr.decode(errors='replace').strip()}")
 
 
 def cleanup(namespace: str, container_id: str, bundle: str) -> int:
     """Do the cleanup; return the init pid (0 if unknown)."""
-    settings = Settings.load(bundle)
-    root = os.path.join(settings.root or DEFAULT_ROOT, namespace)
-    argv = [settings.binary_name or DEFAULT_BINARY, "--root", root,
+    try:
+        with open(os.path.join(bundle, SETTINGS_FILE), encoding="utf-8") as f:
+            settings = json.load(f)
+        if not isinstance(settings, dict):
+            settings = {}
+    except (OSError, ValueError):
+        settings = {}
+    root = os.path.join(settings.get("root") or DEFAULT_ROOT, namespace)
+    argv = [settings.get("binary_name") or DEFAULT_BINARY, "--root", root,
             "--log", os.path.join(bundle, "log.json"), "--log-format", "json"]
-    if settings.systemd_cgroup:
+    if settings.get("systemd_cgroup"):
         argv.append("--systemd-cgroup")
     # runc and crun keep a container's state in <root>/<id>: without it there is nothing
     # to force-delete (the usual case: the shim deleted it before it exited).
     if os.path.exists(os.path.join(root, container_id)):
         _force_delete(argv, container_id)
-    try:
-        mount.unmount_all(os.path.join(bundle, "rootfs"), detach=True)
-    except OSError as e:
-        log.warning("unmount rootfs of %s: %s", container_id, e)
+    rootfs = os.path.join(bundle, "rootfs")
+    if _mounted(rootfs):
+        from supervisor import mount
+
+        try:
+            mount.unmount_all(rootfs, detach=True)
+        except OSError as e:
+            warn(f"unmount rootfs of {container_id}: {e}")
     try:
         with open(os.path.join(bundle, "init.pid"), encoding="ascii") as f:
             pid = int(f.read().strip() or 0)

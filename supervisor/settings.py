@@ -11,10 +11,10 @@ import json
 import os
 from dataclasses import dataclass
 
-DEFAULT_BINARY = "runc"
-DEFAULT_ROOT = "/run/containerd/runc"
+from supervisor.defaults import DEFAULT_BINARY, DEFAULT_ROOT, SETTINGS_FILE
 
-SETTINGS_FILE = "supervisor-options.json"
+__all__ = ["DEFAULT_BINARY", "DEFAULT_ROOT", "SETTINGS_FILE", "Settings"]
+
 
 
 @dataclass

@@ -1,0 +1,8 @@
+"""Defaults shared by the daemon and the light ``start``/``delete`` actions (no imports)."""
+
+#: The OCI runtime when the options name none (looked up on PATH).
+DEFAULT_BINARY = "runc"
+#: Its state root; the namespace is appended, as containerd's runc shim does.
+DEFAULT_ROOT = "/run/containerd/runc"
+#: The shim's settings, kept in the bundle for ``delete`` after the shim is gone.
+SETTINGS_FILE = "supervisor-options.json"
