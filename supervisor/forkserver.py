@@ -59,13 +59,14 @@ Invariants
 
 from __future__ import annotations
 
+import _socket
 import os
-import socket
 import sys
 
 TYPE_CHECKING = False  # not typing's: importing typing costs `start` ~2 ms
 if TYPE_CHECKING:
     import logging
+    import socket
     from collections.abc import Mapping, Sequence
     from typing import Any
 
@@ -86,6 +87,30 @@ STATUS_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd",
 PRELOAD = ("supervisor.daemon", "supervisor.shim", "supervisor.shimlog", "supervisor.options",
            "encodings.ascii", "ctypes", "fcntl", "resource", "select", "struct", "msgpack")
 EXIT_SETUP_FAILED = 121
+
+
+# --------------------------------------------------------------------------- fd passing
+# ``socket.send_fds``/``recv_fds`` over the builtin ``_socket``: importing the
+# ``socket`` module (enum, selectors) would cost ``start`` ~9 ms.
+
+_INT = 4  # sizeof(int): SCM_RIGHTS carries C ints
+
+
+def send_fds(sock: _socket.socket, buffers: list[bytes], fds: list[int]) -> int:
+    data = b"".join(fd.to_bytes(_INT, sys.byteorder, signed=True) for fd in fds)
+    return sock.sendmsg(buffers, [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, data)] if fds else [])
+
+
+def recv_fds(sock: _socket.socket, bufsize: int, maxfds: int
+             ) -> tuple[bytes, list[int], int, object]:
+    msg, ancdata, flags, address = sock.recvmsg(bufsize, _socket.CMSG_LEN(maxfds * _INT))
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % _INT
+            fds += [int.from_bytes(data[i:i + _INT], sys.byteorder, signed=True)
+                    for i in range(0, usable, _INT)]
+    return msg, fds, flags, address
 
 
 class ForkServerError(Exception):
@@ -274,18 +299,18 @@ def request_shim(path: str, request: Request, listener_fd: int,
             raise TimeoutError(f"no answer within {timeout:g} s")
         return remaining
 
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     fds: list[int] = []
     try:
         conn.settimeout(left())
         conn.connect(path)
         conn.settimeout(left())
-        socket.send_fds(conn, [msgpack.packb(request.to_wire())], [listener_fd])
+        send_fds(conn, [msgpack.packb(request.to_wire())], [listener_fd])
         conn.settimeout(left())
-        data, fds, flags, _ = socket.recv_fds(conn, MAX_MESSAGE, 1)
+        data, fds, flags, _ = recv_fds(conn, MAX_MESSAGE, 1)
         if not data:
             raise ForkServerError("the fork server closed the connection")
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        if flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
             raise ForkServerError("answer truncated")
         try:
             answer = msgpack.unpackb(data)
@@ -425,7 +450,7 @@ def _report_error(fd: int, e: BaseException) -> None:
 
 
 def _become_shim(request: Request, listener_fd: int, status_fd: int, go_fd: int, *,
-                 server_sockets: Sequence[socket.socket], native: Native) -> None:
+                 server_sockets: Sequence[_socket.socket], native: Native) -> None:
     """The grandchild: set up like a cold shim, report, wait for go, serve, exit."""
     import logging  # noqa: PLC0415 - all loaded in the server
     import resource  # noqa: PLC0415
@@ -498,26 +523,26 @@ class ForkServer:
             finally:
                 conn.close()
 
-    def handle(self, conn: socket.socket) -> None:
+    def handle(self, conn: _socket.socket) -> None:
         import struct  # noqa: PLC0415 - server only; loaded
 
         import msgpack  # noqa: PLC0415
 
         conn.settimeout(REQUEST_TIMEOUT)
         peer_pid, peer_uid, _ = struct.unpack(
-            "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            "3i", conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i")))
         fds: list[int] = []
         intermediate = 0
         try:
             try:
                 try:  # read it even to refuse it: a close with unread data resets the peer
-                    data, fds, flags, _ = socket.recv_fds(conn, MAX_MESSAGE, 1)
+                    data, fds, flags, _ = recv_fds(conn, MAX_MESSAGE, 1)
                 except OSError as e:  # a timeout, or the client went away
                     raise ForkServerError(f"reading the request: {e or type(e).__name__}"
                                           ) from None
                 if peer_uid != os.geteuid():
                     raise ForkServerError(f"uid {peer_uid} may not use this fork server")
-                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                if flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
                     raise ForkServerError("request too large or with too many fds")
                 if not data:
                     raise ForkServerError("empty request")
@@ -552,15 +577,15 @@ class ForkServer:
             if intermediate:
                 os.waitpid(intermediate, 0)  # after the answer: its exit is not on the path
 
-    def reply(self, conn: socket.socket, answer: dict[str, Any], fd: int | None = None) -> None:
+    def reply(self, conn: _socket.socket, answer: dict[str, Any], fd: int | None = None) -> None:
         import msgpack  # noqa: PLC0415 - server only; loaded
 
         try:
-            socket.send_fds(conn, [msgpack.packb(answer)], [] if fd is None else [fd])
+            send_fds(conn, [msgpack.packb(answer)], [] if fd is None else [fd])
         except OSError as e:
             self.log.warning("could not answer %r: %s", answer, e)
 
-    def fork_shim(self, request: Request, listener_fd: int, conn: socket.socket
+    def fork_shim(self, request: Request, listener_fd: int, conn: _socket.socket
                   ) -> tuple[int, int, int]:
         """Fork the shim via an intermediate child: (status pipe, go pipe, intermediate pid).
 
@@ -617,13 +642,13 @@ def check_listener(fd: int) -> None:
     """``fd`` must be a listening unix stream socket (what ``start`` binds)."""
     copy = os.dup(fd)
     try:
-        sock = socket.socket(fileno=copy)
+        sock = _socket.socket(fileno=copy)
     except OSError as e:
         os.close(copy)
         raise ForkServerError(f"the fd is not a socket: {e}") from None
     try:
-        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
+        listening = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ACCEPTCONN)
+        if sock.family != _socket.AF_UNIX or sock.type != _socket.SOCK_STREAM or not listening:
             raise ForkServerError("the fd is not a listening unix stream socket")
     finally:
         sock.close()
@@ -643,15 +668,17 @@ def preload(log: logging.Logger) -> None:
 
 def bind(path: str) -> socket.socket:
     """The server's socket at ``path``, 0600; a stale socket is replaced, a live one is not."""
+    import socket  # noqa: PLC0415 - the server's own socket (accept); start never binds
+
     os.makedirs(os.path.dirname(path) or ".", mode=0o711, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock = socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
         old_umask = os.umask(0o177)
         try:
             try:
                 sock.bind(path)
             except OSError as e:
-                probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
                 try:
                     probe.connect(path)
                 except OSError:

@@ -39,9 +39,9 @@ the daemon
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
-import socket
 import sys
 import time
 
@@ -175,7 +175,7 @@ def group_of(container_id: str, bundle: str) -> str:
 
 
 def can_connect(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     s.settimeout(0.5)
     try:
         s.connect(path)
@@ -186,10 +186,10 @@ def can_connect(path: str) -> bool:
     return True
 
 
-def new_listener(path: str) -> socket.socket:
+def new_listener(path: str) -> _socket.socket:
     if not path.startswith("\0"):
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         s.bind(path)
         if not path.startswith("\0"):
@@ -308,7 +308,7 @@ def note(level: str, message: str) -> None:
         os.close(fd)
 
 
-def start_daemon(flags: Flags, listener: socket.socket) -> tuple[int, bool]:
+def start_daemon(flags: Flags, listener: _socket.socket) -> tuple[int, bool]:
     """Start the daemon serving ``listener``: (its pid, whether the fork server forked it).
 
     The fork server is asked when its socket exists; on any failure no forked
@@ -397,6 +397,8 @@ def action_serve(flags: Flags) -> int:
 
     setup_logging(flags.debug)
     log = logging.getLogger("supervisor.shim")
+    import socket
+
     from supervisor.daemon import serve
 
     try:
