@@ -173,8 +173,13 @@ def test_stdout_not_blocked_during_60s_outage_and_log_complete(cri: CriEnv) -> N
     log_path = pod.log_dir / "writer.log"
 
     def counter() -> int:
-        text = (vol / "counter").read_text() if (vol / "counter").exists() else ""
-        return int(text) if text.strip() else 0
+        # `echo $i > counter` truncates before it writes: an empty read is mid-rewrite.
+        for _ in range(100):
+            text = (vol / "counter").read_text() if (vol / "counter").exists() else ""
+            if text.strip():
+                return int(text)
+            time.sleep(0.005)
+        return 0
 
     wait_for(lambda: counter() > 100, 15, message="the writer to start")
     d.kill9()
