@@ -60,20 +60,6 @@ def encode_delete_response(pid: int, exit_status: int, exited_at_ns: int) -> byt
     return out
 
 
-def _socket_alive(path: str) -> bool:
-    import socket
-
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(0.5)
-    try:
-        s.connect(path)
-    except OSError:
-        return False
-    finally:
-        s.close()
-    return True
-
-
 def _mounted(path: str) -> bool:
     """Whether anything is mounted on ``path`` (mountinfo escapes spaces as \\040)."""
     target = os.path.realpath(path).replace(" ", "\\040")
@@ -132,8 +118,11 @@ def cleanup(namespace: str, container_id: str, bundle: str) -> int:
         with open(os.path.join(bundle, "address"), encoding="utf-8") as f:
             address = f.read().strip()
         path = address.removeprefix("unix://")
-        if address.startswith("unix://") and os.path.exists(path) and not _socket_alive(path):
-            os.unlink(path)
+        if address.startswith("unix://") and os.path.exists(path):
+            from supervisor.shim import can_connect
+
+            if not can_connect(path):
+                os.unlink(path)
     except OSError:
         pass  # no address file, or the socket went away already: nothing to remove
     return pid

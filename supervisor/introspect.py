@@ -48,7 +48,8 @@ import psutil
 import trio
 from google.protobuf.message import DecodeError, Message
 
-from supervisor import __version__
+from supervisor import __version__, _unary
+from supervisor._unary import Handler
 from supervisor.api import typeurls
 from supervisor.api.introspect import introspect_pb2 as pb
 from supervisor.console import Console
@@ -57,7 +58,7 @@ from supervisor.io import ProcessIO
 from supervisor.process import Process
 from supervisor.reaper import Reaper, spawn
 from supervisor.runtime import DEFAULT_BINARY
-from supervisor.ttrpc import CallContext, Code, RPCError
+from supervisor.ttrpc import Code, RPCError
 
 __all__ = [
     "SERVICE",
@@ -336,30 +337,13 @@ class IntrospectService:
         self._versions = _VersionCache(version_probe or default_probe)
         self._me = psutil.Process()
 
-    def handlers(self) -> dict[str, Callable[[CallContext, bytes], Awaitable[bytes]]]:
+    def handlers(self) -> dict[str, Handler]:
         table: list[tuple[str, type[Message], Callable[[Any], Awaitable[Message]]]] = [
             ("Shim", pb.ShimRequest, self.shim),
             ("Containers", pb.ContainersRequest, self.containers),
             ("Events", pb.EventsRequest, self.events),
         ]
-        return {name: self._unary(name, cls, fn) for name, cls, fn in table}
-
-    def _unary(
-        self, name: str, cls: type[Message], fn: Callable[[Any], Awaitable[Message]]
-    ) -> Callable[[CallContext, bytes], Awaitable[bytes]]:
-        async def handler(ctx: CallContext, payload: bytes) -> bytes:
-            try:
-                request = cls()
-                request.ParseFromString(payload)
-                response = await fn(request)
-            except Exception as e:
-                status = status_of(e)
-                if status.code is Code.INTERNAL:
-                    log.exception("Introspect/%s failed", name)
-                raise status from e
-            return response.SerializeToString()
-
-        return handler
+        return _unary.handlers(SERVICE, table, status_of=status_of, log=log)
 
     # --- rpcs -------------------------------------------------------------
 

@@ -34,7 +34,8 @@ import trio
 from google.protobuf import empty_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 
-from supervisor import errors, metrics
+from supervisor import _unary, errors, metrics
+from supervisor._unary import Handler
 from supervisor.api import typeurls
 from supervisor.api.events import task_pb2 as ev
 from supervisor.api.runc import options_pb2
@@ -48,7 +49,7 @@ from supervisor.options import decode as decode_options
 from supervisor.process import Process, State
 from supervisor.reaper import Exit, Reaper
 from supervisor.runtime import OCIRuntimeError
-from supervisor.ttrpc import CallContext, Code, RPCError
+from supervisor.ttrpc import Code, RPCError
 
 log = logging.getLogger("supervisor.task")
 
@@ -120,7 +121,7 @@ class TaskService:
 
     # --- plumbing -------------------------------------------------------
 
-    def handlers(self) -> dict[str, Callable[[CallContext, bytes], Awaitable[bytes]]]:
+    def handlers(self) -> dict[str, Handler]:
         table: list[tuple[str, type[Message], Callable[[Any], Awaitable[Message]]]] = [
             ("State", api.StateRequest, self.state),
             ("Create", api.CreateTaskRequest, self.create),
@@ -140,26 +141,8 @@ class TaskService:
             ("Connect", api.ConnectRequest, self.connect),
             ("Shutdown", api.ShutdownRequest, self.shutdown),
         ]
-        return {name: self._unary(name, cls, fn) for name, cls, fn in table}
-
-    def _unary(
-        self, name: str, cls: type[Message], fn: Callable[[Any], Awaitable[Message]]
-    ) -> Callable[[CallContext, bytes], Awaitable[bytes]]:
-        async def handler(ctx: CallContext, payload: bytes) -> bytes:
-            try:
-                request = cls()
-                request.ParseFromString(payload)
-                response = await fn(request)
-            except Exception as e:
-                status = status_of(e)
-                if status.code is Code.UNKNOWN and not isinstance(e, OCIRuntimeError):
-                    log.exception("%s failed", name)
-                else:
-                    log.debug("%s: %s", name, status)
-                raise status from e
-            return response.SerializeToString()
-
-        return handler
+        return _unary.handlers(SERVICE, table, status_of=status_of, log=log,
+                               expected=(OCIRuntimeError,))
 
     async def _container(self, container_id: str) -> Container:
         """The container, once its Create has finished (as if Create held a lock)."""
