@@ -91,6 +91,20 @@ def status_of(exc: BaseException) -> RPCError:
     return RPCError(Code.UNKNOWN, f"{type(exc).__name__}: {exc}")
 
 
+_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+           "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR,
+           "fatal": logging.CRITICAL, "panic": logging.CRITICAL}
+
+
+def apply_log_level(name: str) -> None:
+    """The settings file's ``LogLevel`` (containerd's names) for the whole shim."""
+    level = _LEVELS.get(name.lower())
+    if level is None:
+        raise errors.InvalidArgument(
+            f"unknown LogLevel {name!r} (one of {', '.join(sorted(_LEVELS))})")
+    logging.getLogger().setLevel(level)
+
+
 def timestamp(ns: int) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(ns)
@@ -238,6 +252,8 @@ class TaskService:
         if r.checkpoint or r.parent_checkpoint:
             raise errors.Unimplemented("restoring from a checkpoint is not supported")
         settings = decode_options(r.options if r.HasField("options") else None)
+        if settings.log_level:
+            apply_log_level(settings.log_level)
         container = Container(
             r.id,
             r.bundle,

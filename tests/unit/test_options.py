@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from supervisor.api import runtimeoptions_pb2, typeurls
 from supervisor.api.runc import options_pb2, runctypes_pb2
 from supervisor.errors import InvalidArgument
 from supervisor.options import Settings, decode, decode_bytes, load_toml
+from supervisor.task import apply_log_level
 
 
 def test_none_and_empty() -> None:
@@ -105,3 +107,17 @@ def test_settings_round_trip_through_bundle(tmp_path: Path) -> None:
     s.save(str(tmp_path))
     assert Settings.load(str(tmp_path)) == s
     assert Settings.load(str(tmp_path / "missing")) == Settings()
+
+
+def test_log_level_names() -> None:
+    root = logging.getLogger()
+    before = root.level
+    try:
+        apply_log_level("Warn")
+        assert root.level == logging.WARNING
+        apply_log_level("debug")
+        assert root.level == logging.DEBUG
+        with pytest.raises(InvalidArgument, match="unknown LogLevel 'loud'"):
+            apply_log_level("loud")
+    finally:
+        root.setLevel(before)
