@@ -278,3 +278,14 @@ def test_log_write_error_never_blocks(containerd: Containerd, busybox_rootfs: Pa
                        rm=True, options=["--log-uri", "file:///dev/full"], check=False,
                        timeout=60)
     assert r.returncode == 6
+
+
+def test_missing_runtime_binary_is_a_clear_error(containerd: Containerd, busybox_rootfs: Path,
+                                                 tmp_path: Path) -> None:
+    cfg = tmp_path / "shim.toml"
+    cfg.write_text('BinaryName = "/no/such/runc"\n')
+    r = containerd.run("nort", "true", rootfs=busybox_rootfs, rm=True, check=False,
+                       options=["--runtime-config-path", str(cfg)])
+    assert r.returncode != 0
+    assert "/no/such/runc" in r.stderr and "No such file" in r.stderr, r.stderr
+    wait_for(lambda: shim_gone(containerd), 15, message="no shim left")
