@@ -245,3 +245,18 @@ async def test_output_never_blocks_without_a_reader(shim: ShimDriver, tmp_path: 
         assert lines == [f"line {i}" for i in range(1, 200001)]
     finally:
         talker.cleanup()
+
+
+async def test_garbage_on_the_socket_costs_only_that_connection(shim: ShimDriver) -> None:
+    shim.start()
+    await shim.connect()
+    await shim.create()
+    for junk in (b"\xff" * 64, b"\x00\x00\x00\x05\x00\x00\x00\x01\x01", b"GET / HTTP/1.1\r\n\r\n"):
+        raw = await trio.open_unix_socket(shim.socket)
+        await raw.send_all(junk)
+        with trio.move_on_after(2):
+            await raw.receive_some(1024)  # the shim closes it (or answers an error)
+        await raw.aclose()
+    state = await shim.call("State", api.StateRequest(id="c1"), api.StateResponse)
+    assert state.status == types.CREATED
+    assert shim.pid() > 0
