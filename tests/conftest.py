@@ -1,8 +1,20 @@
-"""Suite-wide options: ``--long`` runs the long chaos and soak forms."""
+"""Suite-wide: ``--long`` runs the long chaos and soak forms; each test's phase reports are
+kept on the item, so fixtures can tell whether their test failed (:func:`test_failed`)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+
+REPORT_ATTR = "_sv_rep_"
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    rep = yield
+    setattr(item, REPORT_ATTR + rep.when, rep)
+    return rep
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

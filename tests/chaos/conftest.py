@@ -11,15 +11,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-from harness import Containerd, build_busybox_rootfs, missing_requirements
+from harness import Containerd, build_busybox_rootfs, mark_real_containerd_tests
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    missing = missing_requirements()
-    for item in items:
-        item.add_marker(pytest.mark.integration)
-        if missing:
-            item.add_marker(pytest.mark.skip(reason="needs " + ", ".join(missing)))
+    mark_real_containerd_tests(items, Path(__file__).resolve().parent)
 
 
 @pytest.fixture

@@ -21,13 +21,18 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-from harness import OciImageTar, build_busybox_rootfs, missing_requirements, wait_for
+from harness import (
+    OciImageTar,
+    build_busybox_rootfs,
+    mark_real_containerd_tests,
+    test_failed,
+    wait_for,
+)
 
 from cri_harness import (
     BUSYBOX_REF,
@@ -41,25 +46,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    why = missing_requirements()
-    for item in items:
-        if not Path(item.path).resolve().is_relative_to(HERE):
-            continue
-        item.add_marker(pytest.mark.integration)
-        if why:
-            item.add_marker(pytest.mark.skip(reason="real containerd: " + ", ".join(why)))
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    rep = yield
-    setattr(item, "_cri_rep_" + rep.when, rep)
-    return rep
-
-
-def _failed(node: pytest.Item) -> bool:
-    return any(getattr(getattr(node, "_cri_rep_" + when, None), "failed", False)
-               for when in ("setup", "call"))
+    mark_real_containerd_tests(items, HERE)
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +74,7 @@ def cri(
                  message="CRI to see the imported images")
         yield env
     finally:
-        if _failed(request.node):
+        if test_failed(request.node):
             keep = tmp_path_factory.getbasetemp() / "containerd-logs"
             keep.mkdir(exist_ok=True)
             dest = keep / (re.sub(r"[^\w.-]+", "_", request.node.nodeid)[-150:] + ".log")

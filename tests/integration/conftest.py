@@ -37,41 +37,21 @@ from harness import (
     copy_rootfs,
     default_runtime,
     find_busybox,
-    missing_requirements,
+    mark_real_containerd_tests,
+    test_failed,
 )
 
 HERE = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    why = missing_requirements()
-    for item in items:
-        if not Path(item.path).resolve().is_relative_to(HERE):
-            continue
-        item.add_marker(pytest.mark.integration)
-        if why:
-            item.add_marker(pytest.mark.skip(reason="real containerd: " + ", ".join(why)))
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    # Remember each phase's report so fixtures can tell whether the test failed.
-    rep = yield
-    setattr(item, "_sv_rep_" + rep.when, rep)
-    return rep
-
-
-def _failed(node: pytest.Item) -> bool:
-    return any(
-        getattr(getattr(node, "_sv_rep_" + when, None), "failed", False)
-        for when in ("setup", "call")
-    )
+    mark_real_containerd_tests(items, HERE)
 
 
 def _keep_log(
     request: pytest.FixtureRequest, factory: pytest.TempPathFactory, c: Containerd
 ) -> None:
-    if not _failed(request.node):
+    if not test_failed(request.node):
         return
     keep = factory.getbasetemp() / "containerd-logs"
     keep.mkdir(exist_ok=True)

@@ -38,7 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import psutil
 
@@ -112,6 +112,29 @@ def missing_requirements() -> list[str]:
         if shutil.which(tool, path=_search_path()) is None:
             why.append(f"{tool} not installed")
     return why
+
+
+def mark_real_containerd_tests(items: Iterable[Any], here: Path) -> None:
+    """In a conftest's collection hook: the tests below ``here`` are ``integration`` and are
+    skipped, with the reason, where the real containerd cannot run."""
+    import pytest  # noqa: PLC0415 - harness.py is also used outside pytest
+
+    why = missing_requirements()
+    for item in items:
+        if not Path(item.path).resolve().is_relative_to(here):
+            continue
+        item.add_marker(pytest.mark.integration)
+        if why:
+            item.add_marker(pytest.mark.skip(reason="real containerd: " + ", ".join(why)))
+
+
+def test_failed(node: Any) -> bool:
+    """Whether a test's setup or call failed (reports kept by tests/conftest.py)."""
+    return any(getattr(getattr(node, "_sv_rep_" + when, None), "failed", False)
+               for when in ("setup", "call"))
+
+
+test_failed.__test__ = False  # type: ignore[attr-defined]  # not a test: pytest, keep off
 
 
 def _search_path() -> str:
