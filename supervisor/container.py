@@ -59,6 +59,13 @@ class Started:
     early_exit: Exit | None
 
 
+def work_dir(bundle: str) -> str:
+    """containerd's persistent work directory for the bundle (the ``work`` link it
+    makes), or the bundle itself where there is none."""
+    work = os.path.join(bundle, "work")
+    return work if os.path.isdir(work) else bundle
+
+
 def kill_error(err: OCIRuntimeError) -> Exception:
     """Turn the runtime's answer to ``kill`` into what containerd expects."""
     text = str(err).lower()
@@ -108,9 +115,7 @@ class Container:
 
     @property
     def work_dir(self) -> str:
-        """containerd's persistent work directory for the bundle (or the bundle)."""
-        work = os.path.join(self.bundle, "work")
-        return work if os.path.isdir(work) else self.bundle
+        return work_dir(self.bundle)
 
     # --- lookup ---------------------------------------------------------
 

@@ -25,6 +25,7 @@ import trio
 
 from supervisor import introspect, ttrpc
 from supervisor.api.events import ttrpc_pb2 as events_api
+from supervisor.container import work_dir
 from supervisor.events import Event, Outbox, Spool
 from supervisor.reaper import Reaper
 from supervisor.task import SERVICE, TaskService
@@ -77,8 +78,7 @@ class ContainerdEvents:
 
 def spool_path(bundle: str) -> str:
     """The event spool: in the bundle's work directory when containerd made one."""
-    work = os.path.join(bundle, "work")
-    return os.path.join(work if os.path.isdir(work) else bundle, SPOOL_FILE)
+    return os.path.join(work_dir(bundle), SPOOL_FILE)
 
 
 async def _serve(listener: socket.socket, namespace: str, ttrpc_address: str, bundle: str
