@@ -22,6 +22,7 @@ import os
 import sys
 import time
 
+from supervisor._pbwire import field_bytes, field_varint
 from supervisor.defaults import DEFAULT_BINARY, DEFAULT_ROOT, SETTINGS_FILE
 
 
@@ -31,33 +32,12 @@ def warn(message: str) -> None:
 SIGKILL_STATUS = 128 + 9
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def encode_delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
     """``DeleteResponse{pid=1, exit_status=2, exited_at=3 (Timestamp{seconds=1, nanos=2})}``."""
     seconds, nanos = divmod(exited_at_ns, 1_000_000_000)
-    stamp = b""
-    if seconds:
-        stamp += b"\x08" + _varint(seconds)
-    if nanos:
-        stamp += b"\x10" + _varint(nanos)
-    out = b""
-    if pid:
-        out += b"\x08" + _varint(pid)
-    if exit_status:
-        out += b"\x10" + _varint(exit_status)
-    out += b"\x1a" + _varint(len(stamp)) + stamp
-    return out
+    stamp = field_varint(1, seconds) + field_varint(2, nanos)
+    return (field_varint(1, pid) + field_varint(2, exit_status)
+            + field_bytes(3, stamp, always=True))
 
 
 def _mounted(path: str) -> bool:

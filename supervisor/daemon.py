@@ -11,12 +11,16 @@
         └── Server.serve           ttrpc on the socket containerd connects to
 
 The shim ends when the Task service asks for it (``Shutdown`` with no
-container left): it stops accepting, lets in-flight calls finish, gives the
-outbox a bounded time to deliver what is pending, removes its socket and exits.
+container left and none reserved): it first removes its socket (so ``start``
+can bind a new shim there at once), then gives the outbox a bounded time to
+deliver what is pending, stops accepting, lets in-flight calls finish and
+exits.  Only a shim that is still listening removes the socket, so it can only
+be its own: ``start`` replaces a socket only when nothing listens on it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -28,7 +32,7 @@ from supervisor.api.events import ttrpc_pb2 as events_api
 from supervisor.container import work_dir
 from supervisor.events import Event, Outbox, Spool
 from supervisor.reaper import Reaper
-from supervisor.task import SERVICE, TaskService
+from supervisor.task import GROUP_SERVICE, SERVICE, TaskService
 
 log = logging.getLogger("supervisor.daemon")
 
@@ -81,8 +85,8 @@ def spool_path(bundle: str) -> str:
     return os.path.join(work_dir(bundle), SPOOL_FILE)
 
 
-async def _serve(listener: socket.socket, namespace: str, ttrpc_address: str, bundle: str
-                 ) -> None:
+async def _serve(listener: socket.socket, *, namespace: str, ttrpc_address: str, bundle: str,
+                 first: str, own_socket: OwnSocket) -> None:
     shutdown = trio.Event()
     sender = ContainerdEvents(ttrpc_address)
     spool = Spool(spool_path(bundle))
@@ -97,10 +101,12 @@ async def _serve(listener: socket.socket, namespace: str, ttrpc_address: str, bu
             nursery=nursery,
             namespace=namespace,
             request_shutdown=shutdown.set,
+            first=first,
         )
         nursery.start_soon(service.run_exits)
         server = ttrpc.Server()
         server.register(SERVICE, service.handlers())
+        server.register(GROUP_SERVICE, service.group_handlers())
         inspector = introspect.IntrospectService(service, outbox, namespace=namespace,
                                                  address=introspect.address_of(listener))
         server.register(introspect.SERVICE, inspector.handlers())
@@ -109,6 +115,7 @@ async def _serve(listener: socket.socket, namespace: str, ttrpc_address: str, bu
         log.info("shim %d serving namespace %s", os.getpid(), namespace)
         await shutdown.wait()
         log.info("shutting down")
+        own_socket.remove()  # still listening, so still ours; start may bind anew
         # Deliver TaskDelete & co. while containerd is still connected, then close.
         if not await outbox.flush(FLUSH_TIMEOUT):
             log.error("exiting with %d events undelivered", len(outbox.pending))
@@ -118,21 +125,24 @@ async def _serve(listener: socket.socket, namespace: str, ttrpc_address: str, bu
         nursery.cancel_scope.cancel()
 
 
-def _socket_path(listener: socket.socket) -> str:
-    """The listening socket's file (empty for an abstract or unnamed socket)."""
-    try:
-        name = listener.getsockname()
-    except OSError:
-        return ""
-    return name if isinstance(name, str) and name.startswith("/") else ""
+class OwnSocket:
+    """The listening socket's file, removed at most once, and only while it is still ours."""
 
-
-def _remove_socket(path: str) -> None:
-    if path:
+    def __init__(self, listener: socket.socket) -> None:
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass  # already gone
+            name = listener.getsockname()
+        except OSError:
+            name = ""
+        # Empty for an abstract or unnamed socket: nothing to remove.
+        self.path = name if isinstance(name, str) and name.startswith("/") else ""
+
+    def remove(self) -> None:
+        path, self.path = self.path, ""
+        if path:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass  # already gone
 
 
 def serve(
@@ -145,12 +155,15 @@ def serve(
 ) -> int:
     log.debug("starting shim for %s/%s in %s", namespace, container_id, bundle)
     # Known now: containerd may remove the bundle (and its address file) before we exit.
-    path = _socket_path(listener)
+    own_socket = OwnSocket(listener)
     try:
-        trio.run(_serve, listener, namespace, ttrpc_address, bundle)
-    except Exception:
+        trio.run(functools.partial(
+            _serve, listener, namespace=namespace, ttrpc_address=ttrpc_address, bundle=bundle,
+            first=container_id, own_socket=own_socket))
+    except BaseException as e:
+        own_socket.remove()  # a no-op if shutdown removed it (a successor's may be there now)
+        if not isinstance(e, Exception):
+            raise
         log.exception("shim failed")
         return 1
-    finally:
-        _remove_socket(path)
     return 0

@@ -32,5 +32,9 @@ class Unavailable(ShimError):
     """A resource the shim needs is not there right now."""
 
 
+class ResourceExhausted(ShimError):
+    """A limit is reached (say, the containers one shared shim may serve)."""
+
+
 class Unimplemented(ShimError):
     """The shim does not do this."""

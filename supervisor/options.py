@@ -16,7 +16,9 @@ snake_case or containerd's CamelCase: ``binary_name``/``BinaryName``,
 ``root``/``Root``, ``systemd_cgroup``/``SystemdCgroup``,
 ``no_pivot_root``/``NoPivotRoot``, ``no_new_keyring``/``NoNewKeyring``,
 ``shim_cgroup``/``ShimCgroup``, ``io_uid``/``IoUid``, ``io_gid``/``IoGid``,
-``criu_path``/``CriuPath``, ``log_level``/``LogLevel``.
+``criu_path``/``CriuPath``, ``log_level``/``LogLevel``,
+``shim_group``/``ShimGroup`` (``"container"`` or ``"namespace"``) and
+``shim_group_size``/``ShimGroupSize`` (a positive number).
 
 An unknown type, a missing or malformed settings file, or an unknown key is an
 :class:`~supervisor.errors.InvalidArgument` naming it -- never a crash.
@@ -33,7 +35,7 @@ from google.protobuf.message import DecodeError
 from supervisor.api import runtimeoptions_pb2, typeurls
 from supervisor.api.runc import options_pb2, runctypes_pb2
 from supervisor.errors import InvalidArgument
-from supervisor.settings import SETTINGS_FILE, Settings
+from supervisor.settings import SETTINGS_FILE, SHIM_GROUPS, Settings
 
 __all__ = ["SETTINGS_FILE", "Settings", "decode", "decode_bytes", "load_toml"]
 
@@ -49,6 +51,8 @@ for _field, _kind, _camel in (
     ("io_gid", int, "IoGid"),
     ("criu_path", str, "CriuPath"),
     ("log_level", str, "LogLevel"),
+    ("shim_group", str, "ShimGroup"),
+    ("shim_group_size", int, "ShimGroupSize"),
 ):
     _TOML_KEYS[_field] = (_field, _kind)
     _TOML_KEYS[_camel] = (_field, _kind)
@@ -76,6 +80,12 @@ def load_toml(path: str) -> Settings:
                 f"shim settings file {path}: {key} must be a {kind.__name__}, not {value!r}"
             )
         setattr(settings, name, value)
+    if settings.shim_group not in SHIM_GROUPS:
+        raise InvalidArgument(f"shim settings file {path}: shim_group must be one of "
+                              f"{', '.join(repr(g) for g in SHIM_GROUPS if g)}, "
+                              f"not {settings.shim_group!r}")
+    if settings.shim_group_size < 0:
+        raise InvalidArgument(f"shim settings file {path}: shim_group_size must not be negative")
     return settings
 
 

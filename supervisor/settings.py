@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 from supervisor.defaults import DEFAULT_BINARY, DEFAULT_ROOT, SETTINGS_FILE
 
-__all__ = ["DEFAULT_BINARY", "DEFAULT_ROOT", "SETTINGS_FILE", "Settings"]
+__all__ = ["DEFAULT_BINARY", "DEFAULT_ROOT", "SETTINGS_FILE", "SHIM_GROUPS", "Settings"]
+
+#: The values of ``shim_group`` ("" is the default, one shim per container).
+SHIM_GROUPS = ("", "container", "namespace")
 
 
 
@@ -32,6 +35,11 @@ class Settings:
     io_gid: int = 0
     log_level: str = ""
     config_path: str = ""
+    #: Which shim serves the container (read by ``start``): "" or "container" (one each,
+    #: as the Go shim), or "namespace" (shared, see :mod:`supervisor.shim`).
+    shim_group: str = ""
+    #: How many containers one shared shim serves at most (0: the default).
+    shim_group_size: int = 0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -60,6 +60,13 @@ GROUP_LABELS = (
 )
 LISTEN_FD = 3
 EXIT_USAGE = 2
+#: Environment defaults for ``shim_group`` / ``shim_group_size`` (containerd's environment).
+GROUP_ENV = "SUPERVISOR_SHIM_GROUP"
+GROUP_SIZE_ENV = "SUPERVISOR_SHIM_GROUP_SIZE"
+SHIM_GROUPS = ("", "container", "namespace")  # as supervisor.settings (not imported: ~5 ms)
+DEFAULT_GROUP_SIZE = 16
+SHARED_GROUP = "supervisor-shared"
+MAX_GROUP_SOCKETS = 64
 
 
 class UsageError(Exception):
@@ -331,24 +338,120 @@ def start_daemon(flags: Flags, listener: _socket.socket) -> tuple[int, bool]:
     return spawn(daemon_argv(flags), fds={LISTEN_FD: listener.fileno()}, setsid=True), False
 
 
+def group_settings(options: bytes) -> tuple[str, int, str]:
+    """(shim_group, shim_group_size, shim_cgroup): the runtime options', else the environment's.
+
+    Decoding options imports protobuf, so only when containerd sent some.
+    """
+    mode, size, cgroup = "", 0, ""
+    if options:
+        from supervisor.options import decode_bytes
+
+        settings = decode_bytes(options)
+        mode, size, cgroup = settings.shim_group, settings.shim_group_size, settings.shim_cgroup
+    if not mode:
+        mode = os.environ.get(GROUP_ENV, "")
+        if mode not in SHIM_GROUPS:
+            raise ValueError(f"${GROUP_ENV}: {mode!r} is not one of "
+                             f"{', '.join(g for g in SHIM_GROUPS if g)}")
+    if not size and os.environ.get(GROUP_SIZE_ENV):
+        value = os.environ[GROUP_SIZE_ENV]
+        if not value.isdigit():
+            raise ValueError(f"${GROUP_SIZE_ENV}: {value!r} is not a number")
+        size = int(value)
+    return mode, size or DEFAULT_GROUP_SIZE, cgroup
+
+
+def group_key(container_id: str, bundle: str, mode: str, size: int, cgroup: str
+              ) -> tuple[str, int]:
+    """(group, limit): whose shim serves this container, and how many one shim may serve.
+
+    A group annotation (a pod, a label) wins and has no limit, as with the Go
+    shim; else ``namespace`` mode shares shims (per shim cgroup) up to ``size``
+    containers each; else the container has its own.
+    """
+    group = group_of(container_id, bundle)
+    if group != container_id:
+        return group, 0
+    if mode == "namespace":
+        return f"{SHARED_GROUP}/{cgroup}", size
+    return container_id, 0
+
+
+def replace_stale(path: str) -> _socket.socket | None:
+    """A new listener on ``path`` if nothing listens there (None if something does now).
+
+    Under an exclusive lock on the socket directory, so two ``start`` runs that
+    both found the socket dead cannot each replace the other's.
+    """
+    import fcntl
+
+    fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if can_connect(path):
+            return None
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass  # its shim removed it meanwhile
+        try:
+            return new_listener(path)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return None  # a start that needed no lock bound it first
+            raise
+    finally:
+        os.close(fd)
+
+
+def claim_socket(flags: Flags, group: str, limit: int) -> tuple[str, _socket.socket | None]:
+    """(address, listener) for this container: a listener when ``start`` must start a
+    shim on it, None when a live shim there has reserved a place (see :mod:`supervisor._join`).
+
+    The group's sockets are tried in order (``group``, ``group#1``, ...): a
+    full shim or one on its way out sends the container to the next.
+    """
+    from supervisor import _join
+
+    for n in range(MAX_GROUP_SOCKETS):
+        address = socket_address(flags.address, flags.namespace,
+                                 group if n == 0 else f"{group}#{n}")
+        path = socket_path(address)
+        for _ in range(3):
+            try:
+                return address, new_listener(path)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+            try:
+                answer = _join.join(path, flags.id, limit)
+            except _join.JoinError as e:
+                note("warning", f"shim on {path}: {e}; trying the group's next socket")
+                break
+            if answer == _join.JOINED:
+                return address, None
+            if answer != _join.GONE:
+                break  # full or closing: the next socket
+            listener = replace_stale(path)
+            if listener is not None:
+                return address, listener
+    raise OSError(errno.EAGAIN, f"no shim of group {group!r} took container {flags.id!r}"
+                  f" ({MAX_GROUP_SOCKETS} sockets tried)")
+
+
 def action_start(flags: Flags) -> int:
     bundle = os.getcwd()
-    address = socket_address(flags.address, flags.namespace, group_of(flags.id, bundle))
+    options = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
+    mode, size, shim_cgroup = group_settings(options)
+    group, limit = group_key(flags.id, bundle, mode, size, shim_cgroup)
+    address, listener = claim_socket(flags, group, limit)
+    write_file_atomic("address", address)
+    if listener is None:
+        sys.stdout.write(address)
+        return 0
     path = socket_path(address)
     try:
-        listener = new_listener(path)
-    except OSError as e:
-        if e.errno != errno.EADDRINUSE:
-            raise
-        if can_connect(path):
-            write_file_atomic("address", address)
-            sys.stdout.write(address)
-            return 0
-        os.unlink(path)
-        listener = new_listener(path)
-    try:
-        write_file_atomic("address", address)
-        options = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
         pid, forked = start_daemon(flags, listener)
         try:
             if forked:
@@ -356,12 +459,8 @@ def action_start(flags: Flags) -> int:
                     join_own_cgroups(pid)
                 except OSError as e:
                     note("warning", f"shim {pid} stays in the fork server's cgroups: {e}")
-            if options:
-                from supervisor.options import decode_bytes
-
-                settings = decode_bytes(options)
-                if settings.shim_cgroup:
-                    join_cgroup(settings.shim_cgroup, pid)
+            if shim_cgroup:
+                join_cgroup(shim_cgroup, pid)
             adjust_oom_score(pid)
         except BaseException:
             os.kill(pid, 9)

@@ -19,6 +19,18 @@ Event order (containerd relies on it)
   :data:`DRAIN_TIMEOUT`, for a process whose children keep its stdout open).
 * The init's TaskExit only after the TaskExit of every exec that was running
   when it died.
+
+Groups (``supervisor.group.v1.Group``)
+--------------------------------------
+One shim may serve many containers (a pod, a labelled group, a shared
+namespace shim: see :mod:`supervisor.shim`).  ``start`` reserves a place with
+``Join`` before it hands this shim's address to containerd, and the shim keeps
+two promises: ``Shutdown`` does not end it while a container or a live
+reservation remains (the shim's first container is reserved from the start),
+and once it has decided to end it refuses every ``Join`` (UNAVAILABLE), so a
+container is never handed to a shim on its way out.  A reservation ends with
+the container's ``Create``, a ``Delete`` or ``Shutdown`` naming that id
+(containerd giving up on it), or after :data:`RESERVATION_TTL`.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ from supervisor import _unary, errors, metrics
 from supervisor._unary import Handler
 from supervisor.api import typeurls
 from supervisor.api.events import task_pb2 as ev
+from supervisor.api.group import group_pb2
 from supervisor.api.runc import options_pb2
 from supervisor.api.task.v2 import shim_pb2 as api
 from supervisor.api.types import task_pb2 as types
@@ -54,6 +67,9 @@ from supervisor.ttrpc import Code, RPCError
 log = logging.getLogger("supervisor.task")
 
 SERVICE = "containerd.task.v2.Task"
+GROUP_SERVICE = "supervisor.group.v1.Group"
+#: How long a ``Join`` keeps a place for a container whose ``Create`` has not come.
+RESERVATION_TTL = 120.0
 
 Req = TypeVar("Req", bound=Message)
 
@@ -71,6 +87,7 @@ _CODES: tuple[tuple[type[BaseException], Code], ...] = (
     (errors.FailedPrecondition, Code.FAILED_PRECONDITION),
     (errors.InvalidArgument, Code.INVALID_ARGUMENT),
     (errors.Unavailable, Code.UNAVAILABLE),
+    (errors.ResourceExhausted, Code.RESOURCE_EXHAUSTED),
     (errors.Unimplemented, Code.UNIMPLEMENTED),
     (DecodeError, Code.INVALID_ARGUMENT),
 )
@@ -122,7 +139,9 @@ class TaskService:
         nursery: trio.Nursery,
         namespace: str,
         request_shutdown: Callable[[], None],
+        first: str = "",
     ) -> None:
+        """``first``: the container whose ``start`` started this shim (reserved)."""
         self.reaper = reaper
         self.outbox = outbox
         self.nursery = nursery
@@ -132,6 +151,12 @@ class TaskService:
         self._by_pid: dict[int, tuple[Container, Process]] = {}
         self._exits = reaper.subscribe()
         self.started_at = time.time()
+        #: Container id -> trio deadline: places ``Join`` reserved for a coming ``Create``.
+        self.reservations: dict[str, float] = {}
+        if first:
+            self.reservations[first] = trio.current_time() + RESERVATION_TTL
+        #: Set once the shim has decided to end: ``Join`` is refused from then on.
+        self.closing = False
 
     # --- plumbing -------------------------------------------------------
 
@@ -157,6 +182,11 @@ class TaskService:
         ]
         return _unary.handlers(SERVICE, table, status_of=status_of, log=log,
                                expected=(OCIRuntimeError,))
+
+    def group_handlers(self) -> dict[str, Handler]:
+        """The ``supervisor.group.v1.Group`` service (``start`` joining this shim)."""
+        return _unary.handlers(GROUP_SERVICE, [("Join", group_pb2.JoinRequest, self.join)],
+                               status_of=status_of, log=log)
 
     async def _container(self, container_id: str) -> Container:
         """The container, once its Create has finished (as if Create held a lock)."""
@@ -247,6 +277,7 @@ class TaskService:
     async def create(self, r: api.CreateTaskRequest) -> api.CreateTaskResponse:
         if not r.id:
             raise errors.InvalidArgument("container id must not be empty")
+        self.reservations.pop(r.id, None)
         if r.id in self.containers:
             raise errors.AlreadyExists(f"container {r.id!r} already exists")
         if r.checkpoint or r.parent_checkpoint:
@@ -314,6 +345,8 @@ class TaskService:
         return api.StartResponse(pid=process.pid)
 
     async def delete(self, r: api.DeleteRequest) -> api.DeleteResponse:
+        if not r.exec_id and r.id not in self.containers:
+            self.reservations.pop(r.id, None)  # containerd gave up on it before its Create
         container = await self._container(r.id)
         process = container.process(r.exec_id)
         if process.is_init:
@@ -455,7 +488,37 @@ class TaskService:
         )
 
     async def shutdown(self, r: api.ShutdownRequest) -> empty_pb2.Empty:
-        if self.containers and not r.now:
+        if r.id not in self.containers:
+            self.reservations.pop(r.id, None)  # containerd is done with it
+        if not r.now and (self.containers or self._reserved()):
             return empty_pb2.Empty()
+        self.closing = True
         self.request_shutdown()
         return empty_pb2.Empty()
+
+    # --- group --------------------------------------------------------------
+
+    def _reserved(self) -> set[str]:
+        """Ids with a live reservation and no container yet (lapsed ones are dropped)."""
+        now = trio.current_time()
+        for cid in [c for c, deadline in self.reservations.items() if deadline <= now]:
+            log.warning("reservation for %s lapsed: no Create within %g s", cid, RESERVATION_TTL)
+            del self.reservations[cid]
+        return set(self.reservations) - set(self.containers)
+
+    async def join(self, r: group_pb2.JoinRequest) -> group_pb2.JoinResponse:
+        if not r.id:
+            raise errors.InvalidArgument("container id must not be empty")
+        if self.closing:
+            raise errors.Unavailable("the shim is shutting down")
+        reserved = self._reserved()
+        count = len(self.containers) + len(reserved)
+        if r.id not in self.containers and r.id not in reserved:
+            if r.limit and count >= r.limit:
+                raise errors.ResourceExhausted(
+                    f"the shim serves {count} containers (limit {r.limit})")
+            count += 1
+        if r.id not in self.containers:
+            self.reservations[r.id] = trio.current_time() + RESERVATION_TTL
+        log.debug("%s joins: %d containers served or reserved", r.id, count)
+        return group_pb2.JoinResponse(containers=count)

@@ -1,0 +1,1 @@
+"""supervisor.group.v1: how ``start`` joins a container to a shim that serves others."""

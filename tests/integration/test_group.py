@@ -1,0 +1,125 @@
+"""Shared shims (``shim_group = "namespace"``) with the real containerd, runc and ctr.
+
+Several containers per shim daemon, at most ``shim_group_size`` each; containers
+keep working when the container whose ``start`` made their shim is gone; a
+shim on its way out is never handed a new container, however fast containers
+come and go; nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from harness import Containerd, pid_alive, shims_for, wait_for, zombies_of
+
+GROUP_ENV = {"SUPERVISOR_SHIM_GROUP": "namespace", "SUPERVISOR_SHIM_GROUP_SIZE": "3"}
+
+
+@pytest.fixture
+def shared(make_containerd: Callable[..., Containerd]) -> Containerd:
+    return make_containerd(env=GROUP_ENV)
+
+
+def address_of(c: Containerd, cid: str) -> str:
+    bundle = c.state / "io.containerd.runtime.v2.task" / c.namespace / cid
+    return (bundle / "address").read_text()
+
+
+def socket_files(c: Containerd, addresses: set[str]) -> list[str]:
+    return [a for a in addresses if os.path.exists(a.removeprefix("unix://"))]
+
+
+def test_containers_share_shims_up_to_the_size(shared: Containerd,
+                                                busybox_rootfs: Path) -> None:
+    c = shared
+    ids = [f"g{i}" for i in range(4)]
+    for cid in ids:
+        c.run(cid, "sleep", "1000", rootfs=busybox_rootfs, detach=True)
+    addresses = {cid: address_of(c, cid) for cid in ids}
+    assert sorted(Counter(addresses.values()).values()) == [1, 3], addresses
+    assert len(shims_for(c)) == 2  # two daemons for four containers
+    first = ids[0]
+    group = [cid for cid in ids if addresses[cid] == addresses[first]]
+    assert first in group  # the first container's start made the shared shim
+
+    # The container whose bundle the shim was started in goes first.
+    c.ctr("task", "kill", "-s", "SIGKILL", first)
+    wait_for(lambda: c.tasks()[first][1] == "STOPPED", 10, message=f"{first} STOPPED")
+    c.ctr("task", "delete", first)
+    c.ctr("containers", "delete", first)
+    other = next(cid for cid in group if cid != first)
+    r = c.ctr("task", "exec", "--exec-id", "e1", other, "sh", "-c", "echo still; exit 3",
+              check=False)
+    assert (r.returncode, r.stdout.strip()) == (3, "still")
+    c.ctr("task", "kill", "-s", "SIGKILL", other)
+    wait_for(lambda: c.tasks()[other][1] == "STOPPED", 10, message=f"{other} STOPPED")
+    assert c.ctr("task", "delete", other).returncode == 0
+
+    # A new container fills the freed places of the shared shim.
+    c.run("g4", "sleep", "1000", rootfs=busybox_rootfs, detach=True)
+    assert address_of(c, "g4") in set(addresses.values())
+
+    for cid in [*ids[1:], "g4"]:
+        if cid != other:
+            c.ctr("task", "kill", "-s", "SIGKILL", cid)
+    for cid in [*ids[1:], "g4"]:
+        if cid != other:
+            wait_for(lambda cid=cid: c.tasks()[cid][1] == "STOPPED", 10, message=cid)
+            c.ctr("task", "delete", cid)
+    wait_for(lambda: not shims_for(c), 15, message="every shared shim to exit")
+    assert socket_files(c, set(addresses.values())) == []
+    assert zombies_of(os.getpid()) == []
+
+
+def test_churn_never_hands_a_container_to_a_leaving_shim(shared: Containerd,
+                                                         busybox_rootfs: Path) -> None:
+    """Two clients run --rm back to back: the shared shim keeps ending and being replaced,
+    and each ``start`` races the ``Shutdown`` of the shim it finds."""
+    c = shared
+    failures: list[str] = []
+    runs = 12
+
+    def client(name: str) -> None:
+        for i in range(runs):
+            cid = f"{name}-{i}"
+            r = c.run(cid, "sh", "-c", f"echo {cid}", rootfs=busybox_rootfs, rm=True,
+                      check=False, timeout=60)
+            if r.returncode != 0 or r.stdout.strip() != cid:
+                failures.append(f"{cid}: rc {r.returncode} out {r.stdout!r} err {r.stderr!r}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert failures == []
+    assert c.tasks() == {}
+    wait_for(lambda: not shims_for(c), 15, message="the shared shims to exit")
+
+
+def test_settings_file_turns_sharing_on(make_containerd: Callable[..., Containerd],
+                                        busybox_rootfs: Path, tmp_path: Path) -> None:
+    """The TOML settings (``ctr run --runtime-config-path``) choose sharing per runtime."""
+    c = make_containerd()
+    settings = tmp_path / "supervisor.toml"
+    settings.write_text('ShimGroup = "namespace"\nShimGroupSize = 2\n')
+    opts = ["--runtime-config-path", str(settings)]
+    for cid in ("t1", "t2", "t3"):
+        c.run(cid, "sleep", "1000", rootfs=busybox_rootfs, detach=True, options=opts)
+    c.run("alone", "sleep", "1000", rootfs=busybox_rootfs, detach=True)
+    addresses = {cid: address_of(c, cid) for cid in ("t1", "t2", "t3", "alone")}
+    assert addresses["t1"] == addresses["t2"] != addresses["t3"]
+    assert addresses["alone"] not in (addresses["t1"], addresses["t3"])
+    pids = shims_for(c)
+    assert len(pids) == 3
+    for cid in addresses:
+        c.ctr("task", "kill", "-s", "SIGKILL", cid)
+    for cid in addresses:
+        wait_for(lambda cid=cid: c.tasks()[cid][1] == "STOPPED", 10, message=cid)
+        c.ctr("task", "delete", cid)
+    wait_for(lambda: not any(pid_alive(p) for p in pids), 15, message="the shims to exit")

@@ -1,0 +1,264 @@
+"""Shared shims: the Group service's promises, ``start``'s hand-made Join call, socket choice."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from supervisor import _join, errors, shim
+from supervisor._pbwire import fields
+from supervisor.api.group import group_pb2
+from supervisor.api.task.v2 import shim_pb2
+from supervisor.events import Event, Outbox
+from supervisor.reaper import Reaper
+from supervisor.task import GROUP_SERVICE, RESERVATION_TTL, TaskService
+from supervisor.ttrpc import CallContext, Code, RPCError, Server
+
+
+async def _nowhere(event: Event) -> None:
+    raise ConnectionError("no containerd in this test")
+
+
+class Shim:
+    """A TaskService (real) with a flag for Shutdown's verdict."""
+
+    def __init__(self, nursery: trio.Nursery, first: str = "") -> None:
+        self.ended = False
+        self.service = TaskService(
+            reaper=Reaper(subreaper=False), outbox=Outbox(_nowhere, "ns"), nursery=nursery,
+            namespace="ns", request_shutdown=self._end, first=first)
+
+    def _end(self) -> None:
+        self.ended = True
+
+    async def join(self, cid: str, limit: int = 0) -> int:
+        answer = await self.service.join(group_pb2.JoinRequest(id=cid, limit=limit))
+        return answer.containers
+
+    async def shutdown(self, cid: str) -> bool:
+        await self.service.shutdown(shim_pb2.ShutdownRequest(id=cid))
+        return self.ended
+
+
+@pytest.fixture
+async def nursery() -> AsyncIterator[trio.Nursery]:
+    async with trio.open_nursery() as n:
+        yield n
+        n.cancel_scope.cancel()
+
+
+# --- the service's promises ------------------------------------------------------
+
+
+async def test_shutdown_waits_for_reserved_containers(nursery: trio.Nursery) -> None:
+    s = Shim(nursery, first="a")
+    assert await s.join("b") == 2  # a (the first) and b
+    assert not await s.shutdown("x")  # someone else's Shutdown: a and b still to come
+    s.service.containers["a"] = object()  # type: ignore[assignment]  # a's Create came
+    assert not await s.shutdown("b")  # containerd gave up on b; a is served
+    del s.service.containers["a"]  # a deleted
+    assert await s.shutdown("a")
+    with pytest.raises(errors.Unavailable):  # once ending, nobody joins
+        await s.join("c")
+
+
+async def test_join_respects_the_limit_and_is_idempotent(nursery: trio.Nursery) -> None:
+    s = Shim(nursery, first="a")
+    assert await s.join("b", limit=3) == 2
+    assert await s.join("b", limit=3) == 2  # a retried start: still one place
+    assert await s.join("c", limit=3) == 3
+    with pytest.raises(errors.ResourceExhausted):
+        await s.join("d", limit=3)
+    assert await s.join("d") == 4  # no limit (a pod's or a label's group)
+
+
+async def test_create_delete_and_lapse_end_a_reservation(nursery: trio.Nursery) -> None:
+    s = Shim(nursery)
+    await s.join("b")
+    await s.join("c")
+    with pytest.raises(errors.NotFound):  # containerd gave up on b before its Create
+        await s.service.delete(shim_pb2.DeleteRequest(id="b"))
+    assert s.service.reservations.keys() == {"c"}
+    s.service.reservations["c"] = trio.current_time() - 1  # as if RESERVATION_TTL passed
+    assert await s.shutdown("x")
+    assert RESERVATION_TTL >= 60  # containerd creates within seconds of start
+
+
+# --- start's Join call over a real socket -----------------------------------------
+
+
+def _serve_in_thread(path: str, handler: Callable[[CallContext, bytes], Any] | None
+                     ) -> tuple[threading.Thread, Callable[[], None]]:
+    """A ttrpc server on ``path`` in its own trio thread; returns (thread, stop)."""
+    ready = threading.Event()
+    token: list[trio.lowlevel.TrioToken] = []
+    stop_event: list[trio.Event] = []
+
+    async def main() -> None:
+        server = Server()
+        if handler is not None:
+            server.register(GROUP_SERVICE, {"Join": handler})
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(path)
+        sock.listen(8)
+        stop = trio.Event()
+        stop_event.append(stop)
+        token.append(trio.lowlevel.current_trio_token())
+        async with trio.open_nursery() as n:
+            await n.start(server.serve, trio.SocketListener(sock))
+            ready.set()
+            await stop.wait()
+            n.cancel_scope.cancel()
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+
+    def stop() -> None:
+        trio.from_thread.run_sync(stop_event[0].set, trio_token=token[0])
+        thread.join(10)
+
+    return thread, stop
+
+
+@pytest.mark.parametrize(("status", "verdict"), [
+    (None, _join.JOINED),
+    (Code.RESOURCE_EXHAUSTED, _join.FULL),
+    (Code.UNAVAILABLE, _join.CLOSING),
+])
+def test_join_over_ttrpc(tmp_path: Path, status: Code | None, verdict: str) -> None:
+    seen: list[group_pb2.JoinRequest] = []
+
+    async def handler(ctx: CallContext, payload: bytes) -> bytes:
+        seen.append(group_pb2.JoinRequest.FromString(payload))
+        if status is not None:
+            raise RPCError(status, "no")
+        return group_pb2.JoinResponse(containers=2).SerializeToString()
+
+    path = str(tmp_path / "s")
+    _, stop = _serve_in_thread(path, handler)
+    try:
+        assert _join.join(path, "c1", 7) == verdict
+    finally:
+        stop()
+    assert [(r.id, r.limit) for r in seen] == [("c1", 7)]
+
+
+def test_join_an_old_shim_without_the_service_is_joined(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    _, stop = _serve_in_thread(path, None)
+    try:
+        assert _join.join(path, "c1", 0) == _join.JOINED  # UNIMPLEMENTED: as start did before
+    finally:
+        stop()
+
+
+def test_join_dead_and_silent_shims(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    assert _join.join(path, "c1", 0) == _join.GONE  # no file
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(path)
+    dead.close()
+    assert _join.join(path, "c1", 0) == _join.GONE  # a file nobody listens on
+    os.unlink(path)
+    silent = socket.socket(socket.AF_UNIX)
+    silent.bind(path)
+    silent.listen(1)
+    try:
+        assert _join.join(path, "c1", 0, timeout=0.2) == _join.CLOSING  # never answers
+    finally:
+        silent.close()
+
+
+def test_join_request_bytes_match_the_generated_classes() -> None:
+    frame = _join.encode_request("c1", 16, timeout=2.0)
+    length = int.from_bytes(frame[:4], "big")
+    assert len(frame) == 10 + length and frame[4:10] == b"\x00\x00\x00\x01\x01\x00"
+    body = dict(fields(frame[10:]))
+    assert body[1] == GROUP_SERVICE.encode() and body[2] == b"Join"
+    assert body[4] == 2_000_000_000
+    assert isinstance(body[3], bytes)
+    assert group_pb2.JoinRequest.FromString(body[3]) == group_pb2.JoinRequest(id="c1", limit=16)
+
+
+def test_join_malformed_response_is_an_error() -> None:
+    with pytest.raises(_join.JoinError):
+        _join.decode_response(b"\x0a\x05\x08")  # a Status cut short
+    with pytest.raises(_join.JoinError):
+        _join.verdict(Code.PERMISSION_DENIED)
+
+
+# --- start: which socket ----------------------------------------------------------
+
+
+@pytest.fixture
+def socket_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    short = Path(tempfile.mkdtemp(prefix="sg-", dir="/tmp"))  # 64-hex names: keep it short
+    d = short / "s"
+    monkeypatch.setattr(shim, "SOCKET_DIR", str(d))
+    yield d
+    shutil.rmtree(short, ignore_errors=True)
+
+
+def _flags() -> shim.Flags:
+    return shim.Flags(namespace="ns", id="c9", address="/run/ctd.sock", action="start")
+
+
+def test_claim_binds_a_free_socket(socket_dir: Path) -> None:
+    address, listener = shim.claim_socket(_flags(), "g", 4)
+    assert listener is not None
+    listener.close()
+    assert address == shim.socket_address("/run/ctd.sock", "ns", "g")
+
+
+def test_claim_skips_a_full_shim_and_replaces_a_dead_one(socket_dir: Path) -> None:
+    first = shim.socket_path(shim.socket_address("/run/ctd.sock", "ns", "g"))
+
+    async def full(ctx: CallContext, payload: bytes) -> bytes:
+        raise RPCError(Code.RESOURCE_EXHAUSTED, "full")
+
+    socket_dir.mkdir()
+    _, stop = _serve_in_thread(first, full)
+    try:
+        address, listener = shim.claim_socket(_flags(), "g", 4)
+    finally:
+        stop()
+    assert listener is not None
+    listener.close()  # leaves its file behind: a dead shim's socket
+    assert address == shim.socket_address("/run/ctd.sock", "ns", "g#1")
+    os.unlink(first)
+    again, listener = shim.claim_socket(_flags(), "g#1", 4)
+    assert listener is not None  # the dead socket was replaced, not skipped
+    listener.close()
+    assert again == shim.socket_address("/run/ctd.sock", "ns", "g#1")
+
+
+def test_group_key_modes(tmp_path: Path) -> None:
+    bundle = str(tmp_path)
+    assert shim.group_key("c1", bundle, "", 16, "") == ("c1", 0)
+    assert shim.group_key("c1", bundle, "container", 16, "") == ("c1", 0)
+    assert shim.group_key("c1", bundle, "namespace", 16, "/cg") == ("supervisor-shared//cg", 16)
+    (tmp_path / "config.json").write_text(
+        '{"annotations": {"io.kubernetes.cri.sandbox-id": "pod1"}}')
+    assert shim.group_key("c1", bundle, "namespace", 16, "") == ("pod1", 0)  # pods as before
+
+
+def test_group_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(shim.GROUP_ENV, raising=False)
+    monkeypatch.delenv(shim.GROUP_SIZE_ENV, raising=False)
+    assert shim.group_settings(b"") == ("", shim.DEFAULT_GROUP_SIZE, "")
+    monkeypatch.setenv(shim.GROUP_ENV, "namespace")
+    monkeypatch.setenv(shim.GROUP_SIZE_ENV, "4")
+    assert shim.group_settings(b"") == ("namespace", 4, "")
+    monkeypatch.setenv(shim.GROUP_ENV, "pod")
+    with pytest.raises(ValueError, match="SUPERVISOR_SHIM_GROUP"):
+        shim.group_settings(b"")
