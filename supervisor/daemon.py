@@ -27,7 +27,7 @@ import socket
 
 import trio
 
-from supervisor import introspect, ttrpc
+from supervisor import introspect, shimlog, ttrpc
 from supervisor.api.events import ttrpc_pb2 as events_api
 from supervisor.container import work_dir
 from supervisor.events import Event, Outbox, Spool
@@ -102,6 +102,7 @@ async def _serve(listener: socket.socket, *, namespace: str, ttrpc_address: str,
             namespace=namespace,
             request_shutdown=shutdown.set,
             first=first,
+            bundle_leaving=functools.partial(_bundle_leaving, spool),
         )
         nursery.start_soon(service.run_exits)
         server = ttrpc.Server()
@@ -123,6 +124,33 @@ async def _serve(listener: socket.socket, *, namespace: str, ttrpc_address: str,
         await sender.aclose()
         spool.close()
         nursery.cancel_scope.cancel()
+
+
+def _bundle_leaving(spool: Spool, bundle: str, others: list[str]) -> None:
+    """Before containerd deletes ``bundle``: move what the shim keeps there to another's.
+
+    Only a shim serving several containers keeps going after its first
+    bundle is deleted; its log FIFO and event spool follow a container that
+    remains (containerd reads each bundle's FIFO only while that container exists).
+    """
+    if not others:
+        return
+    handler = shimlog.fifo_handler()
+    if handler is not None and os.path.dirname(handler.path) == os.path.abspath(bundle):
+        for other in others:
+            try:
+                handler.reopen(os.path.join(other, "log"))
+            except OSError:
+                continue
+            log.info("logging to %s from now on (%s is deleted)", handler.path, bundle)
+            break
+    if os.path.dirname(spool.path) == os.path.abspath(work_dir(bundle)):
+        for other in others:
+            try:
+                spool.move(spool_path(other))
+            except OSError:
+                continue
+            break
 
 
 class OwnSocket:

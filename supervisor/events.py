@@ -206,6 +206,11 @@ class Spool:
         # Losing an ack costs a duplicate (at-least-once), never an event: no fsync.
         self._write([_ACK, seq])
 
+    def move(self, path: str) -> None:
+        """Keep the spool at ``path`` from now on (its directory is about to be deleted)."""
+        os.rename(self.path, path)  # the open fd follows the file
+        self.path = path
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

@@ -5,6 +5,11 @@ containerd waits for, do not pay for importing :mod:`logging`'s handler
 machinery before they need it; the daemon (cold or forked) imports it in
 ``action_serve``.
 
+A shim serving several containers logs to the FIFO of the bundle it started
+in, and moves to another container's FIFO before that bundle is deleted
+(:meth:`FifoLogHandler.reopen`): containerd reads each bundle's FIFO only
+while that container exists.
+
 Invariant: logging never stalls the shim.  When nobody reads the FIFO (say
 containerd is down) and it is full, records are counted and dropped.
 """
@@ -26,8 +31,19 @@ class FifoLogHandler(logging.Handler):
 
     def __init__(self, path: str) -> None:
         super().__init__()
-        self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.path = os.path.abspath(path)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self.dropped = 0
+
+    def reopen(self, path: str) -> None:
+        """Log to the FIFO at ``path`` from now on (a shared shim whose bundle is going)."""
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.acquire()
+        try:
+            old, self.fd, self.path = self.fd, fd, os.path.abspath(path)
+        finally:
+            self.release()
+        os.close(old)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -40,6 +56,14 @@ class FifoLogHandler(logging.Handler):
 
 
 FORMAT = 'time="%(asctime)s" level=%(levelname)s msg="%(message)s" logger=%(name)s'
+
+
+def fifo_handler() -> FifoLogHandler | None:
+    """The root logger's FIFO handler, if logging goes to a bundle's FIFO."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, FifoLogHandler):
+            return handler
+    return None
 
 
 def setup_logging(debug: bool) -> None:

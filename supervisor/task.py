@@ -140,13 +140,17 @@ class TaskService:
         namespace: str,
         request_shutdown: Callable[[], None],
         first: str = "",
+        bundle_leaving: Callable[[str, list[str]], None] | None = None,
     ) -> None:
-        """``first``: the container whose ``start`` started this shim (reserved)."""
+        """``first``: the container whose ``start`` started this shim (reserved).
+        ``bundle_leaving(bundle, others)``: called when a container is deleted, before
+        containerd deletes its bundle, with the bundles of the containers that remain."""
         self.reaper = reaper
         self.outbox = outbox
         self.nursery = nursery
         self.namespace = namespace
         self.request_shutdown = request_shutdown
+        self.bundle_leaving = bundle_leaving
         self.containers: dict[str, Container] = {}
         self._by_pid: dict[int, tuple[Container, Process]] = {}
         self._exits = reaper.subscribe()
@@ -354,6 +358,9 @@ class TaskService:
             process.held_exit = None
             await container.delete_init()
             del self.containers[container.id]
+            if self.bundle_leaving is not None:
+                self.bundle_leaving(container.bundle,
+                                    [c.bundle for c in self.containers.values()])
             for p in container.all_processes():
                 if self._by_pid.get(p.pid, (None, None))[1] is p:
                     del self._by_pid[p.pid]

@@ -52,10 +52,16 @@ def test_containers_share_shims_up_to_the_size(shared: Containerd,
     wait_for(lambda: c.tasks()[first][1] == "STOPPED", 10, message=f"{first} STOPPED")
     c.ctr("task", "delete", first)
     c.ctr("containers", "delete", first)
+    since = c.log_offset()
     other = next(cid for cid in group if cid != first)
     r = c.ctr("task", "exec", "--exec-id", "e1", other, "sh", "-c", "echo still; exit 3",
               check=False)
     assert (r.returncode, r.stdout.strip()) == (3, "still")
+    # The shim's own log and event spool moved to a bundle that remains.
+    wait_for(lambda: "event forwarded /tasks/exit" in c.log_text(since), 10,
+             message="the shared shim's log after its first bundle was deleted")
+    work = c.root / "io.containerd.runtime.v2.task" / c.namespace
+    assert any((work / cid / "supervisor-events.spool").exists() for cid in group[1:])
     c.ctr("task", "kill", "-s", "SIGKILL", other)
     wait_for(lambda: c.tasks()[other][1] == "STOPPED", 10, message=f"{other} STOPPED")
     assert c.ctr("task", "delete", other).returncode == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -14,11 +15,11 @@ from typing import Any
 import pytest
 import trio
 
-from supervisor import _join, errors, shim
+from supervisor import _join, daemon, errors, shim, shimlog
 from supervisor._pbwire import fields
 from supervisor.api.group import group_pb2
 from supervisor.api.task.v2 import shim_pb2
-from supervisor.events import Event, Outbox
+from supervisor.events import Event, Outbox, Spool
 from supervisor.reaper import Reaper
 from supervisor.task import GROUP_SERVICE, RESERVATION_TTL, TaskService
 from supervisor.ttrpc import CallContext, Code, RPCError, Server
@@ -262,3 +263,36 @@ def test_group_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv(shim.GROUP_ENV, "pod")
     with pytest.raises(ValueError, match="SUPERVISOR_SHIM_GROUP"):
         shim.group_settings(b"")
+
+
+# --- what the shim keeps in a bundle follows a container that remains ------------
+
+
+def test_log_and_spool_follow_a_remaining_bundle(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    for b in (first, second):
+        (b / "work").mkdir(parents=True)
+        os.mkfifo(b / "log")
+    handler = shimlog.FifoLogHandler(str(first / "log"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    spool = Spool(daemon.spool_path(str(first)))
+    spool.add(Event(1, 0, "ns", "/tasks/exit", "t", b"x"))
+    try:
+        daemon._bundle_leaving(spool, str(second), [str(first)])  # not the one we use
+        assert handler.path == str(first / "log")
+        daemon._bundle_leaving(spool, str(first), [str(second)])
+        assert handler.path == str(second / "log")
+        assert spool.path == daemon.spool_path(str(second))
+        spool.add(Event(2, 0, "ns", "/tasks/delete", "t", b"y"))  # the same open file
+        assert [e.seq for e in Spool(spool.path).load()] == [1, 2]
+        reader = os.open(second / "log", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            logging.getLogger("t").warning("after the move")
+            assert b"after the move" in os.read(reader, 65536)
+        finally:
+            os.close(reader)
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        spool.close()
