@@ -18,9 +18,11 @@ metric starts with ``--warmup`` unrecorded runs per runtime.  Metrics (``--only`
                 dir (with a ``log`` FIFO we read), then a ttrpc ``Task.Connect`` on the
                 address it printed; reports the ``start`` command's wall time and the time
                 until Connect is answered, then ends the shim with ``Shutdown``.
-``memory``      10 then 50 idle ``sleep`` containers per runtime (one shim each); per shim,
-                ``Pss`` and ``Private_Dirty`` of the shim process only (``smaps_rollup``),
-                reported as the median over the shims.
+``memory``      10 then 50 idle ``sleep`` containers per runtime; ``Pss`` and
+                ``Private_Dirty`` of the shim processes only (``smaps_rollup``), per
+                container: each container counts its shim's figure divided by the number of
+                containers that shim serves (1 but with ``--shared``), reported as the
+                median over the containers; also how many shim processes there are.
 ``throughput``  a container writes 200 MiB (``head -c 209715200 /dev/zero``) through
                 ``ctr run --rm`` into a pipe this script reads and discards; MiB/s from spawn
                 to EOF, and from first byte to EOF (streaming only).
@@ -33,6 +35,9 @@ With ``--forkserver`` a ``supervisor-forkserver`` is started first (its socket i
 containerd's directory, passed to our shims as ``$SUPERVISOR_FORKSERVER`` through containerd's
 environment), so our shims are forked from it instead of started cold; its own memory is
 reported with the facts (it is shared by all the shims it forked), and it is stopped by pid.
+With ``--shared`` our shims run with ``shim_group = "namespace"`` (``$SUPERVISOR_SHIM_GROUP``
+in containerd's environment; ``--shared-size`` sets ``$SUPERVISOR_SHIM_GROUP_SIZE``), so up
+to that many containers share one shim daemon; the Go shim is unchanged.
 
 The table shows medians, ``ours/Go`` ratios and the direction that is better.  Machine facts
 (nproc, kernel, load, containerd/runc/shim versions) and the exact command line are printed
@@ -80,6 +85,8 @@ THROUGHPUT_BYTES = 209715200
 MIB = 1 << 20
 TASK_SERVICE = "containerd.task.v2.Task"
 FORKSERVER_ENV = "SUPERVISOR_FORKSERVER"
+GROUP_ENV = "SUPERVISOR_SHIM_GROUP"
+GROUP_SIZE_ENV = "SUPERVISOR_SHIM_GROUP_SIZE"
 EVENT_TOPICS = ("/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete")
 
 
@@ -294,6 +301,9 @@ class Bench:
             self.start_forkserver()
         else:
             self.c.extra_env[FORKSERVER_ENV] = ""  # cold, even if the machine runs one
+        self.c.extra_env[GROUP_ENV] = "namespace" if self.args.shared else "container"
+        if self.args.shared_size:
+            self.c.extra_env[GROUP_SIZE_ENV] = str(self.args.shared_size)
         self.c.start()
         self.rootfs = harness.build_busybox_rootfs(self.c.dir / "rootfs")
 
@@ -328,6 +338,12 @@ class Bench:
         return (f"fork server `supervisor-forkserver` (pid {proc.pid}; its own Pss "
                 f"{roll['Pss'] / 1024:.1f} MiB, Private_Dirty {roll['Private_Dirty'] / 1024:.1f}"
                 " MiB at the end, shared copy-on-write with the shims it forked)")
+
+    def sharing_facts(self) -> str:
+        if not self.args.shared:
+            return "no, one shim per container (the default, as the Go shim)"
+        size = self.args.shared_size or "16 (default)"
+        return f"yes, shim_group = namespace, up to {size} containers per shim"
 
     def cleanup(self) -> None:
         for s in self._streams:
@@ -400,13 +416,26 @@ class Bench:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def shim_pids(self) -> dict[str, int]:
-        """{container id: pid} of the long-running shims (``-id ID`` and no action)."""
+        """{container id: pid} of the long-running shims serving them.
+
+        A shim's command line names the container it was started for; the others it
+        serves (shared shims) are found by the socket address in their bundles."""
+        by_address: dict[str, int] = {}
         out: dict[str, int] = {}
+        tasks = self.c.state / "io.containerd.runtime.v2.task" / self.c.namespace
         for pid in harness.shims_for(self.c):
-            with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(psutil.Error, OSError):
                 cmd = psutil.Process(pid).cmdline()
                 if "-id" in cmd and cmd[-1] not in ("start", "delete"):
-                    out[cmd[cmd.index("-id") + 1]] = pid
+                    first = cmd[cmd.index("-id") + 1]
+                    out[first] = pid
+                    by_address[(tasks / first / "address").read_text()] = pid
+        with contextlib.suppress(OSError):
+            for bundle in tasks.iterdir():
+                with contextlib.suppress(OSError):
+                    pid = by_address.get((bundle / "address").read_text(), 0)
+                    if pid:
+                        out.setdefault(bundle.name, pid)
         return out
 
     def add(self, row: Row) -> Row:
@@ -594,17 +623,26 @@ class Bench:
                 time.sleep(3 if not self.args.quick else 1)  # let the shims settle
                 pids = self.shim_pids()
                 for which in self.order():
-                    pss = Row(f"idle shim Pss, {count} containers/runtime", "MiB/shim", "lower")
-                    dirty = Row(f"idle shim Private_Dirty, {count} containers/runtime",
-                                "MiB/shim", "lower")  # fmt: skip
+                    pss = Row(f"idle shim Pss per container, {count} containers/runtime",
+                              "MiB", "lower")
+                    dirty = Row(f"idle shim Private_Dirty per container, {count} "
+                                "containers/runtime", "MiB", "lower")
+                    shims = Row(f"shim processes for {count} containers", "count", "lower")
+                    served: dict[int, int] = {}
                     for cid in ids[which]:
                         if cid not in pids:
                             raise BenchError(f"no shim process found for {cid}")
-                        roll = smaps_rollup_kib(pids[cid])
-                        getattr(pss, which).append(roll["Pss"] / 1024)
-                        getattr(dirty, which).append(roll["Private_Dirty"] / 1024)
+                        served[pids[cid]] = served.get(pids[cid], 0) + 1
+                    rolls = {pid: smaps_rollup_kib(pid) for pid in served}
+                    for cid in ids[which]:
+                        pid = pids[cid]
+                        getattr(pss, which).append(rolls[pid]["Pss"] / 1024 / served[pid])
+                        getattr(dirty, which).append(
+                            rolls[pid]["Private_Dirty"] / 1024 / served[pid])
+                    getattr(shims, which).append(float(len(served)))
                     self._merge(pss)
                     self._merge(dirty)
+                    self._merge(shims)
         finally:
             self.log("  removing the idle containers")
             self.parallel(self.remove, ids["ours"] + ids["go"], 4)
@@ -697,6 +735,7 @@ class Bench:
             f"({_first_line([sys.executable, '--version'])}); "
             f"Go: {self.runtimes['go']} = {go_shim}",
             f"- ours started by: {self.forkserver_facts()}",
+            f"- ours shared: {self.sharing_facts()}",
             f"- runs: {self.args.runs} per runtime (+{self.args.warmup} warm-up), "
             f"throughput {self.args.throughput_runs}, idle CPU {self.args.cpu_seconds:g} s",
         ]
@@ -730,6 +769,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--forkserver", action="store_true",
                    help="start a supervisor-forkserver and have our shims forked from it "
                         f"(${FORKSERVER_ENV} in containerd's environment)")
+    p.add_argument("--shared", action="store_true",
+                   help=f"our shims shared per namespace (${GROUP_ENV}=namespace)")
+    p.add_argument("--shared-size", type=int, default=0,
+                   help=f"containers per shared shim (${GROUP_SIZE_ENV}; default the shim's, 16)")
     args = p.parse_args(argv)
     if args.runs is None:
         args.runs = 3 if args.quick else 20

@@ -4,8 +4,10 @@ Layout (arrows point one way, downwards: the service uses the containers, the
 containers use the reaper, io and runtime; nothing below the service knows ttrpc):
 
 * :mod:`supervisor.shim` -- the binary containerd runs: ``start`` (light: no
-  trio, no protobuf; asks :mod:`supervisor.forkserver` for a pre-imported shim,
-  or starts one cold), ``delete`` (:mod:`supervisor._delete`) and the daemon.
+  trio, no protobuf; joins a live shim of the container's group through
+  :mod:`supervisor._join`, or asks :mod:`supervisor.forkserver` for a
+  pre-imported shim, or starts one cold), ``delete`` (:mod:`supervisor._delete`)
+  and the daemon.  :mod:`supervisor._pbwire` hand-encodes their few messages.
 * :mod:`supervisor.daemon` -- one nursery tree: reaper, event outbox, Task and
   Introspect services, the ttrpc server.
 * :mod:`supervisor.task` -- the Task service; maps errors to ttrpc codes (the

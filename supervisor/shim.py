@@ -9,20 +9,27 @@ containerd 1.6 runs the shim binary three ways (facts from containerd's
     SHIM -namespace NS -id ID -address A [-debug]         (the daemon)
 
 ``start``
-    Picks the socket ``/run/containerd/s/<sha256(address/namespace/group)>``
-    (the group is the id, or the sandbox id from the bundle's annotations, so
-    a pod's containers share one shim), binds it 0600 and writes ``address``
-    in the bundle.  Then the daemon: forked by the fork server
+    Picks the container's group: a group annotation (a pod's sandbox id, or
+    ``io.containerd.supervisor.v2.group``), else with ``shim_group =
+    "namespace"`` (settings file, or ``$SUPERVISOR_SHIM_GROUP`` in containerd's
+    environment) the namespace's shared group, else the container alone.  The
+    group's socket is ``/run/containerd/s/<sha256(address/namespace/group)>``
+    (then ``group#1``, ``group#2``... for a shared group whose shims are full).
+    A live shim there is asked to take the container (``Group/Join``,
+    :mod:`supervisor._join`): it answers only while it is not ending and, for a
+    shared group, serves fewer than ``shim_group_size`` containers (16); then
+    ``start`` writes ``address`` in the bundle and prints it.  Otherwise
+    ``start`` binds the socket 0600 (replacing one nothing listens on),
+    writes ``address``, and starts the daemon: forked by the fork server
     (:mod:`supervisor.forkserver`) when its socket exists and it answers
-    within 2 s, else (or on any failure) started cold -- a new interpreter in
-    a new session with the listening socket as fd 3 and no stdio of
-    containerd's.  A forked shim is moved into ``start``'s own cgroups (where
-    a cold one is born); either then gets ``ShimCgroup`` and the OOM score.
-    ``start`` prints the address -- nothing else, on stdout or stderr, since
-    containerd reads both as the address; a fork-server failure is noted in
-    the bundle's ``log`` FIFO.  If a live shim already serves that socket it
-    just prints its address.  It imports neither trio nor protobuf unless
-    options arrive on stdin, nor :mod:`logging`.
+    within 2 s, else (or on any failure) cold -- a new interpreter in a new
+    session with the listening socket as fd 3 and no stdio of containerd's.
+    A forked shim is moved into ``start``'s own cgroups (where a cold one is
+    born); either then gets ``ShimCgroup`` and the OOM score.  ``start``
+    prints the address -- nothing else, on stdout or stderr, since containerd
+    reads both as the address; a fork-server failure is noted in the bundle's
+    ``log`` FIFO.  It imports neither trio nor protobuf unless options arrive
+    on stdin, nor :mod:`logging`.
 
 ``delete``
     Cleans up after a shim that is gone: force-deletes the runtime's
@@ -32,9 +39,10 @@ containerd 1.6 runs the shim binary three ways (facts from containerd's
 
 the daemon
     Becomes the child subreaper, serves the Task service on fd 3, forwards
-    events to ``TTRPC_ADDRESS`` and logs to the ``log`` FIFO in the bundle.
-    It exits once ``Shutdown`` finds no container left, after its events are
-    delivered.
+    events to ``TTRPC_ADDRESS`` and logs to the ``log`` FIFO in the bundle
+    (moving to another container's when a shared shim's first bundle goes).
+    It exits once ``Shutdown`` finds no container left and none reserved,
+    after its events are delivered.
 """
 
 from __future__ import annotations

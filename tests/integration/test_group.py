@@ -9,13 +9,16 @@ come and go; nothing is left behind.
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
-from harness import Containerd, pid_alive, shims_for, wait_for, zombies_of
+from harness import Containerd, mounts_below, pid_alive, shims_for, wait_for, zombies_of
 
 GROUP_ENV = {"SUPERVISOR_SHIM_GROUP": "namespace", "SUPERVISOR_SHIM_GROUP_SIZE": "3"}
 
@@ -129,3 +132,42 @@ def test_settings_file_turns_sharing_on(make_containerd: Callable[..., Container
         wait_for(lambda cid=cid: c.tasks()[cid][1] == "STOPPED", 10, message=cid)
         c.ctr("task", "delete", cid)
     wait_for(lambda: not any(pid_alive(p) for p in pids), 15, message="the shims to exit")
+
+
+def test_killed_shared_shim_is_cleaned_up_for_each_container(shared: Containerd,
+                                                             busybox_rootfs: Path) -> None:
+    """One failure domain: containerd's cleanup reports each container with 137."""
+    c = shared
+    out = c.dir / "events.txt"
+    ids = ("k1", "k2")
+    with open(out, "wb") as f:
+        watcher = subprocess.Popen(c.ctr_argv("events"), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(0.3)
+        for cid in ids:
+            c.run(cid, "sleep", "1000", rootfs=busybox_rootfs, detach=True)
+        pids = {cid: c.tasks()[cid][0] for cid in ids}
+        [shim] = shims_for(c)
+        socket = address_of(c, ids[0]).removeprefix("unix://")
+        psutil.Process(shim).kill()
+
+        def exits() -> dict[str, str]:
+            lines = [ln.replace(" ", "") for ln in out.read_text().splitlines()
+                     if "/tasks/exit" in ln]
+            return {cid: ln for cid in ids for ln in lines if f'"container_id":"{cid}"' in ln}
+
+        found = wait_for(lambda: len(exits()) == len(ids) and exits(), 20,
+                         message="a /tasks/exit per container from containerd's cleanup")
+    finally:
+        watcher.kill()
+        watcher.wait()
+    for cid in ids:
+        assert '"exit_status":137' in found[cid]
+        assert f'"pid":{pids[cid]}' in found[cid]
+    for pid in pids.values():
+        wait_for(lambda pid=pid: not psutil.pid_exists(pid)
+                 or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10,
+                 message="the containers' processes to be killed")
+    assert not os.path.exists(socket)
+    assert mounts_below(c.dir) == []
+    assert shims_for(c) == []
