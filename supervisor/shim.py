@@ -413,6 +413,18 @@ def replace_stale(path: str) -> _socket.socket | None:
         os.close(fd)
 
 
+def ask_to_join(path: str, container_id: str, limit: int) -> str:
+    """:func:`supervisor._join.join`'s verdict ("joined", "full", "closing", "gone"),
+    or "refused" for an answer it does not understand (noted in the log FIFO)."""
+    from supervisor import _join  # ~0.5 ms: only when a shim is there
+
+    try:
+        return _join.join(path, container_id, limit)
+    except _join.JoinError as e:
+        note("warning", f"shim on {path}: {e}; trying the group's next socket")
+        return "refused"
+
+
 def claim_socket(flags: Flags, group: str, limit: int) -> tuple[str, _socket.socket | None]:
     """(address, listener) for this container: a listener when ``start`` must start a
     shim on it, None when a live shim there has reserved a place (see :mod:`supervisor._join`).
@@ -420,8 +432,6 @@ def claim_socket(flags: Flags, group: str, limit: int) -> tuple[str, _socket.soc
     The group's sockets are tried in order (``group``, ``group#1``, ...): a
     full shim or one on its way out sends the container to the next.
     """
-    from supervisor import _join
-
     for n in range(MAX_GROUP_SOCKETS):
         address = socket_address(flags.address, flags.namespace,
                                  group if n == 0 else f"{group}#{n}")
@@ -432,15 +442,11 @@ def claim_socket(flags: Flags, group: str, limit: int) -> tuple[str, _socket.soc
             except OSError as e:
                 if e.errno != errno.EADDRINUSE:
                     raise
-            try:
-                answer = _join.join(path, flags.id, limit)
-            except _join.JoinError as e:
-                note("warning", f"shim on {path}: {e}; trying the group's next socket")
-                break
-            if answer == _join.JOINED:
+            answer = ask_to_join(path, flags.id, limit)
+            if answer == "joined":
                 return address, None
-            if answer != _join.GONE:
-                break  # full or closing: the next socket
+            if answer != "gone":
+                break  # full, closing or confused: the next socket
             listener = replace_stale(path)
             if listener is not None:
                 return address, listener

@@ -171,3 +171,31 @@ def test_killed_shared_shim_is_cleaned_up_for_each_container(shared: Containerd,
     assert not os.path.exists(socket)
     assert mounts_below(c.dir) == []
     assert shims_for(c) == []
+
+
+def test_shared_shim_survives_containerd_restart(shared: Containerd,
+                                                 busybox_rootfs: Path) -> None:
+    """containerd killed: one container exits meanwhile, the other keeps running; after the
+    restart both are back through the one shim and the exit was not lost."""
+    c = shared
+    c.run("stay", "sleep", "1000", rootfs=busybox_rootfs, detach=True)
+    c.run("leave", "sh", "-c", "sleep 2; exit 9", rootfs=busybox_rootfs, detach=True)
+    assert address_of(c, "stay") == address_of(c, "leave")
+    [shim] = shims_for(c)
+    c.kill9()
+    time.sleep(4)  # "leave" exits while containerd is down
+    since = c.log_offset()
+    c.start()
+    wait_for(lambda: c.tasks().get("leave", (0, ""))[1] == "STOPPED", 15,
+             message="the exit held during the outage")
+    wait_for(lambda: "exit_status: 9" in c.log_text(since), 10,
+             message="the shim to forward the held /tasks/exit")
+    c.ctr("task", "delete", "leave")
+    assert c.tasks()["stay"][1] == "RUNNING"
+    r = c.ctr("task", "exec", "--exec-id", "e2", "stay", "echo", "back", check=False)
+    assert (r.returncode, r.stdout.strip()) == (0, "back")
+    assert shims_for(c) == [shim]
+    c.ctr("task", "kill", "-s", "SIGKILL", "stay")
+    wait_for(lambda: c.tasks()["stay"][1] == "STOPPED", 10, message="stay STOPPED")
+    c.ctr("task", "delete", "stay")
+    wait_for(lambda: not pid_alive(shim), 15, message="the shim to exit")

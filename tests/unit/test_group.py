@@ -296,3 +296,7 @@ def test_log_and_spool_follow_a_remaining_bundle(tmp_path: Path) -> None:
         root.removeHandler(handler)
         handler.close()
         spool.close()
+
+
+def test_start_reads_the_join_verdicts_by_value() -> None:
+    assert (_join.JOINED, _join.GONE) == ("joined", "gone")  # shim.claim_socket's strings
