@@ -19,8 +19,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def chaos_containerd() -> Iterator[Containerd]:
-    c = Containerd(runtime=os.environ.get("SUPERVISOR_TEST_RUNTIME") or None)
+def chaos_containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
+    """A private containerd; ``indirect`` parametrization passes its environment."""
+    env = getattr(request, "param", None) or {}
+    c = Containerd(runtime=os.environ.get("SUPERVISOR_TEST_RUNTIME") or None, env=env)
     try:
         c.start()
         yield c

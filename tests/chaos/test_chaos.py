@@ -9,6 +9,10 @@ with outages longer than 30 s.  Asserted after every run:
 * ``ctr task delete`` reports each container's own exit status (137 where its shim or
   the container was killed);
 * zero zombies under any shim; zero leaked shims, mounts, shim sockets or runc state.
+
+Both layouts are exercised: one shim per container, and shared shims
+(``SUPERVISOR_SHIM_GROUP=namespace``), where the victim has a group of its own
+(a group annotation) so that killing its shim kills no other container.
 """
 
 from __future__ import annotations
@@ -78,9 +82,14 @@ def failing_runtime(tmp: Path) -> Path:
     return cfg
 
 
-def run_detached(c: Containerd, cid: str, image: str, *cmd: str) -> None:
+GROUP_ANNOTATION = "io.containerd.supervisor.v2.group"
+SHARED = {"SUPERVISOR_SHIM_GROUP": "namespace", "SUPERVISOR_SHIM_GROUP_SIZE": "4"}
+
+
+def run_detached(c: Containerd, cid: str, image: str, *cmd: str, group: str = "") -> None:
+    extra = ["--annotation", f"{GROUP_ANNOTATION}={group}"] if group else []
     c.ctr("run", "-d", "--runtime", c.runtime, "--fifo-dir", str(c.fifo_dir),
-          "--env", IMAGE_PATH_ENV, image, cid, *cmd, timeout=60)
+          "--env", IMAGE_PATH_ENV, *extra, image, cid, *cmd, timeout=60)
 
 
 def chaos_round(c: Containerd, image: str, rng: random.Random, n: int, outage: float,
@@ -95,7 +104,7 @@ def chaos_round(c: Containerd, image: str, rng: random.Random, n: int, outage: f
     run_detached(c, long.id, image, "sleep", "1000")
     expects.append(long)
     victim = Expect(f"v{n}", 137, shim_killed=True)
-    run_detached(c, victim.id, image, "sleep", "1000")
+    run_detached(c, victim.id, image, "sleep", "1000", group=victim.id)  # a shim of its own
     report.victim_pids.append(c.tasks()[victim.id][0])
     expects.append(victim)
     for e in expects:
@@ -190,7 +199,17 @@ def test_chaos_short(chaos_containerd: Containerd, chaos_rootfs: Path, tmp_path:
     print(f"\nchaos short: {report}")
 
 
+@pytest.mark.parametrize("chaos_containerd", [SHARED], indirect=True, ids=["shared"])
+def test_chaos_short_shared_shims(chaos_containerd: Containerd, chaos_rootfs: Path,
+                                  tmp_path: Path) -> None:
+    report = run_chaos(chaos_containerd, chaos_rootfs, tmp_path, rounds=3,
+                       outages=[1.0, 0.5, 2.0], seed=2)
+    print(f"\nchaos short, shared shims: {report}")
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("chaos_containerd", [{}, SHARED], indirect=True,
+                         ids=["per-container", "shared"])
 def test_chaos_long(chaos_containerd: Containerd, chaos_rootfs: Path, tmp_path: Path) -> None:
     report = run_chaos(chaos_containerd, chaos_rootfs, tmp_path, rounds=12,
                        outages=[0.5, 3.0, 35.0, 1.0, 8.0, 31.0], seed=7)
