@@ -10,6 +10,8 @@ samples alternate (ours, Go, ours, Go, ...) so that machine noise hits both alik
 metric starts with ``--warmup`` unrecorded runs per runtime.  Metrics (``--only`` names):
 
 ``run``         ``ctr run --rm`` of ``/bin/true`` on the rootfs: wall time of the ctr process.
+``runbusy``     ``run`` while one idle container per runtime runs in the namespace (with
+                ``--shared`` our ``start`` joins its shim instead of starting a new one).
 ``exec``        ``ctr task exec`` of ``true`` into a running (``sleep``) container.
 ``events``      time from spawning ``ctr run --rm`` until ``/tasks/create``, ``/tasks/start``,
                 ``/tasks/exit`` and ``/tasks/delete`` for that container arrive on one
@@ -80,7 +82,7 @@ import harness  # noqa: E402
 
 OURS_RUNTIME = "io.containerd.supervisor.v2"
 GO_RUNTIME = "io.containerd.runc.v2"
-METRICS = ("run", "exec", "events", "coldstart", "memory", "throughput", "cpu")
+METRICS = ("run", "runbusy", "exec", "events", "coldstart", "memory", "throughput", "cpu")
 THROUGHPUT_BYTES = 209715200
 MIB = 1 << 20
 TASK_SERVICE = "containerd.task.v2.Task"
@@ -466,6 +468,27 @@ class Bench:
                 getattr(row, which).append(ms)
 
         self.alternate(self.args.runs, one)
+        self.add(row)
+
+    def m_runbusy(self) -> None:
+        """``run``, while another container of the runtime runs in the namespace (with
+        ``--shared``, our ``start`` then joins that container's shim instead of starting one)."""
+        row = Row("`ctr run --rm` /bin/true, another container running", "ms", "lower")
+        keeper = {w: self.new_id(w, "keeper") for w in self.order()}
+        for which, cid in keeper.items():
+            self.start_idle(which, cid)
+        try:
+
+            def one(which: str, record: bool) -> None:
+                cid = self.new_id(which, "runbusy")
+                ms = self.timed(self.run_argv(which, cid, "true", rm=True),
+                                f"ctr run --rm {cid}")
+                if record:
+                    getattr(row, which).append(ms)
+
+            self.alternate(self.args.runs, one)
+        finally:
+            self.parallel(self.remove, keeper.values(), 2)
         self.add(row)
 
     def m_exec(self) -> None:
