@@ -37,6 +37,10 @@ With ``--forkserver`` a ``supervisor-forkserver`` is started first (its socket i
 containerd's directory, passed to our shims as ``$SUPERVISOR_FORKSERVER`` through containerd's
 environment), so our shims are forked from it instead of started cold; its own memory is
 reported with the facts (it is shared by all the shims it forked), and it is stopped by pid.
+With ``--ksm`` the host's kernel samepage merging runs during ``memory`` (our shims opt their
+memory in; the Go shim's is not offered): each count is measured once ``ksmd`` has settled
+(two full scans with no change in merged pages, at most 180 s), and ``ksmd``'s own CPU time
+over that metric is reported; KSM is switched back off (pages unmerged) if it was off.
 With ``--shared`` our shims run with ``shim_group = "namespace"`` (``$SUPERVISOR_SHIM_GROUP``
 in containerd's environment; ``--shared-size`` sets ``$SUPERVISOR_SHIM_GROUP_SIZE``), so up
 to that many containers share one shim daemon; the Go shim is unchanged.
@@ -295,6 +299,11 @@ class Bench:
         self._streams: list[EventStream] = []
         self.load_at_start = _loadavg()
         self.forkserver: subprocess.Popen[bytes] | None = None
+        self.ksm_facts = "not run by the benchmark (--ksm not given)"
+        self.ksm_was = ""
+        self.ksmd: psutil.Process | None = None
+        self.ksmd_cpu0 = 0.0
+        self.ksm_t0 = 0.0
 
     # -- setup / teardown ---------------------------------------------------------
 
@@ -629,7 +638,58 @@ class Bench:
             os.close(log_fd)
             shutil.rmtree(bundle, ignore_errors=True)
 
+    # -- KSM (--ksm) --------------------------------------------------------------------
+
+    KSM = Path("/sys/kernel/mm/ksm")
+
+    def ksm_read(self, name: str) -> int:
+        return int((self.KSM / name).read_text().strip())
+
+    def ksm_start(self) -> None:
+        self.ksm_was = (self.KSM / "run").read_text().strip()
+        ksmd = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "ksmd"]
+        self.ksmd = ksmd[0] if ksmd else None
+        self.ksmd_cpu0 = sum(self.ksmd.cpu_times()[:2]) if self.ksmd else 0.0
+        self.ksm_t0 = time.monotonic()
+        (self.KSM / "run").write_text("1")
+
+    def ksm_settle(self, limit: float = 180.0) -> None:
+        """Wait until two full scans pass without a change in merged pages."""
+        deadline = time.monotonic() + limit
+        scans, sharing = self.ksm_read("full_scans"), self.ksm_read("pages_sharing")
+        stable = 0
+        while time.monotonic() < deadline and stable < 2:
+            time.sleep(1)
+            now_scans = self.ksm_read("full_scans")
+            if now_scans == scans:
+                continue
+            now_sharing = self.ksm_read("pages_sharing")
+            stable = stable + 1 if abs(now_sharing - sharing) <= sharing // 100 else 0
+            scans, sharing = now_scans, now_sharing
+        self.log(f"  KSM: {sharing} pages sharing after {scans} full scans"
+                 + ("" if stable >= 2 else f" (not settled within {limit:g} s)"))
+
+    def ksm_stop(self) -> None:
+        elapsed = time.monotonic() - self.ksm_t0
+        cpu = (sum(self.ksmd.cpu_times()[:2]) - self.ksmd_cpu0) if self.ksmd else float("nan")
+        self.ksm_facts = (f"on during the memory metric (pages_to_scan "
+                          f"{self.ksm_read('pages_to_scan')}, sleep_millisecs "
+                          f"{self.ksm_read('sleep_millisecs')}); ksmd used {cpu:.1f} s CPU "
+                          f"over {elapsed:.0f} s")
+        if self.ksm_was == "0":
+            (self.KSM / "run").write_text("2")  # unmerge everything, then off as before
+            (self.KSM / "run").write_text("0")
+
     def m_memory(self) -> None:
+        if self.args.ksm:
+            self.ksm_start()
+        try:
+            self._memory()
+        finally:
+            if self.args.ksm:
+                self.ksm_stop()
+
+    def _memory(self) -> None:
         counts = (3, 6) if self.args.quick else (10, 50)
         ids: dict[str, list[str]] = {"ours": [], "go": []}
         try:
@@ -644,6 +704,8 @@ class Bench:
                 self.parallel(lambda key: self.start_idle(*key.split("|")),
                               [f"{w}|{c}" for w, c in todo], 4)  # fmt: skip
                 time.sleep(3 if not self.args.quick else 1)  # let the shims settle
+                if self.args.ksm:
+                    self.ksm_settle()
                 pids = self.shim_pids()
                 for which in self.order():
                     pss = Row(f"idle shim Pss per container, {count} containers/runtime",
@@ -759,6 +821,7 @@ class Bench:
             f"Go: {self.runtimes['go']} = {go_shim}",
             f"- ours started by: {self.forkserver_facts()}",
             f"- ours shared: {self.sharing_facts()}",
+            f"- KSM: {self.ksm_facts}",
             f"- runs: {self.args.runs} per runtime (+{self.args.warmup} warm-up), "
             f"throughput {self.args.throughput_runs}, idle CPU {self.args.cpu_seconds:g} s",
         ]
@@ -792,6 +855,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--forkserver", action="store_true",
                    help="start a supervisor-forkserver and have our shims forked from it "
                         f"(${FORKSERVER_ENV} in containerd's environment)")
+    p.add_argument("--ksm", action="store_true",
+                   help="run the host's KSM (/sys/kernel/mm/ksm/run=1) during the memory "
+                        "metric and measure once it has settled; restored afterwards")
     p.add_argument("--shared", action="store_true",
                    help=f"our shims shared per namespace (${GROUP_ENV}=namespace)")
     p.add_argument("--shared-size", type=int, default=0,

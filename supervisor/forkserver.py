@@ -85,6 +85,7 @@ STATUS_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd",
                  "NoNewPrivs", "Seccomp")
 # Modules a daemon uses; importing them here is the point of the fork server.
 PRELOAD = ("supervisor.daemon", "supervisor.shim", "supervisor.shimlog", "supervisor.options",
+           "supervisor._ksm",
            "encodings.ascii", "ctypes", "fcntl", "resource", "select", "struct", "msgpack")
 EXIT_SETUP_FAILED = 121
 
@@ -724,6 +725,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="supervisor-forkserver: %(levelname)s %(message)s")
     log = logging.getLogger("supervisor.forkserver")
     preload(log)
+    from supervisor import _ksm  # noqa: PLC0415
+
+    log.info("%s", _ksm.apply())
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -510,6 +510,9 @@ def action_serve(flags: Flags) -> int:
 
     setup_logging(flags.debug)
     log = logging.getLogger("supervisor.shim")
+    from supervisor import _ksm
+
+    log.debug("%s", _ksm.apply())
     import socket
 
     from supervisor.daemon import serve

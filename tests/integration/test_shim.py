@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pytest
 from harness import (
     IMAGE_PATH_ENV,
     Containerd,
@@ -289,3 +291,20 @@ def test_missing_runtime_binary_is_a_clear_error(containerd: Containerd, busybox
     assert r.returncode != 0
     assert "/no/such/runc" in r.stderr and "No such file" in r.stderr, r.stderr
     wait_for(lambda: shim_gone(containerd), 15, message="no shim left")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/ksm_stat"),
+                    reason="kernel without per-process KSM (Linux < 6.4)")
+def test_shim_memory_is_offered_to_ksm_unless_opted_out(
+        make_containerd: Callable[..., Containerd], busybox_rootfs: Path) -> None:
+    """Every shim daemon opts its memory in to KSM (what the host does with it is the
+    operator's choice); SUPERVISOR_KSM=0 in containerd's environment opts out."""
+    for env, expected in (({}, "yes"), ({"SUPERVISOR_KSM": "0"}, "no")):
+        c = make_containerd(env=env)
+        c.run("k", "sleep", "1000", rootfs=busybox_rootfs, detach=True)
+        [shim] = shims_for(c)
+        stat = Path(f"/proc/{shim}/ksm_stat").read_text()
+        assert f"ksm_merge_any: {expected}" in stat, stat
+        c.ctr("task", "kill", "-s", "SIGKILL", "k")
+        wait_for(lambda c=c: c.tasks()["k"][1] == "STOPPED", 10, message="k STOPPED")
+        c.ctr("task", "delete", "k")
