@@ -51,8 +51,9 @@ Invariants
   answers a bad request with an error and keeps serving.  No child ever
   returns into the server's code: every child path ends in ``os._exit``.
 * Importing this module loads nothing ``start`` has not loaded already (no
-  typing, logging or msgpack): the client imports msgpack and resource only
-  when a fork server is there, the server everything else in :func:`main`.
+  typing, logging or msgpack): the client speaks msgpack through the small
+  :mod:`supervisor._msgpack` and imports resource only when a fork server is
+  there, the server everything else in :func:`main`.
 * The client's whole exchange (connect, send, answer, go) is bounded by one
   deadline, :data:`CLIENT_TIMEOUT`.
 """
@@ -290,7 +291,7 @@ def request_shim(path: str, request: Request, listener_fd: int,
     """
     import time  # noqa: PLC0415 - builtin, loaded by `start` already
 
-    import msgpack  # noqa: PLC0415 - ~2 ms, only when a fork server is there
+    from supervisor import _msgpack  # noqa: PLC0415 - msgpack's package costs ~3 ms
 
     deadline = time.monotonic() + timeout
 
@@ -306,7 +307,7 @@ def request_shim(path: str, request: Request, listener_fd: int,
         conn.settimeout(left())
         conn.connect(path)
         conn.settimeout(left())
-        send_fds(conn, [msgpack.packb(request.to_wire())], [listener_fd])
+        send_fds(conn, [_msgpack.packb(request.to_wire())], [listener_fd])
         conn.settimeout(left())
         data, fds, flags, _ = recv_fds(conn, MAX_MESSAGE, 1)
         if not data:
@@ -314,7 +315,7 @@ def request_shim(path: str, request: Request, listener_fd: int,
         if flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
             raise ForkServerError("answer truncated")
         try:
-            answer = msgpack.unpackb(data)
+            answer = _msgpack.unpackb(data)
         except ValueError as e:
             raise ForkServerError(f"undecodable answer: {e}") from None
         if not isinstance(answer, dict):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
+from supervisor import _delete
 from supervisor._delete import encode_delete_response
 from supervisor.api.task.v2 import shim_pb2
 
@@ -27,6 +29,29 @@ def test_matches_protobuf(pid: int, status: int, ns: int) -> None:
 def test_delete_path_imports_neither_trio_nor_protobuf() -> None:
     code = ("import sys, supervisor._delete; "
             "print('trio' in sys.modules, 'google.protobuf' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+@pytest.mark.parametrize("text", [
+    '{"binary_name": "crun", "root": "/run/x \\u00e9\\n", "systemd_cgroup": true, "io_uid": 7,'
+    ' "x": null, "l": [1, 2.5]}',
+    '  {}  ', '[]', '"s"',
+])
+def test_parse_json_matches_json(text: str) -> None:
+    assert _delete.parse_json(text) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ["", "{", '{"a": 1} x', "nope"])
+def test_parse_json_rejects_what_json_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        _delete.parse_json(text)
+
+
+def test_delete_does_not_import_json() -> None:
+    code = ("import sys; from supervisor import _delete; "
+            "_delete.parse_json('{}'); print('json' in sys.modules, 're' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["False", "False"]

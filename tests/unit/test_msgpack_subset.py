@@ -1,0 +1,70 @@
+"""supervisor._msgpack (start's side of the fork server protocol) against the msgpack package."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from supervisor import _msgpack
+from supervisor.forkserver import Request
+
+ints = st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
+scalars = st.none() | st.booleans() | ints | st.text()
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=20) | st.dictionaries(st.text(), inner, max_size=20),
+    max_leaves=60,
+)
+
+
+@settings(deadline=None)  # no timing in tests: a cold first example may be slow
+@given(values)
+def test_packb_writes_what_msgpack_writes(value: object) -> None:
+    assert _msgpack.packb(value) == msgpack.packb(value)
+
+
+@settings(deadline=None)
+@given(values)
+def test_unpackb_reads_what_msgpack_writes(value: object) -> None:
+    assert _msgpack.unpackb(msgpack.packb(value)) == value
+
+
+@pytest.mark.parametrize("n", [31, 32, 255, 256, 65535, 65536])
+def test_long_strings_and_containers(n: int) -> None:
+    for value in ("x" * n, list(range(n % 300)), {str(i): i for i in range(n % 70)}):
+        assert _msgpack.packb(value) == msgpack.packb(value)
+        assert _msgpack.unpackb(msgpack.packb(value)) == value
+
+
+@pytest.mark.parametrize("data", [b"", b"\x92\x01", b"\xc4\x01x", b"\x01\x02", b"\xa3ab",
+                                  b"\xa2\xff\xfe", b"\x91" * 40 + b"\x90"])
+def test_unpackb_refuses_what_it_cannot_read(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        _msgpack.unpackb(data)
+
+
+def test_packb_refuses_other_types() -> None:
+    with pytest.raises(TypeError):
+        _msgpack.packb(b"bytes")
+    with pytest.raises(OverflowError):
+        _msgpack.packb(1 << 64)
+
+
+def test_a_real_request_round_trips_through_the_servers_decoder() -> None:
+    request = Request.of_this_process(namespace="ns", id="c1", address="/a", debug=False,
+                                      argv=["python", "-m", "supervisor.shim"])
+    wire = msgpack.unpackb(_msgpack.packb(request.to_wire()))
+    assert Request.from_wire(wire).to_wire() == request.to_wire()
+
+
+def test_start_does_not_import_the_msgpack_package() -> None:
+    code = ("import sys; from supervisor import _msgpack, forkserver; "
+            "_msgpack.unpackb(_msgpack.packb({'pid': 5})); print('msgpack' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"
