@@ -157,10 +157,11 @@ class TaskService:
         self.started_at = time.time()
         #: Container id -> trio deadline: places ``Join`` reserved for a coming ``Create``.
         self.reservations: dict[str, float] = {}
-        if first:
-            self.reservations[first] = trio.current_time() + RESERVATION_TTL
         #: Set once the shim has decided to end: ``Join`` is refused from then on.
         self.closing = False
+        self._expiring = False
+        if first:
+            self._reserve(first)
 
     # --- plumbing -------------------------------------------------------
 
@@ -505,6 +506,30 @@ class TaskService:
 
     # --- group --------------------------------------------------------------
 
+    def _reserve(self, container_id: str) -> None:
+        self.reservations[container_id] = trio.current_time() + RESERVATION_TTL
+        if not self._expiring:
+            self._expiring = True
+            self.nursery.start_soon(self._expire_reservations)
+
+    async def _expire_reservations(self) -> None:
+        """Drop lapsed reservations; end a shim left with nothing to serve.
+
+        Without this, a shim whose reservation lapsed (its ``start`` gave up
+        after Join, or containerd died before ``Create``) would refuse every
+        ``Shutdown`` until then and get none after: an empty shim forever.
+        """
+        try:
+            while self.reservations and not self.closing:
+                await trio.sleep_until(min(self.reservations.values()))
+                self._reserved()
+            if not self.containers and not self.closing:
+                log.info("no container came for the reserved places: ending")
+                self.closing = True
+                self.request_shutdown()
+        finally:
+            self._expiring = False
+
     def _reserved(self) -> set[str]:
         """Ids with a live reservation and no container yet (lapsed ones are dropped)."""
         now = trio.current_time()
@@ -526,6 +551,6 @@ class TaskService:
                     f"the shim serves {count} containers (limit {r.limit})")
             count += 1
         if r.id not in self.containers:
-            self.reservations[r.id] = trio.current_time() + RESERVATION_TTL
+            self._reserve(r.id)
         log.debug("%s joins: %d containers served or reserved", r.id, count)
         return group_pb2.JoinResponse(containers=count)

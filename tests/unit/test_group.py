@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from supervisor import _join, daemon, errors, shim, shimlog
 from supervisor._pbwire import fields
@@ -300,3 +301,29 @@ def test_log_and_spool_follow_a_remaining_bundle(tmp_path: Path) -> None:
 
 def test_start_reads_the_join_verdicts_by_value() -> None:
     assert (_join.JOINED, _join.GONE) == ("joined", "gone")  # shim.claim_socket's strings
+
+
+async def test_a_shim_left_with_only_lapsed_reservations_ends(
+        nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    """A Join whose start gave up (or a first container whose Create never came) must not
+    keep an empty shim alive forever: Shutdowns were refused while it was reserved."""
+    s = Shim(nursery, first="a")
+    await s.join("b")
+    s.service.containers["a"] = object()  # type: ignore[assignment]
+    s.service.reservations.pop("a")  # a's Create came
+    del s.service.containers["a"]  # and a was deleted: its Shutdown is refused (b reserved)
+    assert not await s.shutdown("a")
+    await trio.sleep(RESERVATION_TTL / 2)
+    assert not s.ended
+    await trio.sleep(RESERVATION_TTL / 2 + 1)
+    assert s.ended and s.service.closing
+
+
+async def test_a_served_shim_outlives_its_reservations(
+        nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    s = Shim(nursery, first="a")
+    s.service.containers["a"] = object()  # type: ignore[assignment]
+    s.service.reservations.pop("a")
+    await s.join("b")
+    await trio.sleep(RESERVATION_TTL * 2)
+    assert not s.ended and s.service.reservations == {}
