@@ -30,7 +30,8 @@ reservation remains (the shim's first container is reserved from the start),
 and once it has decided to end it refuses every ``Join`` (UNAVAILABLE), so a
 container is never handed to a shim on its way out.  A reservation ends with
 the container's ``Create``, a ``Delete`` or ``Shutdown`` naming that id
-(containerd giving up on it), or after :data:`RESERVATION_TTL`.
+(containerd giving up on it), or after :data:`RESERVATION_TTL`; a shim whose
+last reservation lapses with no container to serve ends by itself.
 """
 
 from __future__ import annotations
