@@ -7,7 +7,9 @@ containers use the reaper, io and runtime; nothing below the service knows ttrpc
   trio, no protobuf; joins a live shim of the container's group through
   :mod:`supervisor._join`, or asks :mod:`supervisor.forkserver` for a
   pre-imported shim, or starts one cold), ``delete`` (:mod:`supervisor._delete`)
-  and the daemon.  :mod:`supervisor._pbwire` hand-encodes their few messages.
+  and the daemon.  :mod:`supervisor._pbwire` and :mod:`supervisor._msgpack`
+  hand-encode their few messages; :mod:`supervisor._ksm` offers a daemon's
+  memory to the kernel's samepage merging.
 * :mod:`supervisor.daemon` -- one nursery tree: reaper, event outbox, Task and
   Introspect services, the ttrpc server.
 * :mod:`supervisor.task` -- the Task service; maps errors to ttrpc codes (the
