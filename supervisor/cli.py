@@ -274,6 +274,8 @@ def shim_json(m: pb.ShimResponse) -> dict[str, Any]:
         "runtime_version_error": m.runtime_version_error or None,
         "container_count": m.container_count,
         "python_version": m.python_version,
+        "reserved": list(m.reserved),
+        "closing": m.closing,
     }
 
 
@@ -563,6 +565,11 @@ def format_shim(m: pb.ShimResponse, out: TextIO) -> None:
     memory = f"RSS {_mib(m.memory_rss_bytes)}"
     if m.memory_pss_bytes:
         memory += f", PSS {_mib(m.memory_pss_bytes)}"
+    containers = str(j["container_count"])
+    if j["reserved"]:
+        containers += f", {len(j['reserved'])} reserved ({', '.join(j['reserved'])})"
+    if j["closing"]:
+        containers += " (ending: takes no more)"
     out.write("Shim\n")
     for key, value in (
         ("Address", j["address"]),
@@ -573,7 +580,7 @@ def format_shim(m: pb.ShimResponse, out: TextIO) -> None:
         ("Memory", memory),
         ("Open fds", str(j["open_fds"])),
         ("Runtime", runtime),
-        ("Containers", str(j["container_count"])),
+        ("Containers", containers),
     ):
         out.write(f"  {key + ':':<12}{value}\n")
 

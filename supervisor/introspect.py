@@ -109,6 +109,10 @@ class TaskView(Protocol):
     @property
     def containers(self) -> Mapping[str, ContainerView]: ...
     @property
+    def reservations(self) -> Mapping[str, float]: ...
+    @property
+    def closing(self) -> bool: ...
+    @property
     def started_at(self) -> float: ...
     @property
     def reaper(self) -> Reaper: ...
@@ -384,6 +388,8 @@ class IntrospectService:
             runtime_binary=binary,
             container_count=len(self._tasks.containers),
             python_version=platform.python_version(),
+            reserved=sorted(set(self._tasks.reservations) - set(self._tasks.containers)),
+            closing=self._tasks.closing,
         )
         _set_time_ns(response.started_at, int(self._tasks.started_at * 1e9))
         self._memory(response)

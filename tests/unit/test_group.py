@@ -16,9 +16,10 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor import _join, daemon, errors, shim, shimlog
+from supervisor import _join, cli, daemon, errors, introspect, shim, shimlog
 from supervisor._pbwire import fields
 from supervisor.api.group import group_pb2
+from supervisor.api.introspect import introspect_pb2
 from supervisor.api.task.v2 import shim_pb2
 from supervisor.events import Event, Outbox, Spool
 from supervisor.reaper import Reaper
@@ -327,3 +328,20 @@ async def test_a_served_shim_outlives_its_reservations(
     await s.join("b")
     await trio.sleep(RESERVATION_TTL * 2)
     assert not s.ended and s.service.reservations == {}
+
+
+async def test_inspect_shows_reserved_places_and_an_ending_shim(nursery: trio.Nursery) -> None:
+    async def version(binary: str) -> str:
+        return "runc 1.1.5"
+
+    s = Shim(nursery, first="a")
+    await s.join("b")
+    inspector = introspect.IntrospectService(s.service, s.service.outbox, namespace="ns",
+                                             address="unix:///x", version_probe=version)
+    facts = await inspector.shim(introspect_pb2.ShimRequest())
+    assert (list(facts.reserved), facts.closing) == (["a", "b"], False)
+    s.service.reservations.clear()
+    await s.shutdown("a")
+    facts = await inspector.shim(introspect_pb2.ShimRequest())
+    assert (list(facts.reserved), facts.closing) == ([], True)
+    assert cli.shim_json(facts)["closing"] is True

@@ -60,6 +60,8 @@ class FakeTasks:
     containers: dict[str, FakeContainer] = field(default_factory=dict)
     started_at: float = field(default_factory=lambda: time.time() - 5)
     reaper: Reaper = field(default_factory=lambda: Reaper(subreaper=False))
+    reservations: dict[str, float] = field(default_factory=dict)
+    closing: bool = False
 
 
 class Sender:

@@ -34,7 +34,8 @@ EVENTS_KEYS = {"published", "delivered", "replayed", "pending_count",
                "pending", "recent"}
 SHIM_KEYS = {"pid", "version", "namespace", "address", "started_at", "uptime_seconds",
              "memory_rss_bytes", "memory_pss_bytes", "open_fds", "runtime_binary",
-             "runtime_version", "runtime_version_error", "container_count", "python_version"}
+             "runtime_version", "runtime_version_error", "container_count", "python_version",
+             "reserved", "closing"}
 ROW_KEYS = {"namespace", "id", "pid", "status", "exit_status", "exited_at", "execs", "shim_pid",
             "pending_events", "address", "reachable", "error"}
 SHIM_SUMMARY_KEYS = {"address", "reachable", "error", "pid", "namespaces", "containers",

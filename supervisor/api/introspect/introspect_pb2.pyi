@@ -14,7 +14,7 @@ class ShimRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShimResponse(_message.Message):
-    __slots__ = ("pid", "version", "namespace", "address", "started_at", "uptime_seconds", "memory_rss_bytes", "memory_pss_bytes", "open_fds", "runtime_binary", "runtime_version", "runtime_version_error", "container_count", "python_version")
+    __slots__ = ("pid", "version", "namespace", "address", "started_at", "uptime_seconds", "memory_rss_bytes", "memory_pss_bytes", "open_fds", "runtime_binary", "runtime_version", "runtime_version_error", "container_count", "python_version", "reserved", "closing")
     PID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,8 @@ class ShimResponse(_message.Message):
     RUNTIME_VERSION_ERROR_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_COUNT_FIELD_NUMBER: _ClassVar[int]
     PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    CLOSING_FIELD_NUMBER: _ClassVar[int]
     pid: int
     version: str
     namespace: str
@@ -43,7 +45,9 @@ class ShimResponse(_message.Message):
     runtime_version_error: str
     container_count: int
     python_version: str
-    def __init__(self, pid: _Optional[int] = ..., version: _Optional[str] = ..., namespace: _Optional[str] = ..., address: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., memory_rss_bytes: _Optional[int] = ..., memory_pss_bytes: _Optional[int] = ..., open_fds: _Optional[int] = ..., runtime_binary: _Optional[str] = ..., runtime_version: _Optional[str] = ..., runtime_version_error: _Optional[str] = ..., container_count: _Optional[int] = ..., python_version: _Optional[str] = ...) -> None: ...
+    reserved: _containers.RepeatedScalarFieldContainer[str]
+    closing: bool
+    def __init__(self, pid: _Optional[int] = ..., version: _Optional[str] = ..., namespace: _Optional[str] = ..., address: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., memory_rss_bytes: _Optional[int] = ..., memory_pss_bytes: _Optional[int] = ..., open_fds: _Optional[int] = ..., runtime_binary: _Optional[str] = ..., runtime_version: _Optional[str] = ..., runtime_version_error: _Optional[str] = ..., container_count: _Optional[int] = ..., python_version: _Optional[str] = ..., reserved: _Optional[_Iterable[str]] = ..., closing: _Optional[bool] = ...) -> None: ...
 
 class ContainersRequest(_message.Message):
     __slots__ = ("id",)
