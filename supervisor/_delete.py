@@ -71,7 +71,6 @@ class _ScanContext:
     parse_float = float
     parse_int = int
     parse_constant = float
-    memo: dict[str, str] = {}
 
 
 def parse_json(text: str) -> object:

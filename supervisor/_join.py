@@ -84,14 +84,14 @@ def decode_response(body: bytes) -> tuple[int, str, int]:
     return code, message, containers
 
 
-def verdict(code: int) -> str:
+def verdict(code: int, message: str = "") -> str:
     if code in (OK, UNIMPLEMENTED):
         return JOINED
     if code == RESOURCE_EXHAUSTED:
         return FULL
     if code == UNAVAILABLE:
         return CLOSING
-    raise JoinError(f"the shim refused with status {code}")
+    raise JoinError(f"the shim refused with status {code}" + (f": {message}" if message else ""))
 
 
 def _recv_exactly(sock: _socket.socket, size: int, deadline: float) -> bytes:
@@ -129,6 +129,7 @@ def join(path: str, container_id: str, limit: int, timeout: float = TIMEOUT) -> 
                     break
         except OSError:  # timed out, or the shim went away mid-call: it is leaving
             return CLOSING
-        return verdict(decode_response(body)[0])
+        code, message, _containers = decode_response(body)
+        return verdict(code, message)
     finally:
         sock.close()

@@ -23,7 +23,6 @@ import os
 from collections.abc import Mapping
 
 PR_SET_MEMORY_MERGE = 67
-PR_GET_MEMORY_MERGE = 68
 ENV = "SUPERVISOR_KSM"
 
 

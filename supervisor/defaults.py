@@ -6,3 +6,5 @@ DEFAULT_BINARY = "runc"
 DEFAULT_ROOT = "/run/containerd/runc"
 #: The shim's settings, kept in the bundle for ``delete`` after the shim is gone.
 SETTINGS_FILE = "supervisor-options.json"
+#: The values of ``shim_group`` ("" is the default: one shim per container).
+SHIM_GROUPS = ("", "container", "namespace")

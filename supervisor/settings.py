@@ -11,12 +11,9 @@ import json
 import os
 from dataclasses import dataclass
 
-from supervisor.defaults import DEFAULT_BINARY, DEFAULT_ROOT, SETTINGS_FILE
+from supervisor.defaults import DEFAULT_BINARY, DEFAULT_ROOT, SETTINGS_FILE, SHIM_GROUPS
 
 __all__ = ["DEFAULT_BINARY", "DEFAULT_ROOT", "SETTINGS_FILE", "SHIM_GROUPS", "Settings"]
-
-#: The values of ``shim_group`` ("" is the default, one shim per container).
-SHIM_GROUPS = ("", "container", "namespace")
 
 
 

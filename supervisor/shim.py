@@ -54,6 +54,7 @@ import sys
 import time
 
 from supervisor import __version__
+from supervisor.defaults import SHIM_GROUPS
 
 try:  # the builtin module: hashlib would load OpenSSL (~2 ms) for one digest
     from _sha256 import sha256  # type: ignore[import-not-found]
@@ -71,7 +72,6 @@ EXIT_USAGE = 2
 #: Environment defaults for ``shim_group`` / ``shim_group_size`` (containerd's environment).
 GROUP_ENV = "SUPERVISOR_SHIM_GROUP"
 GROUP_SIZE_ENV = "SUPERVISOR_SHIM_GROUP_SIZE"
-SHIM_GROUPS = ("", "container", "namespace")  # as supervisor.settings (not imported: ~5 ms)
 DEFAULT_GROUP_SIZE = 16
 SHARED_GROUP = "supervisor-shared"
 MAX_GROUP_SOCKETS = 64
@@ -460,12 +460,13 @@ def action_start(flags: Flags) -> int:
     mode, size, shim_cgroup = group_settings(options)
     group, limit = group_key(flags.id, bundle, mode, size, shim_cgroup)
     address, listener = claim_socket(flags, group, limit)
-    write_file_atomic("address", address)
-    if listener is None:
+    if listener is None:  # a live shim took it
+        write_file_atomic("address", address)
         sys.stdout.write(address)
         return 0
     path = socket_path(address)
     try:
+        write_file_atomic("address", address)
         pid, forked = start_daemon(flags, listener)
         try:
             if forked:
