@@ -388,7 +388,7 @@ class IntrospectService:
             runtime_binary=binary,
             container_count=len(self._tasks.containers),
             python_version=platform.python_version(),
-            reserved=sorted(set(self._tasks.reservations) - set(self._tasks.containers)),
+            reserved=sorted(self._tasks.reservations),
             closing=self._tasks.closing,
         )
         _set_time_ns(response.started_at, int(self._tasks.started_at * 1e9))

@@ -157,6 +157,8 @@ class TaskService:
         self._exits = reaper.subscribe()
         self.started_at = time.time()
         #: Container id -> trio deadline: places ``Join`` reserved for a coming ``Create``.
+        #: Never an id that has a container: ``Create`` takes its id out before it adds the
+        #: container, and ``Join`` reserves only ids without one.
         self.reservations: dict[str, float] = {}
         #: Set once the shim has decided to end: ``Join`` is refused from then on.
         self.closing = False
@@ -351,7 +353,7 @@ class TaskService:
         return api.StartResponse(pid=process.pid)
 
     async def delete(self, r: api.DeleteRequest) -> api.DeleteResponse:
-        if not r.exec_id and r.id not in self.containers:
+        if not r.exec_id:
             self.reservations.pop(r.id, None)  # containerd gave up on it before its Create
         container = await self._container(r.id)
         process = container.process(r.exec_id)
@@ -497,9 +499,9 @@ class TaskService:
         )
 
     async def shutdown(self, r: api.ShutdownRequest) -> empty_pb2.Empty:
-        if r.id not in self.containers:
-            self.reservations.pop(r.id, None)  # containerd is done with it
-        if not r.now and (self.containers or self._reserved()):
+        self.reservations.pop(r.id, None)  # containerd is done with it
+        self._prune_reservations()
+        if not r.now and (self.containers or self.reservations):
             return empty_pb2.Empty()
         self.closing = True
         self.request_shutdown()
@@ -523,7 +525,7 @@ class TaskService:
         try:
             while self.reservations and not self.closing:
                 await trio.sleep_until(min(self.reservations.values()))
-                self._reserved()
+                self._prune_reservations()
             if not self.containers and not self.closing:
                 log.info("no container came for the reserved places: ending")
                 self.closing = True
@@ -531,22 +533,21 @@ class TaskService:
         finally:
             self._expiring = False
 
-    def _reserved(self) -> set[str]:
-        """Ids with a live reservation and no container yet (lapsed ones are dropped)."""
+    def _prune_reservations(self) -> None:
+        """Drop the reservations that lapsed."""
         now = trio.current_time()
         for cid in [c for c, deadline in self.reservations.items() if deadline <= now]:
             log.warning("reservation for %s lapsed: no Create within %g s", cid, RESERVATION_TTL)
             del self.reservations[cid]
-        return set(self.reservations) - set(self.containers)
 
     async def join(self, r: group_pb2.JoinRequest) -> group_pb2.JoinResponse:
         if not r.id:
             raise errors.InvalidArgument("container id must not be empty")
         if self.closing:
             raise errors.Unavailable("the shim is shutting down")
-        reserved = self._reserved()
-        count = len(self.containers) + len(reserved)
-        if r.id not in self.containers and r.id not in reserved:
+        self._prune_reservations()
+        count = len(self.containers) + len(self.reservations)
+        if r.id not in self.containers and r.id not in self.reservations:
             if r.limit and count >= r.limit:
                 raise errors.ResourceExhausted(
                     f"the shim serves {count} containers (limit {r.limit})")

@@ -66,7 +66,8 @@ async def test_shutdown_waits_for_reserved_containers(nursery: trio.Nursery) -> 
     s = Shim(nursery, first="a")
     assert await s.join("b") == 2  # a (the first) and b
     assert not await s.shutdown("x")  # someone else's Shutdown: a and b still to come
-    s.service.containers["a"] = object()  # type: ignore[assignment]  # a's Create came
+    s.service.reservations.pop("a")  # a's Create came (it takes the id out first)
+    s.service.containers["a"] = object()  # type: ignore[assignment]
     assert not await s.shutdown("b")  # containerd gave up on b; a is served
     del s.service.containers["a"]  # a deleted
     assert await s.shutdown("a")
