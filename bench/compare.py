@@ -471,11 +471,11 @@ class Bench:
 
     # -- metrics --------------------------------------------------------------------
 
-    def m_run(self) -> None:
-        row = Row("`ctr run --rm` /bin/true", "ms", "lower")
+    def _time_run_rm(self, row: Row, tag: str) -> None:
+        """``row``: ``ctr run --rm`` of ``true``, alternating runtimes (``alternate``)."""
 
         def one(which: str, record: bool) -> None:
-            cid = self.new_id(which, "run")
+            cid = self.new_id(which, tag)
             ms = self.timed(self.run_argv(which, cid, "true", rm=True), f"ctr run --rm {cid}")
             if record:
                 getattr(row, which).append(ms)
@@ -483,26 +483,21 @@ class Bench:
         self.alternate(self.args.runs, one)
         self.add(row)
 
+    def m_run(self) -> None:
+        self._time_run_rm(Row("`ctr run --rm` /bin/true", "ms", "lower"), "run")
+
     def m_runbusy(self) -> None:
         """``run``, while another container of the runtime runs in the namespace (with
         ``--shared``, our ``start`` then joins that container's shim instead of starting one)."""
-        row = Row("`ctr run --rm` /bin/true, another container running", "ms", "lower")
         keeper = {w: self.new_id(w, "keeper") for w in self.order()}
         for which, cid in keeper.items():
             self.start_idle(which, cid)
         try:
-
-            def one(which: str, record: bool) -> None:
-                cid = self.new_id(which, "runbusy")
-                ms = self.timed(self.run_argv(which, cid, "true", rm=True),
-                                f"ctr run --rm {cid}")
-                if record:
-                    getattr(row, which).append(ms)
-
-            self.alternate(self.args.runs, one)
+            self._time_run_rm(
+                Row("`ctr run --rm` /bin/true, another container running", "ms", "lower"),
+                "runbusy")
         finally:
             self.parallel(self.remove, keeper.values(), 2)
-        self.add(row)
 
     def m_exec(self) -> None:
         row = Row("`ctr task exec` true", "ms", "lower")
