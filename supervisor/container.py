@@ -131,9 +131,11 @@ class Container:
         return [self.init, *self.execs.values()]
 
     def running_execs(self) -> list[Process]:
+        """Execs started and not exited (:class:`supervisor.exits.ExitOrder` keeps the
+        count the init's TaskExit waits for)."""
         return [
             p for p in self.execs.values()
-            if (p.state is State.RUNNING or p.starting) and not p.exited.is_set()
+            if p.state is State.RUNNING and not p.exited.is_set()
         ]
 
     # --- create / start -------------------------------------------------

@@ -103,15 +103,22 @@ class ContainerView(Protocol):
     def created(self) -> trio.Event: ...
 
 
+class GroupView(Protocol):
+    """The parts of :class:`supervisor.group.Group` this service reads."""
+
+    @property
+    def reserved(self) -> Mapping[str, float]: ...
+    @property
+    def closing(self) -> bool: ...
+
+
 class TaskView(Protocol):
     """The parts of :class:`supervisor.task.TaskService` this service reads."""
 
     @property
     def containers(self) -> Mapping[str, ContainerView]: ...
     @property
-    def reservations(self) -> Mapping[str, float]: ...
-    @property
-    def closing(self) -> bool: ...
+    def group(self) -> GroupView: ...
     @property
     def started_at(self) -> float: ...
     @property
@@ -388,8 +395,8 @@ class IntrospectService:
             runtime_binary=binary,
             container_count=len(self._tasks.containers),
             python_version=platform.python_version(),
-            reserved=sorted(self._tasks.reservations),
-            closing=self._tasks.closing,
+            reserved=sorted(self._tasks.group.reserved),
+            closing=self._tasks.group.closing,
         )
         _set_time_ns(response.started_at, int(self._tasks.started_at * 1e9))
         self._memory(response)

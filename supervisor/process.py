@@ -17,8 +17,9 @@ Invariants
 * ``exited`` is set exactly once, after the exit status is stored and the
   process's output is drained; :meth:`Process.wait` answers from the stored
   status at any time after.
-* An exit reaped while the process is *starting* is held and applied only after
-  the start has been published (TaskStart before TaskExit).
+* Only the lifecycle lives here.  When an exit may be reported (TaskStart
+  before TaskExit, the init's after its execs') is decided by
+  :class:`supervisor.exits.ExitOrder`, which the Task service asks.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import trio
 
 from supervisor.errors import FailedPrecondition
 from supervisor.io import Stdio, Streams
-from supervisor.reaper import Exit
 
 
 class State(enum.StrEnum):
@@ -80,11 +80,6 @@ class Process:
         self.exited_at_ns = 0
         self.exited = trio.Event()
         self.io: Streams | None = None
-        # exit bookkeeping (see the module invariants)
-        self.starting = False
-        self.held_exit: Exit | None = None
-        self.exit_seen = False
-        self.pending_exit: Exit | None = None
 
     @property
     def is_init(self) -> bool:

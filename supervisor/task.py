@@ -8,30 +8,26 @@ that says what happened, and encodes the answer.  This is the one boundary
 where the shim's errors become ttrpc status codes (:func:`status_of`).
 
 Exits arrive from the reaper (:meth:`TaskService.run_exits`, one subscription
-opened before anything is spawned) and are matched to processes by pid.
-
-Event order (containerd relies on it)
--------------------------------------
-* TaskCreate after the init exists; TaskStart/TaskExecStarted before that
-  process's TaskExit: an exit reaped while its process is *starting* is held
-  until the start has been published.
-* A process's TaskExit only after its output is drained (bounded by
-  :data:`DRAIN_TIMEOUT`, for a process whose children keep its stdout open).
-* The init's TaskExit only after the TaskExit of every exec that was running
-  when it died.
+opened before anything is spawned).  The service tells its
+:class:`~supervisor.exits.ExitOrder` what happens (a process being announced,
+its pid, a reaped exit, an event published, a delete) and does what it answers
+(:meth:`TaskService._apply`): the order containerd relies on is decided there,
+in one place -- TaskCreate/TaskStart/TaskExecStarted before that process's
+TaskExit, the init's TaskExit after those of its running execs.  A process's
+TaskExit comes only after its output is drained (bounded by
+:data:`DRAIN_TIMEOUT`, for a process whose children keep its stdout open).
 
 Groups (``supervisor.group.v1.Group``)
 --------------------------------------
-One shim may serve many containers (a pod, a labelled group, a shared
-namespace shim: see :mod:`supervisor.shim`).  ``start`` reserves a place with
-``Join`` before it hands this shim's address to containerd, and the shim keeps
-two promises: ``Shutdown`` does not end it while a container or a live
-reservation remains (the shim's first container is reserved from the start),
-and once it has decided to end it refuses every ``Join`` (UNAVAILABLE), so a
-container is never handed to a shim on its way out.  A reservation ends with
-the container's ``Create``, a ``Delete`` or ``Shutdown`` naming that id
-(containerd giving up on it), or after :data:`RESERVATION_TTL`; a shim whose
-last reservation lapses with no container to serve ends by itself.
+``Join`` and ``Shutdown`` ask the shim's :class:`~supervisor.group.Group`
+(reservations, and whether the shim may end); see :mod:`supervisor.group`.
+
+Log level
+---------
+A container's ``LogLevel`` option sets the level of the whole shim, and a
+shared shim serves many containers: its level is the most verbose that any of
+its containers asked for (:class:`LogLevel`).  A later ``Create`` asking for a
+less verbose one does not lower it.
 """
 
 from __future__ import annotations
@@ -57,6 +53,8 @@ from supervisor.api.task.v2 import shim_pb2 as api
 from supervisor.api.types import task_pb2 as types
 from supervisor.container import DRAIN_TIMEOUT, Container
 from supervisor.events import Outbox
+from supervisor.exits import Action, ExitOrder, InitExited
+from supervisor.group import Group
 from supervisor.io import Stdio
 from supervisor.mount import MountSpec
 from supervisor.options import decode as decode_options
@@ -69,8 +67,6 @@ log = logging.getLogger("supervisor.task")
 
 SERVICE = "containerd.task.v2.Task"
 GROUP_SERVICE = "supervisor.group.v1.Group"
-#: How long a ``Join`` keeps a place for a container whose ``Create`` has not come.
-RESERVATION_TTL = 120.0
 
 Req = TypeVar("Req", bound=Message)
 
@@ -114,13 +110,27 @@ _LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
            "fatal": logging.CRITICAL, "panic": logging.CRITICAL}
 
 
-def apply_log_level(name: str) -> None:
-    """The settings file's ``LogLevel`` (containerd's names) for the whole shim."""
-    level = _LEVELS.get(name.lower())
-    if level is None:
-        raise errors.InvalidArgument(
-            f"unknown LogLevel {name!r} (one of {', '.join(sorted(_LEVELS))})")
-    logging.getLogger().setLevel(level)
+class LogLevel:
+    """The shim's log level, as its containers' ``LogLevel`` options ask (containerd's names).
+
+    The most verbose level any container asked for: the first request sets it
+    (a container may quiet the shim's default), each more verbose one lowers
+    it, and a less verbose one changes nothing, so one container of a shared
+    shim cannot silence the debugging another asked for.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._logger = logger if logger is not None else logging.getLogger()
+        self.asked: int | None = None  # the most verbose level asked for yet
+
+    def ask(self, name: str) -> None:
+        level = _LEVELS.get(name.lower())
+        if level is None:
+            raise errors.InvalidArgument(
+                f"unknown LogLevel {name!r} (one of {', '.join(sorted(_LEVELS))})")
+        if self.asked is None or level < self.asked:
+            self.asked = level
+            self._logger.setLevel(level)
 
 
 def timestamp(ns: int) -> timestamp_pb2.Timestamp:
@@ -143,28 +153,22 @@ class TaskService:
         first: str = "",
         bundle_leaving: Callable[[str, list[str]], None] | None = None,
     ) -> None:
-        """``first``: the container whose ``start`` started this shim (reserved).
+        """``request_shutdown``: called once, when the shim's group decides it ends.
+        ``first``: the container whose ``start`` started this shim (reserved).
         ``bundle_leaving(bundle, others)``: called when a container is deleted, before
         containerd deletes its bundle, with the bundles of the containers that remain."""
         self.reaper = reaper
         self.outbox = outbox
         self.nursery = nursery
         self.namespace = namespace
-        self.request_shutdown = request_shutdown
         self.bundle_leaving = bundle_leaving
         self.containers: dict[str, Container] = {}
-        self._by_pid: dict[int, tuple[Container, Process]] = {}
+        self.order = ExitOrder()
         self._exits = reaper.subscribe()
         self.started_at = time.time()
-        #: Container id -> trio deadline: places ``Join`` reserved for a coming ``Create``.
-        #: Never an id that has a container: ``Create`` takes its id out before it adds the
-        #: container, and ``Join`` reserves only ids without one.
-        self.reservations: dict[str, float] = {}
-        #: Set once the shim has decided to end: ``Join`` is refused from then on.
-        self.closing = False
-        self._expiring = False
-        if first:
-            self._reserve(first)
+        self.group = Group(served=self.containers, end=request_shutdown, nursery=nursery,
+                           first=first)
+        self.log_level = LogLevel()
 
     # --- plumbing -------------------------------------------------------
 
@@ -209,30 +213,24 @@ class TaskService:
     # --- exits ------------------------------------------------------------
 
     async def run_exits(self) -> None:
-        """Match every reaped exit to the process it belongs to."""
+        """Hand every reaped exit to the exit order (it ignores pids it does not know)."""
         async for exit_ in self._exits:
-            found = self._by_pid.get(exit_.pid)
-            if found is not None:
-                self._on_exit(*found, exit_)
+            self._apply(self.order.exited(exit_))
 
-    def _register(self, container: Container, process: Process) -> None:
-        self._by_pid[process.pid] = (container, process)
-
-    def _on_exit(self, container: Container, process: Process, exit_: Exit) -> None:
-        if process.exit_seen:
-            return
-        process.exit_seen = True
-        if process.starting:
-            process.held_exit = exit_
-            return
-        self._by_pid.pop(process.pid, None)
-        if process.is_init:
-            if container.kill_all_on_exit:
-                self.nursery.start_soon(container.kill_all)
-            if container.running_execs():
-                process.pending_exit = exit_
-                return
-        self.nursery.start_soon(self._finish_exit, container, process, exit_)
+    def _apply(self, actions: list[Action]) -> None:
+        """Do what the exit order answered."""
+        for action in actions:
+            container = self.containers.get(action.container_id)
+            if container is None:  # deleted meanwhile; the order has forgotten it
+                continue
+            if isinstance(action, InitExited):
+                if container.kill_all_on_exit:
+                    self.nursery.start_soon(container.kill_all)
+                continue
+            process = container.init if not action.exec_id else container.execs.get(
+                action.exec_id)
+            if process is not None:
+                self.nursery.start_soon(self._finish_exit, container, process, action.exit)
 
     def _report_oom(self, container: Container) -> None:
         """Publish a TaskOOM for OOM kills not reported yet (before the exit they cause)."""
@@ -262,37 +260,21 @@ class TaskService:
                 exited_at=timestamp(process.exited_at_ns),
             )
         )
-        if not process.is_init:
-            init = container.init
-            if init.pending_exit is not None and not container.running_execs():
-                pending, init.pending_exit = init.pending_exit, None
-                self.nursery.start_soon(self._finish_exit, container, init, pending)
-
-    def _started(self, container: Container, process: Process, early: Exit | None) -> None:
-        self._register(container, process)
-        if early is not None:
-            self._on_exit(container, process, early)
-
-    def _end_start(self, container: Container, process: Process) -> None:
-        process.starting = False
-        held, process.held_exit = process.held_exit, None
-        if held is not None:
-            process.exit_seen = False
-            self._on_exit(container, process, held)
+        self._apply(self.order.reported(container.id, process.exec_id))
 
     # --- rpcs -------------------------------------------------------------
 
     async def create(self, r: api.CreateTaskRequest) -> api.CreateTaskResponse:
         if not r.id:
             raise errors.InvalidArgument("container id must not be empty")
-        self.reservations.pop(r.id, None)
+        self.group.release(r.id)
         if r.id in self.containers:
             raise errors.AlreadyExists(f"container {r.id!r} already exists")
         if r.checkpoint or r.parent_checkpoint:
             raise errors.Unimplemented("restoring from a checkpoint is not supported")
         settings = decode_options(r.options if r.HasField("options") else None)
         if settings.log_level:
-            apply_log_level(settings.log_level)
+            self.log_level.ask(settings.log_level)
         container = Container(
             r.id,
             r.bundle,
@@ -306,15 +288,16 @@ class TaskService:
         )
         # Reserve the id while the runtime works, so a twin Create is refused.
         self.containers[r.id] = container
-        container.init.starting = True
+        self.order.announcing(r.id)
         try:
             started = await container.create(self.nursery)
         except BaseException:
             del self.containers[r.id]
+            self.order.forget(r.id)
             raise
         finally:
             container.created.set()
-        self._started(container, container.init, started.early_exit)
+        self._apply(self.order.registered(r.id, "", started.pid, started.early_exit))
         self.nursery.start_soon(self._watch_oom, container)
         self.outbox.publish(
             ev.TaskCreate(
@@ -328,46 +311,43 @@ class TaskService:
             )
         )
         # An init that died meanwhile (killed before Start) is reported now, after TaskCreate.
-        self._end_start(container, container.init)
+        self._apply(self.order.announced(r.id))
         return api.CreateTaskResponse(pid=started.pid)
 
     async def start(self, r: api.StartRequest) -> api.StartResponse:
         container = await self._container(r.id)
         process = container.process(r.exec_id)
         process.check("start")
-        process.starting = True
+        self.order.announcing(container.id, process.exec_id)
         try:
             if process.is_init:
                 await container.start_init()
                 self.outbox.publish(ev.TaskStart(container_id=container.id, pid=process.pid))
             else:
                 started = await container.start_exec(process, self.nursery)
-                self._started(container, process, started.early_exit)
+                self._apply(self.order.registered(container.id, process.exec_id, started.pid,
+                                                  started.early_exit))
                 self.outbox.publish(
                     ev.TaskExecStarted(
                         container_id=container.id, exec_id=process.exec_id, pid=process.pid
                     )
                 )
         finally:
-            self._end_start(container, process)
+            self._apply(self.order.announced(container.id, process.exec_id))
         return api.StartResponse(pid=process.pid)
 
     async def delete(self, r: api.DeleteRequest) -> api.DeleteResponse:
         if not r.exec_id:
-            self.reservations.pop(r.id, None)  # containerd gave up on it before its Create
+            self.group.release(r.id)  # containerd gave up on it before its Create
         container = await self._container(r.id)
         process = container.process(r.exec_id)
         if process.is_init:
-            process.starting = False
-            process.held_exit = None
             await container.delete_init()
             del self.containers[container.id]
+            self.order.forget(container.id)  # an exit still held or waiting is dropped
             if self.bundle_leaving is not None:
                 self.bundle_leaving(container.bundle,
                                     [c.bundle for c in self.containers.values()])
-            for p in container.all_processes():
-                if self._by_pid.get(p.pid, (None, None))[1] is p:
-                    del self._by_pid[p.pid]
             if not process.exited.is_set():
                 # Deleted before it ran (or its exit never came): no TaskExit.
                 process.set_exited(process.exit_status)
@@ -382,6 +362,7 @@ class TaskService:
             )
         else:
             await container.delete_exec(process)
+            self._apply(self.order.forget_exec(container.id, process.exec_id))
         return api.DeleteResponse(
             pid=process.pid,
             exit_status=process.exit_status,
@@ -499,60 +480,10 @@ class TaskService:
         )
 
     async def shutdown(self, r: api.ShutdownRequest) -> empty_pb2.Empty:
-        self.reservations.pop(r.id, None)  # containerd is done with it
-        self._prune_reservations()
-        if not r.now and (self.containers or self.reservations):
-            return empty_pb2.Empty()
-        self.closing = True
-        self.request_shutdown()
+        self.group.shutdown(r.id, now=r.now)  # ends the shim if it may
         return empty_pb2.Empty()
 
     # --- group --------------------------------------------------------------
 
-    def _reserve(self, container_id: str) -> None:
-        self.reservations[container_id] = trio.current_time() + RESERVATION_TTL
-        if not self._expiring:
-            self._expiring = True
-            self.nursery.start_soon(self._expire_reservations)
-
-    async def _expire_reservations(self) -> None:
-        """Drop lapsed reservations; end a shim left with nothing to serve.
-
-        Without this, a shim whose reservation lapsed (its ``start`` gave up
-        after Join, or containerd died before ``Create``) would refuse every
-        ``Shutdown`` until then and get none after: an empty shim forever.
-        """
-        try:
-            while self.reservations and not self.closing:
-                await trio.sleep_until(min(self.reservations.values()))
-                self._prune_reservations()
-            if not self.containers and not self.closing:
-                log.info("no container came for the reserved places: ending")
-                self.closing = True
-                self.request_shutdown()
-        finally:
-            self._expiring = False
-
-    def _prune_reservations(self) -> None:
-        """Drop the reservations that lapsed."""
-        now = trio.current_time()
-        for cid in [c for c, deadline in self.reservations.items() if deadline <= now]:
-            log.warning("reservation for %s lapsed: no Create within %g s", cid, RESERVATION_TTL)
-            del self.reservations[cid]
-
     async def join(self, r: group_pb2.JoinRequest) -> group_pb2.JoinResponse:
-        if not r.id:
-            raise errors.InvalidArgument("container id must not be empty")
-        if self.closing:
-            raise errors.Unavailable("the shim is shutting down")
-        self._prune_reservations()
-        count = len(self.containers) + len(self.reservations)
-        if r.id not in self.containers and r.id not in self.reservations:
-            if r.limit and count >= r.limit:
-                raise errors.ResourceExhausted(
-                    f"the shim serves {count} containers (limit {r.limit})")
-            count += 1
-        if r.id not in self.containers:
-            self._reserve(r.id)
-        log.debug("%s joins: %d containers served or reserved", r.id, count)
-        return group_pb2.JoinResponse(containers=count)
+        return group_pb2.JoinResponse(containers=self.group.join(r.id, r.limit))

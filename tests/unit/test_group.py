@@ -1,4 +1,4 @@
-"""Shared shims: the Group service's promises, ``start``'s hand-made Join call, socket choice."""
+"""Shared shims: the group's promises, ``start``'s hand-made Join call, socket choice."""
 
 from __future__ import annotations
 
@@ -22,34 +22,28 @@ from supervisor.api.group import group_pb2
 from supervisor.api.introspect import introspect_pb2
 from supervisor.api.task.v2 import shim_pb2
 from supervisor.events import Event, Outbox, Spool
+from supervisor.group import RESERVATION_TTL, Group
 from supervisor.reaper import Reaper
-from supervisor.task import GROUP_SERVICE, RESERVATION_TTL, TaskService
+from supervisor.task import GROUP_SERVICE, TaskService
 from supervisor.ttrpc import CallContext, Code, RPCError, Server
 
 
-async def _nowhere(event: Event) -> None:
-    raise ConnectionError("no containerd in this test")
-
-
 class Shim:
-    """A TaskService (real) with a flag for Shutdown's verdict."""
+    """A Group with the ids it serves (a set the test adds to and removes from), and a
+    flag for its verdict that the shim ends."""
 
     def __init__(self, nursery: trio.Nursery, first: str = "") -> None:
-        self.ended = False
-        self.service = TaskService(
-            reaper=Reaper(subreaper=False), outbox=Outbox(_nowhere, "ns"), nursery=nursery,
-            namespace="ns", request_shutdown=self._end, first=first)
+        self.ended = 0
+        self.served: set[str] = set()
+        self.group = Group(served=self.served, end=self._end, nursery=nursery, first=first)
 
     def _end(self) -> None:
-        self.ended = True
+        self.ended += 1
 
-    async def join(self, cid: str, limit: int = 0) -> int:
-        answer = await self.service.join(group_pb2.JoinRequest(id=cid, limit=limit))
-        return answer.containers
-
-    async def shutdown(self, cid: str) -> bool:
-        await self.service.shutdown(shim_pb2.ShutdownRequest(id=cid))
-        return self.ended
+    def create(self, cid: str) -> None:
+        """What the Task service's Create does: the reservation ends, the container is served."""
+        self.group.release(cid)
+        self.served.add(cid)
 
 
 @pytest.fixture
@@ -59,42 +53,78 @@ async def nursery() -> AsyncIterator[trio.Nursery]:
         n.cancel_scope.cancel()
 
 
-# --- the service's promises ------------------------------------------------------
+# --- the group's promises --------------------------------------------------------
 
 
 async def test_shutdown_waits_for_reserved_containers(nursery: trio.Nursery) -> None:
     s = Shim(nursery, first="a")
-    assert await s.join("b") == 2  # a (the first) and b
-    assert not await s.shutdown("x")  # someone else's Shutdown: a and b still to come
-    s.service.reservations.pop("a")  # a's Create came (it takes the id out first)
-    s.service.containers["a"] = object()  # type: ignore[assignment]
-    assert not await s.shutdown("b")  # containerd gave up on b; a is served
-    del s.service.containers["a"]  # a deleted
-    assert await s.shutdown("a")
+    assert s.group.join("b") == 2  # a (the first) and b
+    assert not s.group.shutdown("x")  # someone else's Shutdown: a and b still to come
+    s.create("a")
+    assert not s.group.shutdown("b")  # containerd gave up on b; a is served
+    s.served.discard("a")  # a deleted
+    assert (s.group.shutdown("a"), s.ended, s.group.closing) == (True, 1, True)
     with pytest.raises(errors.Unavailable):  # once ending, nobody joins
-        await s.join("c")
+        s.group.join("c")
+    assert s.group.shutdown("a", now=True) and s.ended == 1  # the shim is ended once
+
+
+async def test_shutdown_now_ends_a_serving_shim(nursery: trio.Nursery) -> None:
+    s = Shim(nursery, first="a")
+    s.create("a")
+    assert s.group.shutdown("a", now=True) and s.ended == 1
 
 
 async def test_join_respects_the_limit_and_is_idempotent(nursery: trio.Nursery) -> None:
     s = Shim(nursery, first="a")
-    assert await s.join("b", limit=3) == 2
-    assert await s.join("b", limit=3) == 2  # a retried start: still one place
-    assert await s.join("c", limit=3) == 3
+    assert s.group.join("b", limit=3) == 2
+    assert s.group.join("b", limit=3) == 2  # a retried start: still one place
+    assert s.group.join("c", limit=3) == 3
     with pytest.raises(errors.ResourceExhausted):
-        await s.join("d", limit=3)
-    assert await s.join("d") == 4  # no limit (a pod's or a label's group)
+        s.group.join("d", limit=3)
+    assert s.group.join("d") == 4  # no limit (a pod's or a label's group)
+    s.create("b")
+    assert s.group.join("b", limit=4) == 4  # served, not reserved again
+    assert "b" not in s.group.reserved
+    with pytest.raises(errors.InvalidArgument):
+        s.group.join("")
 
 
-async def test_create_delete_and_lapse_end_a_reservation(nursery: trio.Nursery) -> None:
+async def test_release_and_lapse_end_a_reservation(nursery: trio.Nursery,
+                                                   autojump_clock: trio.testing.MockClock
+                                                   ) -> None:
     s = Shim(nursery)
-    await s.join("b")
-    await s.join("c")
-    with pytest.raises(errors.NotFound):  # containerd gave up on b before its Create
-        await s.service.delete(shim_pb2.DeleteRequest(id="b"))
-    assert s.service.reservations.keys() == {"c"}
-    s.service.reservations["c"] = trio.current_time() - 1  # as if RESERVATION_TTL passed
-    assert await s.shutdown("x")
+    s.group.join("b")
+    await trio.sleep(RESERVATION_TTL / 2)
+    s.group.join("c")
+    s.group.release("b")  # containerd gave up on b before its Create (a Delete naming it)
+    assert s.group.reserved.keys() == {"c"}
+    await trio.sleep(RESERVATION_TTL / 2 + 1)
+    assert s.group.reserved.keys() == {"c"}
+    await trio.sleep(RESERVATION_TTL / 2)  # c lapsed, nothing served: the shim ends itself
+    assert s.group.reserved == {} and s.ended == 1
     assert RESERVATION_TTL >= 60  # containerd creates within seconds of start
+
+
+async def test_the_task_service_asks_its_group(nursery: trio.Nursery) -> None:
+    """Join, Delete of a reserved id and Shutdown, through the Task service's rpcs."""
+    ended: list[bool] = []
+    service = TaskService(
+        reaper=Reaper(subreaper=False), outbox=Outbox(_nowhere, "ns"), nursery=nursery,
+        namespace="ns", request_shutdown=lambda: ended.append(True), first="a")
+    joined = await service.join(group_pb2.JoinRequest(id="b", limit=4))
+    assert joined.containers == 2
+    with pytest.raises(errors.NotFound):  # containerd gave up on b before its Create
+        await service.delete(shim_pb2.DeleteRequest(id="b"))
+    assert list(service.group.reserved) == ["a"]
+    await service.shutdown(shim_pb2.ShutdownRequest(id="x"))
+    assert not ended  # a is still to come
+    await service.shutdown(shim_pb2.ShutdownRequest(id="a"))
+    assert ended == [True] and service.group.closing
+
+
+async def _nowhere(event: Event) -> None:
+    raise ConnectionError("no containerd in this test")
 
 
 # --- start's Join call over a real socket -----------------------------------------
@@ -310,39 +340,39 @@ async def test_a_shim_left_with_only_lapsed_reservations_ends(
     """A Join whose start gave up (or a first container whose Create never came) must not
     keep an empty shim alive forever: Shutdowns were refused while it was reserved."""
     s = Shim(nursery, first="a")
-    await s.join("b")
-    s.service.containers["a"] = object()  # type: ignore[assignment]
-    s.service.reservations.pop("a")  # a's Create came
-    del s.service.containers["a"]  # and a was deleted: its Shutdown is refused (b reserved)
-    assert not await s.shutdown("a")
+    s.group.join("b")
+    s.create("a")
+    s.served.discard("a")  # and a was deleted: its Shutdown is refused (b reserved)
+    assert not s.group.shutdown("a")
     await trio.sleep(RESERVATION_TTL / 2)
     assert not s.ended
     await trio.sleep(RESERVATION_TTL / 2 + 1)
-    assert s.ended and s.service.closing
+    assert s.ended == 1 and s.group.closing
 
 
 async def test_a_served_shim_outlives_its_reservations(
         nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
     s = Shim(nursery, first="a")
-    s.service.containers["a"] = object()  # type: ignore[assignment]
-    s.service.reservations.pop("a")
-    await s.join("b")
+    s.create("a")
+    s.group.join("b")
     await trio.sleep(RESERVATION_TTL * 2)
-    assert not s.ended and s.service.reservations == {}
+    assert not s.ended and s.group.reserved == {}
 
 
 async def test_inspect_shows_reserved_places_and_an_ending_shim(nursery: trio.Nursery) -> None:
     async def version(binary: str) -> str:
         return "runc 1.1.5"
 
-    s = Shim(nursery, first="a")
-    await s.join("b")
-    inspector = introspect.IntrospectService(s.service, s.service.outbox, namespace="ns",
+    service = TaskService(
+        reaper=Reaper(subreaper=False), outbox=Outbox(_nowhere, "ns"), nursery=nursery,
+        namespace="ns", request_shutdown=lambda: None, first="a")
+    await service.join(group_pb2.JoinRequest(id="b"))
+    inspector = introspect.IntrospectService(service, service.outbox, namespace="ns",
                                              address="unix:///x", version_probe=version)
     facts = await inspector.shim(introspect_pb2.ShimRequest())
     assert (list(facts.reserved), facts.closing) == (["a", "b"], False)
-    s.service.reservations.clear()
-    await s.shutdown("a")
+    await service.shutdown(shim_pb2.ShutdownRequest(id="b"))
+    await service.shutdown(shim_pb2.ShutdownRequest(id="a"))
     facts = await inspector.shim(introspect_pb2.ShimRequest())
     assert (list(facts.reserved), facts.closing) == ([], True)
     assert cli.shim_json(facts)["closing"] is True

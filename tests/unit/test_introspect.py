@@ -53,6 +53,14 @@ class FakeContainer:
 
 
 @dataclass
+class FakeGroup:
+    """Shaped like supervisor.group.Group (what introspection reads)."""
+
+    reserved: dict[str, float] = field(default_factory=dict)
+    closing: bool = False
+
+
+@dataclass
 class FakeTasks:
     """Shaped like supervisor.task.TaskService (containers, started_at, reaper, nursery)."""
 
@@ -60,8 +68,7 @@ class FakeTasks:
     containers: dict[str, FakeContainer] = field(default_factory=dict)
     started_at: float = field(default_factory=lambda: time.time() - 5)
     reaper: Reaper = field(default_factory=lambda: Reaper(subreaper=False))
-    reservations: dict[str, float] = field(default_factory=dict)
-    closing: bool = False
+    group: FakeGroup = field(default_factory=FakeGroup)
 
 
 class Sender:

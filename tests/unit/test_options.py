@@ -12,7 +12,7 @@ from supervisor.api import runtimeoptions_pb2, typeurls
 from supervisor.api.runc import options_pb2, runctypes_pb2
 from supervisor.errors import InvalidArgument
 from supervisor.options import Settings, decode, decode_bytes, load_toml
-from supervisor.task import apply_log_level
+from supervisor.task import LogLevel
 
 
 def test_none_and_empty() -> None:
@@ -110,14 +110,27 @@ def test_settings_round_trip_through_bundle(tmp_path: Path) -> None:
 
 
 def test_log_level_names() -> None:
-    root = logging.getLogger()
-    before = root.level
-    try:
-        apply_log_level("Warn")
-        assert root.level == logging.WARNING
-        apply_log_level("debug")
-        assert root.level == logging.DEBUG
-        with pytest.raises(InvalidArgument, match="unknown LogLevel 'loud'"):
-            apply_log_level("loud")
-    finally:
-        root.setLevel(before)
+    logger = logging.getLogger("test_options.names")
+    LogLevel(logger).ask("Warn")
+    assert logger.level == logging.WARNING
+    LogLevel(logger).ask("debug")
+    assert logger.level == logging.DEBUG
+    with pytest.raises(InvalidArgument, match="unknown LogLevel 'loud'"):
+        LogLevel(logger).ask("loud")
+
+
+def test_log_level_is_the_most_verbose_any_container_asked_for() -> None:
+    """A shared shim: one container's Create must not quiet what another asked to see."""
+    logger = logging.getLogger("test_options.shared")
+    logger.setLevel(logging.INFO)  # the shim's default (containerd without -debug)
+    level = LogLevel(logger)
+    level.ask("error")  # the first container's choice is the shim's
+    assert logger.level == logging.ERROR
+    level.ask("debug")  # a second container wants more: everyone gets more
+    assert logger.level == logging.DEBUG
+    level.ask("warn")  # a third asks for less: no change
+    level.ask("info")
+    assert logger.level == logging.DEBUG
+    with pytest.raises(InvalidArgument):
+        level.ask("loud")
+    assert logger.level == logging.DEBUG
