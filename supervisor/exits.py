@@ -136,10 +136,16 @@ class ExitOrder:
         entry.reported = True
         return self._init_if_free(container_id) if exec_id else []
 
-    def forget(self, container_id: str) -> None:
-        """Delete of the container: drop its processes, and their held or waiting exits."""
-        self._waiting.pop(container_id, None)
+    def forget(self, container_id: str) -> Exit | None:
+        """Delete of the container: drop its processes, and their held or waiting exits.
+
+        Returns the init's exit if one was dropped (never reported: Delete may
+        still tell its status)."""
+        waiting = self._waiting.pop(container_id, None)
+        init = self._entries.get((container_id, ""))
+        held = init.held if init is not None else None
         self._drop([k for k in self._entries if k[0] == container_id])
+        return waiting or held
 
     def forget_exec(self, container_id: str, exec_id: str) -> list[Action]:
         """Delete of the exec: drop it (and a held exit); the init may stop waiting for it."""

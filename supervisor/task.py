@@ -344,13 +344,16 @@ class TaskService:
         if process.is_init:
             await container.delete_init()
             del self.containers[container.id]
-            self.order.forget(container.id)  # an exit still held or waiting is dropped
+            dropped = self.order.forget(container.id)  # never reported now: no TaskExit
             if self.bundle_leaving is not None:
                 self.bundle_leaving(container.bundle,
                                     [c.bundle for c in self.containers.values()])
             if not process.exited.is_set():
-                # Deleted before it ran (or its exit never came): no TaskExit.
-                process.set_exited(process.exit_status)
+                # Deleted before it ran (or its exit never came, or was held): no TaskExit.
+                if dropped is not None:
+                    process.set_exited(dropped.status, dropped.timestamp)
+                else:
+                    process.set_exited(process.exit_status)
             self.outbox.publish(
                 ev.TaskDelete(
                     container_id=container.id,

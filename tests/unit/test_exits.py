@@ -142,7 +142,7 @@ def test_delete_while_held_discards_the_exit() -> None:
     created(order)
     order.announcing(C)
     assert order.exited(INIT) == []
-    order.forget(C)  # Delete (force) while the Start is still running
+    assert order.forget(C) == INIT  # Delete (force) while the Start is still running
     assert order.announced(C) == []  # the Start ends: nothing to report
     assert order.reported(C) == []
     assert order.exited(INIT) == []
@@ -153,9 +153,16 @@ def test_delete_while_the_init_waits_discards_it() -> None:
     created(order)
     exec_started(order, "e1", E1.pid)
     assert order.exited(INIT) == [InitExited(C)]
-    order.forget(C)
+    assert order.forget(C) == INIT
     assert order.exited(E1) == []
     assert order.reported(C, "e1") == []
+
+
+def test_delete_of_a_container_without_an_exit_drops_nothing() -> None:
+    order = ExitOrder()
+    created(order)
+    assert order.forget(C) is None
+    assert order.exited(INIT) == []  # forgotten: its pid is nobody's now
 
 
 def test_deleting_an_exec_releases_the_init_waiting_for_it() -> None:

@@ -196,6 +196,8 @@ async def test_delete_while_an_exit_is_held_reports_no_exit(shim: Harness) -> No
     assert deleted.is_set()
     assert "exit c1/c1 137" not in shim.events()  # discarded with the container
     assert shim.events()[:1] == ["create"] and "delete" in shim.events()
+    deleted_event = next(e for e in shim.outbox.pending if e.topic == "/tasks/delete")
+    assert task.ev.TaskDelete.FromString(deleted_event.payload).exit_status == 137
 
 
 async def test_exits_of_unknown_pids_are_ignored(shim: Harness) -> None:
