@@ -34,12 +34,15 @@ Invariants
 * The init's TaskExit after the TaskExit of every exec still running when it
   exited: an exec counts as running while it is being announced and, once
   registered, until its TaskExit is published (:meth:`reported`) or it is
-  deleted; the init's exit waits, and is released when the last one stops.
+  deleted; one whose start failed before it was registered stops counting at
+  :meth:`announced`.  The init's exit waits, and is released when the last one
+  stops.
 * Output is drained before an exit is reported: a :class:`Report` is *may
   report*, and the caller drains first; the process counts as running until
   :meth:`reported`, so an init waiting for it waits for the drain too.
 * Delete discards (:meth:`forget`, :meth:`forget_exec`): a held or waiting
-  exit of a deleted process is never reported.
+  exit of a deleted process is never reported (:meth:`forget` hands back a
+  dropped init exit, so Delete can still tell its status).
 """
 
 from __future__ import annotations
