@@ -318,7 +318,7 @@ class Spool:
             return []
         reasons: list[str] = []
         records = self._records_v2(data, reasons)
-        old = not records and data[:1] and data[0] in _V1_FIRST_BYTES
+        old = not records and bool(data) and data[0] in _V1_FIRST_BYTES
         if old:
             reasons = []
             records = self._records_v1(data, reasons)
