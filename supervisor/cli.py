@@ -342,6 +342,7 @@ def events_json(m: pb.EventsResponse) -> dict[str, Any]:
         "last_error": m.last_error or None,
         "last_error_at": _time(m.last_error_at),
         "spool_error": m.spool_error or None,
+        "spool_skipped": m.spool_skipped,
         "pending": [event_json(e) for e in m.pending],
         "recent": [event_json(e) for e in m.recent],
     }
@@ -628,6 +629,9 @@ def format_events(m: pb.EventsResponse, out: TextIO, now: float) -> None:
                   f"(at {_short(j['last_error_at'])}, {_age_of(j['last_error_at'], now)} ago)\n")
     if j["spool_error"]:
         out.write(f"  {'Spool:':<12}{j['spool_error']}\n")
+    if j["spool_skipped"]:
+        out.write(f"  {'Skipped:':<12}{j['spool_skipped']} damaged or invalid spool records at "
+                  "start (the shim's log says which and why)\n")
     for title, events in (("Queue (oldest first)", j["pending"]),
                           ("Recently delivered", j["recent"])):
         out.write(f"  {title}:\n")

@@ -18,17 +18,19 @@ again.
 
 Durability
 ----------
-With a :class:`Spool`, every event is written to a file (msgpack records)
-before ``publish`` returns -- so it survives the shim being killed -- and the
-file is fsync'd before the event is forwarded (one fsync covers every event
-queued so far), so what containerd may have seen survives the machine
-crashing too.  An ``ack`` record is appended once
-containerd accepted it; when nothing is pending the file is truncated.  A shim
-that starts in a bundle whose spool holds unacknowledged events (the previous
-shim was killed, or replaced by an upgrade) forwards those first, in their
-original order and with their original timestamps.  If the spool cannot be
-written (full disk, read-only file system) the outbox logs a warning once and
-goes on in memory: nothing is dropped, only durability is lost.
+With a :class:`Spool`, every event is written to a file (msgpack records,
+each framed with its length and a checksum) before ``publish`` returns -- so
+it survives the shim being killed -- and the file is fsync'd before the event
+is forwarded (one fsync covers every event queued so far), so what containerd
+may have seen survives the machine crashing too.  An ``ack`` record is
+appended once containerd accepted it; when nothing is pending the file is
+truncated.  A shim that starts in a bundle whose spool holds unacknowledged
+events (the previous shim was killed, or replaced by an upgrade) forwards
+those first, in their original order and with their original timestamps; a
+damaged or invalid record in it is skipped, logged and counted
+(``stats.spool_skipped``), and never costs a record after it.  If the spool
+cannot be written (full disk, read-only file system) the outbox logs a warning
+once and goes on in memory: nothing is dropped, only durability is lost.
 
 Invariants
 ----------
@@ -39,11 +41,16 @@ Invariants
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import re
+import struct
 import time
+import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import msgpack
@@ -108,35 +115,199 @@ class OutboxStats:
     last_error: str = ""
     last_error_at: float = 0.0
     spool_error: str = ""
+    spool_skipped: int = 0  # damaged or invalid spool records skipped at start
     recent: deque[Event] = field(default_factory=lambda: deque(maxlen=64))
 
 
 _ADD, _ACK = 1, 2
 
+# A record's frame: magic, body length, CRC-32 of (length bytes + body), body.
+# 0xC1 is the one byte msgpack never uses and never starts a UTF-8 character,
+# so the magic is unlikely inside a record; the checksum decides anyway.
+_MAGIC = b"\xc1SV\x02"
+_HEAD = struct.Struct(">4sII")
+_MAX_INT = 2**63 - 1
+# The previous release wrote bare msgpack arrays: [1, ...] (7 fields) or [2, seq].
+_V1_FIRST_BYTES = (0x97, 0x92)
+# containerd refuses an envelope whose namespace or topic components are not
+# identifiers (events/exchange.go validateEnvelope): such an event could never
+# be delivered, and would block every later one.
+_IDENTIFIER = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*\Z")
+_MAX_IDENTIFIER = 76
+_LOGGED_SKIPS = 20
+
+
+class _Bad(Exception):
+    """A record that is framed well but is not an event or an ack (the message says why)."""
+
+
+def _frame(record: list[object]) -> bytes:
+    body: bytes = msgpack.packb(record, use_bin_type=True)
+    length = len(body).to_bytes(4, "big")
+    return _HEAD.pack(_MAGIC, len(body), zlib.crc32(body, zlib.crc32(length))) + body
+
+
+def _add_record(event: Event) -> list[object]:
+    return [_ADD, event.seq, event.timestamp_ns, event.namespace, event.topic, event.type_url,
+            event.payload]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data``, or cut off what was written of it and raise."""
+    view = memoryview(data)
+    done = 0
+    try:
+        while done < len(data):
+            n = os.write(fd, view[done:])
+            if n <= 0:
+                raise OSError(errno.ENOSPC, "write made no progress")
+            done += n
+    except OSError:
+        if done:  # no torn record stays behind (a reader would skip it; a writer never does)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, os.fstat(fd).st_size - done)
+        raise
+
+
+def _frames(data: bytes) -> Iterator[tuple[int, bytes | None, str]]:
+    """``(offset, body, "")`` per verified frame, ``(offset, None, why)`` per damaged stretch.
+
+    A stretch is everything from the first byte that does not start a verified
+    frame to the next magic that does; the scan resumes at the next magic
+    after a failed one, never at the end a damaged length points to, so no
+    damage can hide a later intact record.
+    """
+    view = memoryview(data)
+    n = len(data)
+    i = 0
+    bad_at, why = -1, ""
+    while i < n:
+        if not data.startswith(_MAGIC, i):
+            failure = "no record starts here"
+        elif i + _HEAD.size > n:
+            failure = "a torn record header (the writer died mid-write?)"
+        else:
+            _, length, crc = _HEAD.unpack_from(data, i)
+            end = i + _HEAD.size + length
+            if end > n:
+                failure = (f"a {length}-byte record runs past the end of the file "
+                           "(torn by a writer that died mid-write, or a damaged length)")
+            elif zlib.crc32(view[i + _HEAD.size:end], zlib.crc32(view[i + 4:i + 8])) != crc:
+                failure = "checksum mismatch"
+            else:
+                if bad_at >= 0:
+                    yield bad_at, None, f"{i - bad_at} damaged bytes: {why}"
+                    bad_at = -1
+                yield i, bytes(view[i + _HEAD.size:end]), ""
+                i = end
+                continue
+        if bad_at < 0:
+            bad_at, why = i, failure
+        i = data.find(_MAGIC, i + 1)
+        if i < 0:
+            i = n
+    if bad_at >= 0:
+        yield bad_at, None, f"{n - bad_at} damaged bytes: {why}"
+
+
+def _int(name: str, value: object, low: int) -> int:
+    if type(value) is not int or not low <= value <= _MAX_INT:
+        raise _Bad(f"{name} is {type(value).__name__} {value!r:.40}, "
+                   f"not an integer in [{low}, 2**63)")
+    return value
+
+
+def _name(name: str, value: object, *, topic: bool = False) -> str:
+    if type(value) is not str:
+        raise _Bad(f"{name} is {type(value).__name__}, not a string")
+    parts = value[1:].split("/") if topic and value.startswith("/") else [value]
+    if not all(len(p) <= _MAX_IDENTIFIER and _IDENTIFIER.match(p) for p in parts):
+        raise _Bad(f"{name} {value!r:.80} is not one containerd accepts")
+    return value
+
+
+def _record(value: object) -> Event | int:
+    """The event an add record holds, or the seq an ack names; :class:`_Bad` otherwise."""
+    if not isinstance(value, list) or not value:
+        raise _Bad(f"a {type(value).__name__}, not a record")
+    kind = value[0]
+    if kind == _ADD and type(kind) is int and len(value) == 7:
+        _, seq, ts, ns, topic, type_url, payload = value
+        if type(type_url) is not str or not type_url:
+            raise _Bad("type_url is not a non-empty string")
+        if type(payload) is not bytes:
+            raise _Bad(f"payload is {type(payload).__name__}, not bytes")
+        return Event(_int("seq", seq, 1), _int("timestamp_ns", ts, 0), _name("namespace", ns),
+                     _name("topic", topic, topic=True), type_url, payload)
+    if kind == _ACK and type(kind) is int and len(value) == 2:
+        return _int("acked seq", value[1], 1)
+    raise _Bad(f"kind {kind!r:.20} with {len(value)} fields is no record")
+
 
 class Spool:
     """The on-disk record of events not yet accepted by containerd.
 
-    Records are msgpack arrays: ``[1, seq, timestamp_ns, namespace, topic,
-    type_url, payload]`` when an event is published, ``[2, seq]`` when it was
-    accepted.  A torn last record (the shim died mid-write) is ignored.
+    Format
+    ------
+    A sequence of framed records: a 4-byte magic, the body's length and the
+    CRC-32 of length and body (both big-endian uint32), then the body, a
+    msgpack array: ``[1, seq, timestamp_ns, namespace, topic, type_url,
+    payload]`` when an event is published, ``[2, seq]`` when it was accepted.
+    A file that holds no verified frame and starts like a bare msgpack record
+    is read as the previous release's format (the same arrays, unframed) and
+    rewritten in this one before anything is appended.
+
+    Loading never raises and no record blocks another: a damaged stretch
+    (flipped bytes, a torn record, garbage) is skipped up to the next frame
+    that verifies; a frame that verifies but does not hold a well-typed event
+    or ack (a seq that is not a positive integer, a float timestamp, a topic
+    containerd would refuse ...) is skipped too.  Each is logged with what was
+    wrong and counted in :attr:`skipped`.  A file loaded with any of that, or in
+    the old format, is replaced (written aside, fsync'd, renamed) by its
+    pending events before this spool first writes, so appends never follow
+    garbage.  A write is completed when ``os.write`` is short; if it fails,
+    the part written is cut off again before the spool gives up (memory only).
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.error = ""
+        self.skipped = 0  # damaged or invalid records skipped by load()
+        self.last_seq = 0  # the highest seq any record loaded names
         self._fd = -1
         self._live = 0  # events added and not acked since the last truncate
         self._dirty = False
+        self._rewrite: list[Event] | None = None  # what to replace a damaged file with
 
     def _open(self) -> int:
         if self._fd < 0:
+            if self._rewrite is not None:
+                self._replace(self._rewrite)
+                self._rewrite = None
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                                0o600)
         return self._fd
 
+    def _replace(self, events: list[Event]) -> None:
+        """Make the file hold exactly ``events``: written aside, fsync'd, renamed over."""
+        aside = self.path + ".new"
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                for e in events:
+                    _write_all(fd, _frame(_add_record(e)))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(aside, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(aside)
+            raise
+        log.info("event spool %s rewritten with its %d pending events", self.path, len(events))
+
     def load(self) -> list[Event]:
-        """Events added and never acknowledged, in order."""
+        """Events added and never acknowledged, in order; never raises."""
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
@@ -145,22 +316,71 @@ class Spool:
         except OSError as e:
             log.warning("event spool %s unreadable: %s", self.path, e)
             return []
+        reasons: list[str] = []
+        records = self._records_v2(data, reasons)
+        old = not records and bool(data) and data[0] in _V1_FIRST_BYTES
+        if old:
+            reasons = []
+            records = self._records_v1(data, reasons)
         pending: dict[int, Event] = {}
+        for record in records:
+            if isinstance(record, Event):
+                pending[record.seq] = record
+                self.last_seq = max(self.last_seq, record.seq)
+            else:
+                pending.pop(record, None)
+                self.last_seq = max(self.last_seq, record)
+        events = [pending[k] for k in sorted(pending)]
+        self.skipped = len(reasons)
+        for why in reasons[:_LOGGED_SKIPS]:
+            log.warning("event spool %s: skipped %s", self.path, why)
+        if reasons:
+            log.warning("event spool %s: skipped %d damaged or invalid records%s; %d events "
+                        "pending", self.path, len(reasons),
+                        f" ({len(reasons) - _LOGGED_SKIPS} not shown)"
+                        if len(reasons) > _LOGGED_SKIPS else "", len(events))
+        if old or reasons:
+            self._rewrite = events
+        self._live = len(events)
+        return events
+
+    @staticmethod
+    def _records_v2(data: bytes, reasons: list[str]) -> list[Event | int]:
+        records: list[Event | int] = []
+        for offset, body, why in _frames(data):
+            if body is None:
+                reasons.append(f"at offset {offset}: {why}")
+                continue
+            try:
+                records.append(_record(msgpack.unpackb(body, raw=False)))
+            except _Bad as e:
+                reasons.append(f"the record at offset {offset}: {e}")
+            except Exception as e:  # a checksummed body no writer of ours made
+                reasons.append(f"the record at offset {offset} does not decode: {e}")
+        return records
+
+    @staticmethod
+    def _records_v1(data: bytes, reasons: list[str]) -> list[Event | int]:
+        """The previous release's unframed records, up to the first undecodable byte."""
+        records: list[Event | int] = []
         unpacker = msgpack.Unpacker(raw=False)
         unpacker.feed(data)
+        offset = 0
         try:
-            for record in unpacker:
-                if not isinstance(record, list) or not record:
-                    continue
-                if record[0] == _ADD and len(record) == 7:
-                    _, seq, ts, ns, topic, type_url, payload = record
-                    pending[seq] = Event(seq, ts, ns, topic, type_url, payload)
-                elif record[0] == _ACK and len(record) == 2:
-                    pending.pop(record[1], None)
-        except (ValueError, msgpack.UnpackException) as e:
-            log.warning("event spool %s: ignoring a damaged tail: %s", self.path, e)
-        self._live = len(pending)
-        return [pending[k] for k in sorted(pending)]
+            for value in unpacker:
+                try:
+                    records.append(_record(value))
+                except _Bad as e:
+                    reasons.append(f"the old-format record at offset {offset}: {e}")
+                offset = unpacker.tell()
+        except Exception as e:  # any decoding failure ends an unframed file
+            reasons.append(f"{len(data) - offset} old-format bytes at offset {offset} "
+                           f"(nothing after them can be found): {e}")
+            return records
+        if offset < len(data):
+            reasons.append(f"a torn old-format record: {len(data) - offset} bytes at offset "
+                           f"{offset}")
+        return records
 
     def _fail(self, e: OSError) -> None:
         self.error = f"{self.path}: {e.strerror or e}"
@@ -170,15 +390,14 @@ class Spool:
         if self.error:
             return
         try:
-            os.write(self._open(), msgpack.packb(record, use_bin_type=True))
+            _write_all(self._open(), _frame(record))
         except OSError as e:
             self._fail(e)
 
     def add(self, event: Event) -> None:
         self._live += 1
         self._dirty = True
-        self._write([_ADD, event.seq, event.timestamp_ns, event.namespace, event.topic,
-                     event.type_url, event.payload])
+        self._write(_add_record(event))
 
     @property
     def dirty(self) -> bool:
@@ -198,6 +417,8 @@ class Spool:
         self._live -= 1
         if self._live <= 0 and not self.error:
             self._live = 0
+            if self._rewrite is not None:
+                self._rewrite = []  # nothing pending: the damaged file is replaced by nothing
             try:
                 os.ftruncate(self._open(), 0)
                 return
@@ -232,11 +453,13 @@ class Outbox:
         self._next_seq = 1
         if spool is not None:
             replay = spool.load()
+            self.stats.spool_skipped = spool.skipped
+            # Past every seq the file names: a new event never shares one with an old ack.
+            self._next_seq = spool.last_seq + 1
             if replay:
                 log.info("replaying %d undelivered events from %s", len(replay), spool.path)
                 self._queue.extend(replay)
                 self.stats.replayed = len(replay)
-                self._next_seq = replay[-1].seq + 1
                 self._empty = trio.Event()
 
     @property

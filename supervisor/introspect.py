@@ -424,6 +424,7 @@ class IntrospectService:
             delivered=stats.delivered,
             replayed=stats.replayed,
             spool_error=stats.spool_error,
+            spool_skipped=stats.spool_skipped,
             pending_count=len(pending),
             oldest_pending_age_seconds=outbox.oldest_age(),
             last_error=stats.last_error,

@@ -19,7 +19,8 @@ from test_introspect import FakeContainer, FakeTasks, Sender, make_service, runn
 
 from supervisor import cli, ttrpc
 from supervisor.api.events import task_pb2 as ev
-from supervisor.events import Outbox
+from supervisor.api.introspect import introspect_pb2 as pb
+from supervisor.events import Event, Outbox, Spool
 from supervisor.introspect import SERVICE
 from supervisor.io import Stdio
 from supervisor.process import Process, State
@@ -31,7 +32,7 @@ EVENT_KEYS = {"seq", "topic", "timestamp", "namespace", "container_id", "process
               "type_url", "attempts", "first_error"}
 EVENTS_KEYS = {"published", "delivered", "replayed", "pending_count",
                "oldest_pending_age_seconds", "last_error", "last_error_at", "spool_error",
-               "pending", "recent"}
+               "spool_skipped", "pending", "recent"}
 SHIM_KEYS = {"pid", "version", "namespace", "address", "started_at", "uptime_seconds",
              "memory_rss_bytes", "memory_pss_bytes", "open_fds", "runtime_binary",
              "runtime_version", "runtime_version_error", "container_count", "python_version",
@@ -261,6 +262,24 @@ async def test_inspect_and_events(short_dir: Path, nursery: trio.Nursery) -> Non
     assert set(doc) == {"address", "reachable", "error", "shim_pid", "namespace", "events"}
     assert doc["events"]["pending_count"] == 0
     assert [x["topic"] for x in doc["events"]["recent"]] == ["/tasks/exit"]
+
+
+async def test_events_show_skipped_spool_records(tmp_path: Path, nursery: trio.Nursery) -> None:
+    path = str(tmp_path / "spool")
+    spool = Spool(path)
+    spool.add(Event(1, 1, "ns1", "/tasks/exit", "t", b""))
+    spool.add(Event(2, 1.5, "ns1", "/tasks/exit", "t", b""))  # type: ignore[arg-type]
+    spool.close()
+    outbox = Outbox(Sender().send, "ns1", spool=Spool(path))
+    got = await make_service(FakeTasks(nursery), outbox).events(pb.EventsRequest())
+    assert (got.replayed, got.spool_skipped) == (1, 1)
+    assert cli.events_json(got)["spool_skipped"] == 1
+    out = io.StringIO()
+    cli.format_events(got, out, time.time())
+    assert "Skipped:    1 damaged or invalid spool records" in out.getvalue()
+    out = io.StringIO()
+    cli.format_events(pb.EventsResponse(), out, time.time())
+    assert "Skipped:" not in out.getvalue()
 
 
 # --- main and exit codes ------------------------------------------------------------------

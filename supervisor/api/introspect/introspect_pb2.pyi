@@ -138,7 +138,7 @@ class EventsRequest(_message.Message):
     def __init__(self, limit: _Optional[int] = ...) -> None: ...
 
 class EventsResponse(_message.Message):
-    __slots__ = ("published", "delivered", "replayed", "pending_count", "oldest_pending_age_seconds", "last_error", "last_error_at", "spool_error", "pending", "recent")
+    __slots__ = ("published", "delivered", "replayed", "pending_count", "oldest_pending_age_seconds", "last_error", "last_error_at", "spool_error", "pending", "recent", "spool_skipped")
     PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     DELIVERED_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,7 @@ class EventsResponse(_message.Message):
     SPOOL_ERROR_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
     RECENT_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     published: int
     delivered: int
     replayed: int
@@ -159,7 +160,8 @@ class EventsResponse(_message.Message):
     spool_error: str
     pending: _containers.RepeatedCompositeFieldContainer[Event]
     recent: _containers.RepeatedCompositeFieldContainer[Event]
-    def __init__(self, published: _Optional[int] = ..., delivered: _Optional[int] = ..., replayed: _Optional[int] = ..., pending_count: _Optional[int] = ..., oldest_pending_age_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spool_error: _Optional[str] = ..., pending: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., recent: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+    spool_skipped: int
+    def __init__(self, published: _Optional[int] = ..., delivered: _Optional[int] = ..., replayed: _Optional[int] = ..., pending_count: _Optional[int] = ..., oldest_pending_age_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spool_error: _Optional[str] = ..., pending: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., recent: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., spool_skipped: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("seq", "topic", "timestamp", "namespace", "type_url", "attempts", "first_error", "container_id", "process_id")
