@@ -33,8 +33,9 @@ from typing import Any
 
 import trio
 
+from supervisor.launch import runcmd
+from supervisor.launch.defaults import DEFAULT_BINARY, DEFAULT_ROOT
 from supervisor.reaper import Reaper, spawn
-from supervisor.settings import DEFAULT_BINARY, DEFAULT_ROOT
 
 __all__ = ["DEFAULT_BINARY", "DEFAULT_ROOT", "OCIRuntime", "OCIRuntimeError", "read_pid_file"]
 
@@ -112,7 +113,7 @@ class OCIRuntime:
     ) -> None:
         self.reaper = reaper
         self.binary = binary or DEFAULT_BINARY
-        self.root = os.path.join(root or DEFAULT_ROOT, namespace)
+        self.root = runcmd.state_root(root, namespace)
         self.log_path = log_path
         self.systemd_cgroup = systemd_cgroup
         self.debug = debug
@@ -122,13 +123,8 @@ class OCIRuntime:
         return os.path.basename(self.binary)
 
     def _argv(self, args: Sequence[str]) -> list[str]:
-        argv = [self.binary, "--root", self.root, "--log", self.log_path, "--log-format", "json"]
-        if self.debug:
-            argv.append("--debug")
-        if self.systemd_cgroup:
-            argv.append("--systemd-cgroup")
-        argv.extend(args)
-        return argv
+        return [*runcmd.global_argv(self.binary, self.root, self.log_path,
+                                    systemd_cgroup=self.systemd_cgroup, debug=self.debug), *args]
 
     async def run(
         self,
