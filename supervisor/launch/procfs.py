@@ -24,12 +24,14 @@ from __future__ import annotations
 class Mount:
     """One ``mountinfo`` line, its paths unescaped."""
 
-    __slots__ = ("fstype", "mount_point", "root", "source", "super_options")
+    __slots__ = ("fstype", "mount_point", "optional", "root", "source", "super_options")
 
-    def __init__(self, root: str, mount_point: str, fstype: str, source: str,
-                 super_options: str) -> None:
+    def __init__(self, *, root: str, mount_point: str, fstype: str, source: str,
+                 super_options: str, optional: tuple[str, ...] = ()) -> None:
         self.root = root
         self.mount_point = mount_point
+        #: The optional fields (7): propagation, ``shared:N``, ``master:N``...
+        self.optional = optional
         self.fstype = fstype
         self.source = source
         self.super_options = super_options
@@ -70,8 +72,9 @@ def parse_mountinfo(text: str) -> list[Mount]:
         fields, tail = before.split(" "), after.split(" ")
         if len(fields) < 6 or len(tail) < 3:
             continue
-        mounts.append(Mount(unescape(fields[3]), unescape(fields[4]), tail[0],
-                            unescape(tail[1]), tail[2]))
+        mounts.append(Mount(root=unescape(fields[3]), mount_point=unescape(fields[4]),
+                            fstype=tail[0], source=unescape(tail[1]), super_options=tail[2],
+                            optional=tuple(fields[6:])))
     return mounts
 
 

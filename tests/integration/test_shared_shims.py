@@ -36,7 +36,7 @@ def address_of(c: Containerd, cid: str) -> str:
 
 
 def socket_files(c: Containerd, addresses: set[str]) -> list[str]:
-    return [a for a in addresses if os.path.exists(a.removeprefix("unix://"))]
+    return [a for a in addresses if os.path.exists(socket_path(a))]
 
 
 def test_containers_share_shims_up_to_the_size(shared: Containerd,

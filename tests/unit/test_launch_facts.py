@@ -78,6 +78,8 @@ def test_parse_mountinfo() -> None:
         ("/", "/sys/fs/cgroup", "cgroup2", "cgroup2"),
         ("/pod", "/sys/fs/cgroup/cpu,cpuacct", "cgroup", "cgroup"),
     ]
+    assert mounts[0].optional == ("master:1", "shared:2")
+    assert mounts[1].optional == ()
     assert procfs.cgroup_mounts(mounts) == [
         (set(), "/", "/sys/fs/cgroup"),
         ({"rw", "cpu", "cpuacct"}, "/pod", "/sys/fs/cgroup/cpu,cpuacct"),
