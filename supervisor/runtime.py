@@ -3,8 +3,9 @@
 Design
 ------
 :class:`OCIRuntime` turns each operation into one run of the runtime binary:
-``<binary> --root R --log L --log-format json [--systemd-cgroup] <command> ...``.
-Every run is started with :func:`supervisor.reaper.spawn` under a reaper
+``<binary> --root R --log L --log-format json [--systemd-cgroup] <command> ...``
+(the global flags from :mod:`supervisor.launch.runcmd`, which ``delete`` uses
+too).  Every run is started with :func:`supervisor.reaper.spawn` under a reaper
 subscription opened *before* the spawn, and its exit comes from the reaper
 (nothing here waits for a child any other way).
 
@@ -15,8 +16,9 @@ Task service returns to containerd as is.
 
 Invariants
 ----------
-* The runtime's state root is per namespace (``<root>/<namespace>``), as
-  containerd's runc shim does, so ``runc --root`` by hand finds our containers.
+* The runtime's state root is per namespace (``<root>/<namespace>``,
+  :func:`supervisor.launch.runcmd.state_root`), as containerd's runc shim
+  does, so ``runc --root`` by hand finds our containers.
 * Only :meth:`OCIRuntime.create` and :meth:`OCIRuntime.exec` hand the runtime
   the container's stdio; every other command's stdout and stderr are captured.
 """
