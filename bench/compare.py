@@ -580,6 +580,7 @@ class Bench:
 
         from supervisor import ttrpc  # noqa: PLC0415
         from supervisor.api.task.v2 import shim_pb2  # noqa: PLC0415
+        from supervisor.launch import address as addresses  # noqa: PLC0415
 
         ns = self.c.namespace
         bundle = self.c.dir / "coldstart" / cid
@@ -605,7 +606,7 @@ class Bench:
             address = r.stdout.strip()
 
             async def connect() -> tuple[float, int]:
-                client = await ttrpc.connect_unix(address)
+                client = await ttrpc.connect_unix(addresses.socket_path(address))
                 async with client:
                     md = {ttrpc.NAMESPACE_KEY: ns}
                     raw = await client.call(

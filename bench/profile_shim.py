@@ -39,11 +39,13 @@ SHIM = str(REPO_ROOT / ".venv" / "bin" / "containerd-shim-supervisor-v2")
 RUNTIMES = {"ours": "io.containerd.supervisor.v2", "go": "io.containerd.runc.v2"}
 
 IMPORT_SETS = {
-    "start (shim.py + _spawn)": "import supervisor.shim, supervisor._spawn",
+    "start (shim.py + launch.start + _spawn)": (
+        "import supervisor.shim, supervisor.launch.start, supervisor.launch._spawn"
+    ),
     "daemon (shim.py + daemon.py)": "import supervisor.shim, supervisor.daemon",
-    "delete (what action_delete imports)": (
-        "import supervisor.shim, subprocess, supervisor.mount, "
-        "supervisor.api.task.v2.shim_pb2, supervisor.options, supervisor.runtime"
+    "delete (shim.py + launch.delete, with subprocess and unmount)": (
+        "import supervisor.shim, supervisor.launch.delete, subprocess, "
+        "supervisor.launch.unmount"
     ),
 }
 

@@ -50,6 +50,7 @@ from google.protobuf.message import DecodeError, Message
 from supervisor import __version__, ttrpc
 from supervisor.api.introspect import introspect_pb2 as pb
 from supervisor.introspect import SERVICE
+from supervisor.launch.address import canonical, socket_path
 
 DEFAULT_STATE_DIR = "/run/containerd"
 TASK_DIR = "io.containerd.runtime.v2.task"
@@ -110,29 +111,11 @@ def discover(state_dir: str, namespace: str | None = None) -> list[Bundle]:
             except OSError as e:
                 found.append(Bundle(ns, cid, path, "", f"address file: {e.strerror or e}"))
                 continue
-            if not address:
-                found.append(Bundle(ns, cid, path, "", "empty address file"))
-            else:
-                found.append(Bundle(ns, cid, path, shim_address(address)))
+            try:
+                found.append(Bundle(ns, cid, path, canonical(address)))
+            except ValueError as e:
+                found.append(Bundle(ns, cid, path, "", f"address file: {e}"))
     return found
-
-
-def shim_address(written: str) -> str:
-    """An ``address`` file's contents -> what to connect to.
-
-    ``unix://...`` as containerd 1.6 writes it; anything else names an
-    abstract socket (as :func:`supervisor.shim.socket_path` binds it).
-    """
-    if written.startswith(("unix://", "/")):
-        return written
-    return "@" + written
-
-
-def normalize_address(target: str) -> str:
-    """``/path``, ``unix:///path`` or ``@abstract`` -> the address to connect to."""
-    if target.startswith(("unix://", "@")):
-        return target
-    return "unix://" + os.path.abspath(target)
 
 
 def looks_like_address(target: str) -> bool:
@@ -197,7 +180,7 @@ async def ask(
     report = Report(address)
     try:
         with trio.fail_after(timeout):
-            client = await ttrpc.connect_unix(address)
+            client = await ttrpc.connect_unix(socket_path(address))
     except (OSError, trio.TooSlowError) as e:
         report.error = reason(e, timeout)
         return report
@@ -511,7 +494,10 @@ class Target:
 def resolve(target: str, state_dir: str, namespace: str | None) -> Target:
     """A container id (found in the state dir) or a socket address -> where to ask."""
     if looks_like_address(target):
-        return Target(normalize_address(target))
+        try:
+            return Target(canonical(target))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     matches = [b for b in discover(state_dir, namespace) if b.id == target]
     if not matches:
         where = f"namespace {namespace}" if namespace else "any namespace"

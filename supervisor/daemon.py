@@ -27,10 +27,13 @@ import socket
 
 import trio
 
-from supervisor import introspect, shimlog, ttrpc
+from supervisor import _ksm, introspect, shimlog, ttrpc
 from supervisor.api.events import ttrpc_pb2 as events_api
 from supervisor.container import work_dir
 from supervisor.events import Event, Outbox, Spool
+from supervisor.launch.address import address_of, socket_path
+from supervisor.launch.defaults import LISTEN_FD
+from supervisor.launch.flags import Flags
 from supervisor.reaper import Reaper
 from supervisor.task import GROUP_SERVICE, SERVICE, TaskService
 
@@ -54,7 +57,7 @@ class ContainerdEvents:
         if not self.address:
             raise ConnectionError("TTRPC_ADDRESS is not set: nowhere to send events")
         if self._client is None or self._client.closed:
-            self._client = await ttrpc.connect_unix(self.address)
+            self._client = await ttrpc.connect_unix(socket_path(self.address))
         request = events_api.ForwardRequest()
         envelope = request.envelope
         envelope.timestamp.FromNanoseconds(event.timestamp_ns)
@@ -109,7 +112,7 @@ async def _serve(listener: socket.socket, *, namespace: str, ttrpc_address: str,
         server.register(SERVICE, service.handlers())
         server.register(GROUP_SERVICE, service.group_handlers())
         inspector = introspect.IntrospectService(service, outbox, namespace=namespace,
-                                                 address=introspect.address_of(listener))
+                                                 address=address_of(listener.getsockname()))
         server.register(introspect.SERVICE, inspector.handlers())
         trio_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
         await nursery.start(server.serve, trio_listener)
@@ -195,3 +198,24 @@ def serve(
         log.exception("shim failed")
         return 1
     return 0
+
+
+def action_serve(flags: Flags) -> int:
+    """The daemon, cold (:func:`supervisor.shim.main`) or forked (:mod:`supervisor.forkserver`).
+
+    Either way the listening socket is fd 3 and the working directory is the bundle.
+    """
+    shimlog.setup_logging(flags.debug)
+    log.debug("%s", _ksm.apply())
+    try:
+        listener = socket.socket(fileno=LISTEN_FD)
+    except OSError as e:
+        log.error("no listening socket on fd %d: %s", LISTEN_FD, e)
+        return 1
+    return serve(
+        listener,
+        namespace=flags.namespace,
+        container_id=flags.id,
+        ttrpc_address=os.environ.get("TTRPC_ADDRESS", ""),
+        bundle=os.getcwd(),
+    )

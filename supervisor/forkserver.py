@@ -1,4 +1,4 @@
-"""``supervisor-forkserver``: shim daemons forked from a pre-imported parent.
+"""``supervisor-forkserver``: shim daemons forked from a pre-imported parent (the server).
 
 Why
 ---
@@ -8,13 +8,18 @@ each.  The fork server imports all of that once, runs ``gc.collect();
 gc.freeze()`` (so the collector never writes to those objects, whose pages
 then stay shared) and forks one shim per request.  A forked shim answers in a
 few milliseconds and shares the imported code and objects copy-on-write.
-``start`` (:mod:`supervisor.shim`) asks the fork server when its socket
-exists and falls back to the cold start on any failure.
+``start`` asks the fork server when its socket exists and falls back to the
+cold start on any failure; its side of the protocol, and what both sides
+share (the :class:`~supervisor.launch.forkclient.Request` schema, fd passing,
+the one codec :mod:`supervisor.launch._msgpack`), is
+:mod:`supervisor.launch.forkclient`.  This module is the server alone: it
+runs beside the daemon and imports it.
 
 Protocol
 --------
 One ``SOCK_SEQPACKET`` connection per shim on a 0600 unix socket
-(:data:`DEFAULT_SOCKET`, or ``$SUPERVISOR_FORKSERVER``; empty disables it)::
+(:data:`~supervisor.launch.forkclient.DEFAULT_SOCKET`, or
+``$SUPERVISOR_FORKSERVER``; empty disables it)::
 
     client -> server   msgpack map (see Request) + SCM_RIGHTS: the shim's
                        bound, listening socket
@@ -31,7 +36,7 @@ disposition and the mask as a fresh interpreter has them, shows the cold
 command line and its environment in ``/proc/PID/cmdline`` and ``environ``
 (``PR_SET_MM_MAP``), reports its pid (or why it failed) on
 a status pipe and waits for the go byte before running the same code as a
-cold daemon (``shim.action_serve``).
+cold daemon (:func:`supervisor.daemon.action_serve`).
 
 Invariants
 ----------
@@ -50,102 +55,59 @@ Invariants
   connection at a time with every read bounded by :data:`REQUEST_TIMEOUT`,
   answers a bad request with an error and keeps serving.  No child ever
   returns into the server's code: every child path ends in ``os._exit``.
-* Importing this module loads nothing ``start`` has not loaded already (no
-  typing, logging or msgpack): the client speaks msgpack through the small
-  :mod:`supervisor._msgpack` and imports resource only when a fork server is
-  there, the server everything else in :func:`main`.
+* Both sides speak one codec, :mod:`supervisor.launch._msgpack` (it reads
+  all it writes); the msgpack package is not used.
 * The client's whole exchange (connect, send, answer, go) is bounded by one
-  deadline, :data:`CLIENT_TIMEOUT`.
+  deadline (:data:`~supervisor.launch.forkclient.CLIENT_TIMEOUT`).
 """
 
 from __future__ import annotations
 
 import _socket
+import argparse
+import ctypes
+import fcntl
+import gc
+import importlib
+import logging
 import os
+import resource
+import select
+import signal
+import socket
+import struct
 import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-TYPE_CHECKING = False  # not typing's: importing typing costs `start` ~2 ms
-if TYPE_CHECKING:
-    import logging
-    import socket
-    from collections.abc import Mapping, Sequence
-    from typing import Any
+from supervisor import _ksm
+from supervisor.daemon import action_serve
+from supervisor.launch import _msgpack
+from supervisor.launch.defaults import LISTEN_FD
+from supervisor.launch.flags import Flags
+from supervisor.launch.forkclient import (
+    DEFAULT_SOCKET,
+    MAX_MESSAGE,
+    SOCKET_ENV,
+    STATUS_FIELDS,
+    ForkServerError,
+    Request,
+    identity,
+    recv_fds,
+    send_fds,
+)
 
-DEFAULT_SOCKET = "/run/containerd/supervisor-forkserver.sock"
-SOCKET_ENV = "SUPERVISOR_FORKSERVER"
-PROTOCOL = 1
-MAX_MESSAGE = 256 * 1024
 REQUEST_TIMEOUT = 2.0  # server: each read and write of one connection
 SETUP_TIMEOUT = 5.0  # server: fork until the shim reports its pid
-CLIENT_TIMEOUT = 2.0  # start: connect, send and answer, all together
-LISTEN_FD = 3  # where the shim finds its listener, as in a cold start
 STATUS_FD = 4  # transient in the shim: its report to the server
 GO_FD = 5  # transient in the shim: the go pipe
-NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user", "cgroup", "time")
-STATUS_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
-                 "NoNewPrivs", "Seccomp")
-# Modules a daemon uses; importing them here is the point of the fork server.
-PRELOAD = ("supervisor.daemon", "supervisor.shim", "supervisor.shimlog", "supervisor.options",
-           "supervisor._ksm",
-           "encodings.ascii", "ctypes", "fcntl", "resource", "select", "struct", "msgpack")
+# Modules a daemon uses beyond this module's own imports; loading them before
+# gc.freeze() is the point of the fork server.
+PRELOAD = ("supervisor.shimlog", "supervisor.options", "encodings.ascii")
 EXIT_SETUP_FAILED = 121
 
 
-# --------------------------------------------------------------------------- fd passing
-# ``socket.send_fds``/``recv_fds`` over the builtin ``_socket``: importing the
-# ``socket`` module (enum, selectors) would cost ``start`` ~9 ms.
-
-_INT = 4  # sizeof(int): SCM_RIGHTS carries C ints
-
-
-def send_fds(sock: _socket.socket, buffers: list[bytes], fds: list[int]) -> int:
-    data = b"".join(fd.to_bytes(_INT, sys.byteorder, signed=True) for fd in fds)
-    return sock.sendmsg(buffers, [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, data)] if fds else [])
-
-
-def recv_fds(sock: _socket.socket, bufsize: int, maxfds: int
-             ) -> tuple[bytes, list[int], int, object]:
-    msg, ancdata, flags, address = sock.recvmsg(bufsize, _socket.CMSG_LEN(maxfds * _INT))
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % _INT
-            fds += [int.from_bytes(data[i:i + _INT], sys.byteorder, signed=True)
-                    for i in range(0, usable, _INT)]
-    return msg, fds, flags, address
-
-
-class ForkServerError(Exception):
-    """The fork server refused or failed a request; the message says why."""
-
-
-# --------------------------------------------------------------------------- both sides
-
-
-def socket_path() -> str | None:
-    """The fork server's socket: ``$SUPERVISOR_FORKSERVER`` (empty: none) or the default."""
-    value = os.environ.get(SOCKET_ENV)
-    if value is None:
-        return DEFAULT_SOCKET
-    return value or None
-
-
-def identity() -> dict[str, Any]:
-    """What a forked shim cannot take from its client: namespaces, root, credentials."""
-    namespaces: dict[str, int] = {}
-    for name in NAMESPACES:
-        try:
-            namespaces[name] = os.stat(f"/proc/self/ns/{name}").st_ino
-        except OSError:
-            continue  # a kernel without this namespace type: nothing to compare
-    root = os.stat("/")
-    status: dict[str, str] = {}
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in STATUS_FIELDS:
-                status[key] = " ".join(value.split())
-    return {"ns": namespaces, "root": [root.st_dev, root.st_ino], "status": status}
+# --------------------------------------------------------------------------- identity
 
 
 def identity_mismatch(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> str | None:
@@ -167,180 +129,12 @@ def identity_mismatch(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> str
     return None
 
 
-class Request:
-    """One shim to fork: what a cold start passes on its command line, and its context."""
-
-    __slots__ = ("address", "affinity", "argv", "cwd", "debug", "env", "id", "identity",
-                 "namespace", "nice", "rlimits", "umask")
-
-    def __init__(
-        self,
-        *,
-        namespace: str,
-        id: str,
-        address: str,
-        debug: bool,
-        argv: Sequence[str],
-        env: Mapping[str, str],
-        cwd: str,
-        umask: int,
-        rlimits: Sequence[tuple[int, int, int]],
-        nice: int,
-        affinity: Sequence[int],
-        identity: Mapping[str, Any],
-    ) -> None:
-        self.namespace = namespace
-        self.id = id
-        self.address = address
-        self.debug = debug
-        self.argv = list(argv)
-        self.env = dict(env)
-        self.cwd = cwd
-        self.umask = umask
-        self.rlimits = [tuple(r) for r in rlimits]
-        self.nice = nice
-        self.affinity = list(affinity)
-        self.identity = dict(identity)
-
-    @classmethod
-    def of_this_process(cls, *, namespace: str, id: str,
-                        address: str, debug: bool, argv: Sequence[str]) -> Request:
-        """A request for a shim that inherits what a cold start by this process would."""
-        import resource  # noqa: PLC0415 - C module, ~0.1 ms; only the client needs it
-
-        mask = os.umask(0)
-        os.umask(mask)
-        rlimits = []
-        for name in dir(resource):
-            if name.startswith("RLIMIT_"):
-                which = getattr(resource, name)
-                soft, hard = resource.getrlimit(which)
-                rlimits.append((which, soft, hard))
-        return cls(namespace=namespace, id=id, address=address, debug=debug, argv=argv,
-                   env=os.environ, cwd=os.getcwd(), umask=mask, rlimits=sorted(set(rlimits)),
-                   nice=os.getpriority(os.PRIO_PROCESS, 0),
-                   affinity=sorted(os.sched_getaffinity(0)), identity=identity())
-
-    def to_wire(self) -> dict[str, Any]:
-        wire = {k: getattr(self, k) for k in self.__slots__}
-        wire["v"] = PROTOCOL
-        return wire
-
-    @classmethod
-    def from_wire(cls, wire: object) -> Request:
-        """Check every field's type and range; :class:`ForkServerError` says what is wrong."""
-        if not isinstance(wire, dict):
-            raise ForkServerError("request is not a map")
-        if wire.get("v") != PROTOCOL:
-            raise ForkServerError(f"protocol version {wire.get('v')!r}, want {PROTOCOL}")
-
-        def field(name: str, kind: type) -> Any:
-            value = wire.get(name)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ForkServerError(f"field {name!r}: want {kind.__name__}, got {value!r:.80}")
-            return value
-
-        def strings(name: str, value: object) -> str:
-            if not isinstance(value, str) or "\0" in value:
-                raise ForkServerError(f"field {name!r}: bad string {value!r:.80}")
-            return value
-
-        namespace = strings("namespace", field("namespace", str))
-        cid = strings("id", field("id", str))
-        if not namespace or not cid:
-            raise ForkServerError("namespace and id must not be empty")
-        argv = [strings("argv", a) for a in field("argv", list)]
-        if not argv:
-            raise ForkServerError("field 'argv' is empty")
-        env: dict[str, str] = {}
-        for k, v in field("env", dict).items():
-            if not strings("env", k) or "=" in k:
-                raise ForkServerError(f"bad environment variable name {k!r:.80}")
-            env[k] = strings("env", v)
-        cwd = strings("cwd", field("cwd", str))
-        if not os.path.isabs(cwd):
-            raise ForkServerError(f"cwd {cwd!r} is not absolute")
-        umask = field("umask", int)
-        if not 0 <= umask <= 0o777:
-            raise ForkServerError(f"bad umask {umask!r}")
-        rlimits: list[tuple[int, int, int]] = []
-        for r in field("rlimits", list):
-            if (not isinstance(r, list) or len(r) != 3
-                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)):
-                raise ForkServerError(f"bad rlimit {r!r:.80}")
-            rlimits.append((r[0], r[1], r[2]))
-        affinity = field("affinity", list)
-        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in affinity):
-            raise ForkServerError(f"bad CPU affinity {affinity!r:.80}")
-        return cls(namespace=namespace, id=cid, address=strings("address", field("address", str)),
-                   debug=field("debug", bool), argv=argv, env=env, cwd=cwd, umask=umask,
-                   rlimits=rlimits, nice=field("nice", int), affinity=affinity,
-                   identity=field("identity", dict))
-
-
-# --------------------------------------------------------------------------- client
-
-
-def request_shim(path: str, request: Request, listener_fd: int,
-                 timeout: float = CLIENT_TIMEOUT) -> int:
-    """Have the fork server at ``path`` start a shim serving ``listener_fd``; its pid.
-
-    Raises :class:`ForkServerError` or ``OSError``; in every such case no shim
-    will ever serve ``listener_fd`` (see the module's invariants), so the
-    caller may start one cold.
-    """
-    import time  # noqa: PLC0415 - builtin, loaded by `start` already
-
-    from supervisor import _msgpack  # noqa: PLC0415 - msgpack's package costs ~3 ms
-
-    deadline = time.monotonic() + timeout
-
-    def left() -> float:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"no answer within {timeout:g} s")
-        return remaining
-
-    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
-    fds: list[int] = []
-    try:
-        conn.settimeout(left())
-        conn.connect(path)
-        conn.settimeout(left())
-        send_fds(conn, [_msgpack.packb(request.to_wire())], [listener_fd])
-        conn.settimeout(left())
-        data, fds, flags, _ = recv_fds(conn, MAX_MESSAGE, 1)
-        if not data:
-            raise ForkServerError("the fork server closed the connection")
-        if flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
-            raise ForkServerError("answer truncated")
-        try:
-            answer = _msgpack.unpackb(data)
-        except ValueError as e:
-            raise ForkServerError(f"undecodable answer: {e}") from None
-        if not isinstance(answer, dict):
-            raise ForkServerError(f"bad answer {answer!r:.80}")
-        if "error" in answer:
-            raise ForkServerError(str(answer["error"]))
-        pid = answer.get("pid")
-        if not isinstance(pid, int) or pid <= 0 or len(fds) != 1:
-            raise ForkServerError(f"bad answer {answer!r:.80} with {len(fds)} fds")
-        # The commit point: from here on the shim serves (or it is gone: EPIPE).
-        os.write(fds[0], b"g")
-        return pid
-    finally:
-        for fd in fds:
-            os.close(fd)
-        conn.close()
-
 
 # --------------------------------------------------------------------------- the shim side
 
 
 def _reset_signals() -> None:
     """Dispositions and mask as a fresh interpreter has them (the server blocked all)."""
-    import signal  # noqa: PLC0415 - loaded in the server; keeps the client light
-
     fresh: dict[int, Any] = {signal.SIGINT: signal.default_int_handler,
                              signal.SIGPIPE: signal.SIG_IGN,
                              signal.SIGXFSZ: signal.SIG_IGN}  # what Python sets up at its start
@@ -357,8 +151,6 @@ def _reset_signals() -> None:
 
 def _arrange_fds(listener_fd: int, status_fd: int, go_fd: int) -> None:
     """0-2 /dev/null, the listener on 3, status on 4, go on 5; every other fd closed."""
-    import fcntl  # noqa: PLC0415 - loaded in the server
-
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     # Lift every source above every target so that no dup2 clobbers another source.
     lifted = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 16)
@@ -379,14 +171,11 @@ def _arrange_fds(listener_fd: int, status_fd: int, go_fd: int) -> None:
 
 class Native:
     """libc through ctypes, prepared once in the server; a shim only calls it."""
-
     PR_SET_NAME = 15
     PR_SET_MM = 35
     PR_SET_MM_MAP = 14
 
     def __init__(self) -> None:
-        import ctypes  # noqa: PLC0415 - the server's; `start` never builds a Native
-
         self.ctypes = ctypes
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.libc.sbrk.restype = ctypes.c_void_p
@@ -454,11 +243,6 @@ def _report_error(fd: int, e: BaseException) -> None:
 def _become_shim(request: Request, listener_fd: int, status_fd: int, go_fd: int, *,
                  server_sockets: Sequence[_socket.socket], native: Native) -> None:
     """The grandchild: set up like a cold shim, report, wait for go, serve, exit."""
-    import logging  # noqa: PLC0415 - all loaded in the server
-    import resource  # noqa: PLC0415
-
-    from supervisor import shim  # noqa: PLC0415
-
     report = status_fd
     try:
         for s in server_sockets:
@@ -490,9 +274,9 @@ def _become_shim(request: Request, listener_fd: int, status_fd: int, go_fd: int,
         os.close(GO_FD)
         if go != b"g":
             os._exit(0)  # nobody committed to this shim: vanish without serving
-        flags = shim.Flags(namespace=request.namespace, id=request.id, address=request.address,
-                           debug=request.debug)
-        rc = shim.action_serve(flags)
+        flags = Flags(namespace=request.namespace, id=request.id, address=request.address,
+                      debug=request.debug)
+        rc = action_serve(flags)
         logging.shutdown()
         keep.clear()
         os._exit(rc)
@@ -526,10 +310,6 @@ class ForkServer:
                 conn.close()
 
     def handle(self, conn: _socket.socket) -> None:
-        import struct  # noqa: PLC0415 - server only; loaded
-
-        import msgpack  # noqa: PLC0415
-
         conn.settimeout(REQUEST_TIMEOUT)
         peer_pid, peer_uid, _ = struct.unpack(
             "3i", conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i")))
@@ -549,7 +329,7 @@ class ForkServer:
                 if not data:
                     raise ForkServerError("empty request")
                 try:
-                    wire = msgpack.unpackb(data)
+                    wire = _msgpack.unpackb(data)
                 except ValueError as e:
                     raise ForkServerError(f"undecodable request: {e}") from None
                 request = Request.from_wire(wire)
@@ -580,10 +360,8 @@ class ForkServer:
                 os.waitpid(intermediate, 0)  # after the answer: its exit is not on the path
 
     def reply(self, conn: _socket.socket, answer: dict[str, Any], fd: int | None = None) -> None:
-        import msgpack  # noqa: PLC0415 - server only; loaded
-
         try:
-            send_fds(conn, [msgpack.packb(answer)], [] if fd is None else [fd])
+            send_fds(conn, [_msgpack.packb(answer)], [] if fd is None else [fd])
         except OSError as e:
             self.log.warning("could not answer %r: %s", answer, e)
 
@@ -594,7 +372,6 @@ class ForkServer:
         The status pipe's read end gets the shim's report; the go pipe's write
         end is for the client.  The intermediate exits at once; reap it.
         """
-        import signal  # noqa: PLC0415 - server only; loaded
 
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
@@ -626,8 +403,6 @@ class ForkServer:
 
     def await_shim(self, status_r: int) -> int:
         """The shim's pid from its report on the status pipe (ForkServerError if none)."""
-        import select  # noqa: PLC0415 - server only; loaded
-
         poller = select.poll()
         poller.register(status_r, select.POLLIN)
         if not poller.poll(SETUP_TIMEOUT * 1000):
@@ -658,9 +433,6 @@ def check_listener(fd: int) -> None:
 
 def preload(log: logging.Logger) -> None:
     """Import what a daemon uses, then freeze it all out of the collector's reach."""
-    import gc  # noqa: PLC0415
-    import importlib  # noqa: PLC0415
-
     for name in PRELOAD:
         importlib.import_module(name)
     gc.collect()
@@ -670,8 +442,6 @@ def preload(log: logging.Logger) -> None:
 
 def bind(path: str) -> socket.socket:
     """The server's socket at ``path``, 0600; a stale socket is replaced, a live one is not."""
-    import socket  # noqa: PLC0415 - the server's own socket (accept); start never binds
-
     os.makedirs(os.path.dirname(path) or ".", mode=0o711, exist_ok=True)
     sock = socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
@@ -709,10 +479,6 @@ def _stop(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse  # noqa: PLC0415 - the server's imports; `start` never runs this
-    import logging  # noqa: PLC0415
-    import signal  # noqa: PLC0415
-
     parser = argparse.ArgumentParser(
         prog="supervisor-forkserver",
         description="Fork pre-imported shim daemons for containerd-shim-supervisor-v2 "
@@ -726,7 +492,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="supervisor-forkserver: %(levelname)s %(message)s")
     log = logging.getLogger("supervisor.forkserver")
     preload(log)
-    from supervisor import _ksm  # noqa: PLC0415
 
     log.info("%s", _ksm.apply())
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -756,3 +521,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

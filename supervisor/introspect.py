@@ -28,7 +28,8 @@ Invariants
 ----------
 * Read-only: nothing here changes a container, a process or the outbox.
 * No handler awaits anything but the bounded wait for the version probe.
-* Errors become ttrpc status codes only in :meth:`IntrospectService._unary`.
+* Errors become ttrpc status codes only in :func:`status_of`, which
+  :func:`supervisor._unary.handlers` applies to every handler.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import logging
 import os
 import platform
 import signal
-import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -64,7 +64,6 @@ __all__ = [
     "SERVICE",
     "IntrospectService",
     "VersionProbe",
-    "address_of",
     "probe_runtime_version",
 ]
 
@@ -129,15 +128,6 @@ class TaskView(Protocol):
 
 # (binary) -> its version string; raise on failure.
 VersionProbe = Callable[[str], Awaitable[str]]
-
-
-def address_of(listener: socket.socket) -> str:
-    """The address containerd knows a shim's listening socket by (``unix://...``)."""
-    raw: object = listener.getsockname()
-    name = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-    if name.startswith("\0"):
-        return name[1:]  # abstract: the address is the name itself (see supervisor.shim)
-    return "unix://" + name
 
 
 # --- the runtime's version -----------------------------------------------------

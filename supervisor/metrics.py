@@ -72,6 +72,7 @@ from google.protobuf import any_pb2
 from supervisor.api import typeurls
 from supervisor.api.cgroups.v1 import metrics_pb2 as v1
 from supervisor.api.cgroups.v2 import metrics_pb2 as v2
+from supervisor.launch import procfs
 
 __all__ = [
     "CGROUP2_SUPER_MAGIC",
@@ -83,7 +84,6 @@ __all__ = [
     "cgroup_paths",
     "collect_v1",
     "collect_v2",
-    "parse_proc_cgroup",
     "statfs_magic",
     "stats_for_paths",
     "stats_for_pid",
@@ -170,42 +170,12 @@ class CgroupPaths:
     unified: Path | None = None
 
 
-def parse_proc_cgroup(text: str) -> tuple[dict[str, str], str | None]:
-    """Parse a ``/proc/<pid>/cgroup`` text.
-
-    Returns (v1 controller -> group path, unified group path or None).
-    Co-mounted controllers (``4:cpu,cpuacct:/x``) each get the group; malformed
-    lines are skipped.
-    """
-    controllers: dict[str, str] = {}
-    unified: str | None = None
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) < 3:
-            continue
-        hierarchy, names, group = parts
-        if names == "":
-            if hierarchy == "0":
-                unified = group
-            continue
-        for name in names.split(","):
-            if name:
-                controllers[name] = group
-    return controllers, unified
-
-
 def _cgroup_mount_roots(mountinfo: str) -> dict[str, str]:
     """v1 controller (or ``name=...``) -> root of its cgroup mount, from mountinfo text."""
     roots: dict[str, str] = {}
-    for line in mountinfo.splitlines():
-        before, sep, after = line.partition(" - ")
-        if not sep:
-            continue
-        fields, tail = before.split(), after.split()
-        if len(fields) < 5 or len(tail) < 3 or tail[0] != "cgroup":
-            continue
-        for option in tail[2].split(","):
-            roots.setdefault(option, fields[3])
+    for controllers, root, _ in procfs.cgroup_mounts(procfs.parse_mountinfo(mountinfo)):
+        for option in sorted(controllers):
+            roots.setdefault(option, root)
     return roots
 
 
@@ -233,7 +203,7 @@ def cgroup_paths(pid: int, *, root: StrPath = CGROUP_ROOT, proc: StrPath = "/pro
         text = Path(proc, str(pid), "cgroup").read_text()
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise ProcessLookupError(errno.ESRCH, f"process {pid} not found") from exc
-    groups, unified = parse_proc_cgroup(text)
+    groups, unified = procfs.cgroup_groups(text)
     try:
         mount_roots = _cgroup_mount_roots(Path(proc, "self", "mountinfo").read_text())
     except OSError:

@@ -7,7 +7,8 @@ containerd hands a shim's Create request a list of mounts (``type``, ``source``,
 snapshotter, or one bind mount (``options=[rbind, ro]``).  Their ``target`` is
 empty; every mount goes on the same directory, in order, each one stacked on
 the previous.  Delete (and the ``delete`` action) undoes the stack with
-:func:`unmount_all`.
+:func:`unmount_all` (from :mod:`supervisor.launch.unmount`, which ``delete``
+shares; mount points are read with :mod:`supervisor.launch.procfs`).
 
 Everything here is a thin, synchronous layer over ``mount(2)`` and
 ``umount2(2)`` called through :mod:`ctypes`; there are no external programs and
@@ -81,13 +82,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import threading
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
+
+from supervisor.launch import procfs
+from supervisor.launch.unmount import MNT_DETACH, UMOUNT_NOFOLLOW, sys_umount, unmount_all
 
 __all__ = [
     "MNT_DETACH",
@@ -139,8 +141,6 @@ MS_RELATIME: Final = 1 << 21
 MS_STRICTATIME: Final = 1 << 24
 
 # umount2(2) flags.
-MNT_DETACH: Final = 2
-UMOUNT_NOFOLLOW: Final = 8
 
 # unshare(2): give the calling thread its own cwd/root/umask.
 _CLONE_FS: Final = 0x200
@@ -199,13 +199,6 @@ _PROPAGATION_OPTIONS: Final[Mapping[str, int]] = MappingProxyType({
 _IGNORED_OPTIONS: Final = frozenset({"defaults"})
 
 _LOWERDIR: Final = "lowerdir="
-_MOUNTINFO_ESCAPE: Final = re.compile(r"\\([0-7]{3})")
-
-# containerd's UnmountAll retries EBUSY 50 times, 50 ms apart.
-_EBUSY_RETRIES: Final = 50
-_EBUSY_DELAY: Final = 0.05
-# A guard against looping forever should umount2 keep succeeding.
-_MAX_STACKED: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +313,7 @@ def mount(spec: MountSpec, target: str) -> None:
         if not plain & MS_REMOUNT:
             # Undo the mount we just made; the original error matters more
             # than a failure to clean up, which would only hide it.
-            _sys_umount(target, MNT_DETACH | UMOUNT_NOFOLLOW)
+            sys_umount(target, MNT_DETACH | UMOUNT_NOFOLLOW)
         raise
 
 
@@ -338,28 +331,8 @@ def mount_all(specs: Sequence[MountSpec], target: str) -> None:
     except BaseException:
         # Each successful mount() stacked exactly one mount: detach as many.
         for _ in range(done):
-            _sys_umount(target, MNT_DETACH | UMOUNT_NOFOLLOW)
+            sys_umount(target, MNT_DETACH | UMOUNT_NOFOLLOW)
         raise
-
-
-def unmount_all(target: str, *, detach: bool = False) -> None:
-    """Unmount every mount stacked on ``target`` until none is left.
-
-    An empty, missing, symlinked or unmounted target is a no-op.  ``EBUSY`` is
-    retried for about 2.5 s, then raised; ``detach=True`` uses ``MNT_DETACH``
-    (lazy unmount, which also takes submounts with it).
-    """
-    if not target or not os.path.lexists(target):
-        return
-    flags = UMOUNT_NOFOLLOW | (MNT_DETACH if detach else 0)
-    for _ in range(_MAX_STACKED):
-        err = _umount_retrying(target, flags)
-        if err in (errno.EINVAL, errno.ENOENT):
-            return  # EINVAL: not a mount point (any more); ENOENT: gone.
-        if err:
-            raise OSError(err, f"unmount: {os.strerror(err)}", target)
-    raise OSError(errno.ELOOP, f"unmount: still mounted after {_MAX_STACKED} unmounts",
-                  target)
 
 
 def is_mountpoint(path: str) -> bool:
@@ -367,19 +340,10 @@ def is_mountpoint(path: str) -> bool:
     if not os.path.exists(path):
         return False
     real = os.path.realpath(path)
-    return any(point == real for point in _mount_points())
+    return any(m.mount_point == real for m in procfs.read_mountinfo())
 
 
 # --- internals --------------------------------------------------------------
-
-
-def _mount_points() -> Iterator[str]:
-    """Mount points listed in /proc/self/mountinfo (unescaped), in order."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split(" ", 5)
-            if len(fields) > 4:
-                yield _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
 
 
 def _after_mount(spec: MountSpec, target: str, plain: int, propagation: int) -> None:
@@ -417,28 +381,6 @@ def _sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> 
     if fn(_cstr(source), os.fsencode(target), _cstr(fstype), flags, _cstr(data)) != 0:
         return ctypes.get_errno()
     return 0
-
-
-def _sys_umount(target: str, flags: int) -> int:
-    """umount2(2); returns 0 or the errno."""
-    fn = ctypes.CDLL(None, use_errno=True).umount2
-    fn.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    if fn(os.fsencode(target), flags) != 0:
-        return ctypes.get_errno()
-    return 0
-
-
-def _umount_retrying(target: str, flags: int) -> int:
-    """umount2(2), retrying EBUSY like containerd; returns 0 or the errno."""
-    err = 0
-    for attempt in range(_EBUSY_RETRIES):
-        err = _sys_umount(target, flags)
-        if err != errno.EBUSY:
-            return err
-        if attempt + 1 < _EBUSY_RETRIES:
-            time.sleep(_EBUSY_DELAY)
-    return err
 
 
 def _mount_from(directory: str, target: str, *, source: str, fstype: str, flags: int,

@@ -35,7 +35,8 @@ from google.protobuf.message import DecodeError
 from supervisor.api import runtimeoptions_pb2, typeurls
 from supervisor.api.runc import options_pb2, runctypes_pb2
 from supervisor.errors import InvalidArgument
-from supervisor.settings import SETTINGS_FILE, SHIM_GROUPS, Settings
+from supervisor.launch.defaults import SETTINGS_FILE, SHIM_GROUPS
+from supervisor.launch.settings import Settings
 
 __all__ = ["SETTINGS_FILE", "Settings", "decode", "decode_bytes", "load_toml"]
 

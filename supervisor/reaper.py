@@ -37,7 +37,7 @@ from types import TracebackType
 
 import trio
 
-from supervisor._spawn import spawn
+from supervisor.launch._spawn import spawn
 
 __all__ = ["Exit", "Reaper", "Subscription", "spawn", "status_from_wait", "zombies"]
 

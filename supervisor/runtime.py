@@ -3,8 +3,9 @@
 Design
 ------
 :class:`OCIRuntime` turns each operation into one run of the runtime binary:
-``<binary> --root R --log L --log-format json [--systemd-cgroup] <command> ...``.
-Every run is started with :func:`supervisor.reaper.spawn` under a reaper
+``<binary> --root R --log L --log-format json [--systemd-cgroup] <command> ...``
+(the global flags from :mod:`supervisor.launch.runcmd`, which ``delete`` uses
+too).  Every run is started with :func:`supervisor.reaper.spawn` under a reaper
 subscription opened *before* the spawn, and its exit comes from the reaper
 (nothing here waits for a child any other way).
 
@@ -15,8 +16,9 @@ Task service returns to containerd as is.
 
 Invariants
 ----------
-* The runtime's state root is per namespace (``<root>/<namespace>``), as
-  containerd's runc shim does, so ``runc --root`` by hand finds our containers.
+* The runtime's state root is per namespace (``<root>/<namespace>``,
+  :func:`supervisor.launch.runcmd.state_root`), as containerd's runc shim
+  does, so ``runc --root`` by hand finds our containers.
 * Only :meth:`OCIRuntime.create` and :meth:`OCIRuntime.exec` hand the runtime
   the container's stdio; every other command's stdout and stderr are captured.
 """
@@ -33,8 +35,9 @@ from typing import Any
 
 import trio
 
+from supervisor.launch import runcmd
+from supervisor.launch.defaults import DEFAULT_BINARY, DEFAULT_ROOT
 from supervisor.reaper import Reaper, spawn
-from supervisor.settings import DEFAULT_BINARY, DEFAULT_ROOT
 
 __all__ = ["DEFAULT_BINARY", "DEFAULT_ROOT", "OCIRuntime", "OCIRuntimeError", "read_pid_file"]
 
@@ -112,7 +115,7 @@ class OCIRuntime:
     ) -> None:
         self.reaper = reaper
         self.binary = binary or DEFAULT_BINARY
-        self.root = os.path.join(root or DEFAULT_ROOT, namespace)
+        self.root = runcmd.state_root(root, namespace)
         self.log_path = log_path
         self.systemd_cgroup = systemd_cgroup
         self.debug = debug
@@ -122,13 +125,8 @@ class OCIRuntime:
         return os.path.basename(self.binary)
 
     def _argv(self, args: Sequence[str]) -> list[str]:
-        argv = [self.binary, "--root", self.root, "--log", self.log_path, "--log-format", "json"]
-        if self.debug:
-            argv.append("--debug")
-        if self.systemd_cgroup:
-            argv.append("--systemd-cgroup")
-        argv.extend(args)
-        return argv
+        return [*runcmd.global_argv(self.binary, self.root, self.log_path,
+                                    systemd_cgroup=self.systemd_cgroup, debug=self.debug), *args]
 
     async def run(
         self,

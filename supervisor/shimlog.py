@@ -1,9 +1,9 @@
 """The shim daemon's logging: records to the bundle's ``log`` FIFO, never blocking.
 
-Kept out of :mod:`supervisor.shim` so that ``start`` and ``delete``, which
+Kept out of :mod:`supervisor.launch` so that ``start`` and ``delete``, which
 containerd waits for, do not pay for importing :mod:`logging`'s handler
-machinery before they need it; the daemon (cold or forked) imports it in
-``action_serve``.
+machinery; the daemon (cold or forked) sets it up in
+:func:`supervisor.daemon.action_serve`.
 
 A shim serving several containers logs to the FIFO of the bundle it started
 in, and moves to another container's FIFO before that bundle is deleted

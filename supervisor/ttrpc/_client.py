@@ -287,17 +287,14 @@ class Client:
 
 
 async def connect_unix(
-    address: str | os.PathLike[str], *, max_message_size: int = MAX_MESSAGE_SIZE
+    path: str | os.PathLike[str], *, max_message_size: int = MAX_MESSAGE_SIZE
 ) -> Client:
-    """Connect to a ttrpc server on a unix socket.
+    """Connect to a ttrpc server on the unix socket ``path``, as ``connect(2)`` takes it
+    (a leading NUL names an abstract socket).
 
-    ``address`` is a path, optionally prefixed ``unix://``; a leading ``@``
-    names an abstract socket.
+    Addresses (``unix://...``, ``@name``) are parsed by the caller
+    (:func:`supervisor.launch.address.socket_path`): this package imports
+    nothing else of ours.
     """
-    path = os.fspath(address)
-    if path.startswith("unix://"):
-        path = path[len("unix://") :]
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    stream = await trio.open_unix_socket(path)
+    stream = await trio.open_unix_socket(os.fspath(path))
     return Client(stream, max_message_size=max_message_size)

@@ -148,15 +148,11 @@ def require_same_uid(stream: trio.abc.Stream) -> str | None:
 async def open_unix_listener(
     path: str | os.PathLike[str], *, backlog: int = 128
 ) -> trio.SocketListener:
-    """Bind and listen on a unix socket path (a leading ``@`` means abstract)."""
-    address = os.fspath(path)
-    if address.startswith("unix://"):
-        address = address[len("unix://") :]
-    if address.startswith("@"):
-        address = "\0" + address[1:]
+    """Bind and listen on the unix socket ``path``, as ``bind(2)`` takes it (a leading
+    NUL names an abstract socket; callers parse addresses, as for :func:`connect_unix`)."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        await sock.bind(address)
+        await sock.bind(os.fspath(path))
         sock.listen(backlog)
     except BaseException:
         sock.close()

@@ -36,6 +36,8 @@ from harness import (
     zombies_of,
 )
 
+from supervisor.launch.address import socket_path
+
 
 @dataclass
 class Expect:
@@ -110,7 +112,7 @@ def chaos_round(c: Containerd, image: str, rng: random.Random, n: int, outage: f
     for e in expects:
         address = bundle(c, e.id) / "address"
         if address.exists():
-            report.sockets.add(address.read_text().removeprefix("unix://"))
+            report.sockets.add(socket_path(address.read_text()))
     report.containers += len(expects)
 
     # Execs, some still in flight when containerd dies.

@@ -42,6 +42,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import psutil
 
+from supervisor.launch import procfs
+
 T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -235,24 +237,11 @@ def mounts_below(path: Path) -> list[str]:
     """Mount points at or below ``path`` in our mount namespace, deepest first."""
     base = os.path.realpath(path)
     found = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            mp = _unescape_mount(line.split()[4])
-            if mp == base or mp.startswith(base.rstrip("/") + "/"):
-                found.append(mp)
+    for m in procfs.read_mountinfo():
+        mp = m.mount_point
+        if mp == base or mp.startswith(base.rstrip("/") + "/"):
+            found.append(mp)
     return sorted(found, key=lambda m: (m.count("/"), m), reverse=True)
-
-
-def _unescape_mount(field: str) -> str:
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
 
 
 def unmount_below(path: Path) -> list[str]:
@@ -272,13 +261,7 @@ def unmount_below(path: Path) -> list[str]:
 
 def cgroup_mountpoints() -> list[Path]:
     """Mount points of the cgroup (v1) and cgroup2 hierarchies."""
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            if post.split()[:1] and post.split()[0] in ("cgroup", "cgroup2"):
-                out.append(Path(_unescape_mount(pre.split()[4])))
-    return out
+    return [Path(point) for _, _, point in procfs.cgroup_mounts(procfs.read_mountinfo())]
 
 
 def cgroup_dirs(namespace: str) -> list[Path]:

@@ -21,6 +21,7 @@ from harness import Containerd, copy_rootfs, wait_for
 
 from supervisor import ttrpc
 from supervisor.api.task.v2 import shim_pb2 as api
+from supervisor.launch.address import socket_path
 
 SHIM = "containerd-shim-supervisor-v2"
 TASK = "containerd.task.v2.Task"
@@ -84,7 +85,7 @@ class ShimDriver:
 
     @property
     def socket(self) -> str:
-        return self.address.removeprefix("unix://")
+        return socket_path(self.address)
 
     def pid(self) -> int:
         for p in psutil.process_iter(["cmdline"]):

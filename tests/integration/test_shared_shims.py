@@ -20,6 +20,8 @@ import psutil
 import pytest
 from harness import Containerd, mounts_below, pid_alive, shims_for, wait_for, zombies_of
 
+from supervisor.launch.address import socket_path
+
 GROUP_ENV = {"SUPERVISOR_SHIM_GROUP": "namespace", "SUPERVISOR_SHIM_GROUP_SIZE": "3"}
 
 
@@ -34,7 +36,7 @@ def address_of(c: Containerd, cid: str) -> str:
 
 
 def socket_files(c: Containerd, addresses: set[str]) -> list[str]:
-    return [a for a in addresses if os.path.exists(a.removeprefix("unix://"))]
+    return [a for a in addresses if os.path.exists(socket_path(a))]
 
 
 def test_containers_share_shims_up_to_the_size(shared: Containerd,
@@ -148,7 +150,7 @@ def test_killed_shared_shim_is_cleaned_up_for_each_container(shared: Containerd,
             c.run(cid, "sleep", "1000", rootfs=busybox_rootfs, detach=True)
         pids = {cid: c.tasks()[cid][0] for cid in ids}
         [shim] = shims_for(c)
-        socket = address_of(c, ids[0]).removeprefix("unix://")
+        socket = socket_path(address_of(c, ids[0]))
         psutil.Process(shim).kill()
 
         def exits() -> dict[str, str]:

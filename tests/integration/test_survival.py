@@ -10,6 +10,8 @@ from pathlib import Path
 import psutil
 from harness import Containerd, mounts_below, shims_for, wait_for, zombies_of
 
+from supervisor.launch.address import socket_path
+
 
 def forwarded(c: Containerd, topic: str, since: int) -> list[str]:
     """containerd's own log lines for events it accepted from a shim (after ``since``)."""
@@ -89,7 +91,7 @@ def test_killed_shim_is_cleaned_up(containerd: Containerd, busybox_rootfs: Path)
         pid, _ = c.tasks()["victim"]
         [shim] = shims_for(c)
         bundle = c.state / "io.containerd.runtime.v2.task" / c.namespace / "victim"
-        socket = (bundle / "address").read_text().removeprefix("unix://")
+        socket = socket_path((bundle / "address").read_text())
         psutil.Process(shim).kill()
 
         def exit_line() -> str | None:

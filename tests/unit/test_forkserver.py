@@ -24,7 +24,8 @@ import psutil
 import pytest
 
 from supervisor import forkserver
-from supervisor.forkserver import ForkServerError, Request
+from supervisor.launch import forkclient
+from supervisor.launch.forkclient import ForkServerError, Request
 
 SERVER_CODE = "import sys; from supervisor.forkserver import main; sys.exit(main())"
 
@@ -113,7 +114,7 @@ def raw_call(path: str, payload: bytes, fds: list[int]) -> tuple[dict[str, Any],
         conn.settimeout(10)
         conn.connect(path)
         socket.send_fds(conn, [payload], fds)
-        data, got, _, _ = socket.recv_fds(conn, forkserver.MAX_MESSAGE, 4)
+        data, got, _, _ = socket.recv_fds(conn, forkclient.MAX_MESSAGE, 4)
     answer = msgpack.unpackb(data)
     assert isinstance(answer, dict)
     return answer, got
@@ -154,7 +155,7 @@ def test_request_validation(bundle: Path, key: str, value: object, why: str) -> 
 
 
 def test_identity_mismatch() -> None:
-    ours = forkserver.identity()
+    ours = forkclient.identity()
     assert forkserver.identity_mismatch(ours, ours) is None
     other = {**ours, "ns": {**ours["ns"], "mnt": 1}}
     assert forkserver.identity_mismatch(ours, other) == "different mnt namespace"
@@ -162,22 +163,13 @@ def test_identity_mismatch() -> None:
     assert "different CapEff" in str(forkserver.identity_mismatch(ours, other))
 
 
-def test_client_side_imports_stay_light() -> None:
-    code = ("import sys, supervisor.shim, supervisor.forkserver, supervisor._spawn; "
-            "print(*(m in sys.modules for m in ('trio', 'google.protobuf', 'msgpack', "
-            "'logging', 'typing', 'dataclasses')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.split()
-    assert out == ["False"] * 6
-
-
 def test_socket_path_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(forkserver.SOCKET_ENV, raising=False)
-    assert forkserver.socket_path() == forkserver.DEFAULT_SOCKET
-    monkeypatch.setenv(forkserver.SOCKET_ENV, "/tmp/x.sock")
-    assert forkserver.socket_path() == "/tmp/x.sock"
-    monkeypatch.setenv(forkserver.SOCKET_ENV, "")
-    assert forkserver.socket_path() is None
+    monkeypatch.delenv(forkclient.SOCKET_ENV, raising=False)
+    assert forkclient.socket_path() == forkclient.DEFAULT_SOCKET
+    monkeypatch.setenv(forkclient.SOCKET_ENV, "/tmp/x.sock")
+    assert forkclient.socket_path() == "/tmp/x.sock"
+    monkeypatch.setenv(forkclient.SOCKET_ENV, "")
+    assert forkclient.socket_path() is None
 
 
 # --------------------------------------------------------------------------- the server
@@ -218,7 +210,7 @@ def test_setup_failure_is_reported(server: Server, bundle: Path,
                                    listener: socket.socket) -> None:
     req = request_for(bundle, cwd=str(bundle / "missing"))
     with pytest.raises(ForkServerError, match="shim setup failed: FileNotFoundError"):
-        forkserver.request_shim(server.socket, req, listener.fileno())
+        forkclient.request_shim(server.socket, req, listener.fileno())
 
 
 def test_uncommitted_shim_vanishes(server: Server, bundle: Path,
@@ -300,7 +292,7 @@ async def test_forked_shim_is_a_cold_lookalike_and_serves(
         req = request_for(bundle)
     finally:
         del os.environ["SV_FORKSERVER_TEST"]
-    pid = forkserver.request_shim(server.socket, req, listener.fileno())
+    pid = forkclient.request_shim(server.socket, req, listener.fileno())
     shim = psutil.Process(pid)
     try:
         assert shim.ppid() != server.proc.pid
@@ -344,6 +336,6 @@ def test_client_gives_up_at_its_deadline(bundle: Path, listener: socket.socket) 
             mute.listen(4)
             t0 = time.monotonic()
             with pytest.raises(TimeoutError):
-                forkserver.request_shim(os.path.join(d, "mute.sock"), request_for(bundle),
+                forkclient.request_shim(os.path.join(d, "mute.sock"), request_for(bundle),
                                         listener.fileno(), timeout=0.3)
             assert time.monotonic() - t0 < 2

@@ -16,13 +16,16 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor import _join, cli, daemon, errors, introspect, shim, shimlog
-from supervisor._pbwire import fields
+from supervisor import cli, daemon, errors, introspect, shimlog
 from supervisor.api.group import group_pb2
 from supervisor.api.introspect import introspect_pb2
 from supervisor.api.task.v2 import shim_pb2
 from supervisor.events import Event, Outbox, Spool
 from supervisor.group import RESERVATION_TTL, Group
+from supervisor.launch import _join, start
+from supervisor.launch._pbwire import fields
+from supervisor.launch.flags import Flags
+from supervisor.launch.settings import Settings
 from supervisor.reaper import Reaper
 from supervisor.task import GROUP_SERVICE, TaskService
 from supervisor.ttrpc import CallContext, Code, RPCError, Server
@@ -238,24 +241,24 @@ def test_join_malformed_response_is_an_error() -> None:
 def socket_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     short = Path(tempfile.mkdtemp(prefix="sg-", dir="/tmp"))  # 64-hex names: keep it short
     d = short / "s"
-    monkeypatch.setattr(shim, "SOCKET_DIR", str(d))
+    monkeypatch.setattr(start, "SOCKET_DIR", str(d))
     yield d
     shutil.rmtree(short, ignore_errors=True)
 
 
-def _flags() -> shim.Flags:
-    return shim.Flags(namespace="ns", id="c9", address="/run/ctd.sock", action="start")
+def _flags() -> Flags:
+    return Flags(namespace="ns", id="c9", address="/run/ctd.sock", action="start")
 
 
 def test_claim_binds_a_free_socket(socket_dir: Path) -> None:
-    address, listener = shim.claim_socket(_flags(), "g", 4)
+    address, listener = start.claim_socket(_flags(), "g", 4)
     assert listener is not None
     listener.close()
-    assert address == shim.socket_address("/run/ctd.sock", "ns", "g")
+    assert address == start.socket_address("/run/ctd.sock", "ns", "g")
 
 
 def test_claim_skips_a_full_shim_and_replaces_a_dead_one(socket_dir: Path) -> None:
-    first = shim.socket_path(shim.socket_address("/run/ctd.sock", "ns", "g"))
+    first = start.socket_path(start.socket_address("/run/ctd.sock", "ns", "g"))
 
     async def full(ctx: CallContext, payload: bytes) -> bytes:
         raise RPCError(Code.RESOURCE_EXHAUSTED, "full")
@@ -263,39 +266,43 @@ def test_claim_skips_a_full_shim_and_replaces_a_dead_one(socket_dir: Path) -> No
     socket_dir.mkdir()
     _, stop = _serve_in_thread(first, full)
     try:
-        address, listener = shim.claim_socket(_flags(), "g", 4)
+        address, listener = start.claim_socket(_flags(), "g", 4)
     finally:
         stop()
     assert listener is not None
     listener.close()  # leaves its file behind: a dead shim's socket
-    assert address == shim.socket_address("/run/ctd.sock", "ns", "g#1")
+    assert address == start.socket_address("/run/ctd.sock", "ns", "g#1")
     os.unlink(first)
-    again, listener = shim.claim_socket(_flags(), "g#1", 4)
+    again, listener = start.claim_socket(_flags(), "g#1", 4)
     assert listener is not None  # the dead socket was replaced, not skipped
     listener.close()
-    assert again == shim.socket_address("/run/ctd.sock", "ns", "g#1")
+    assert again == start.socket_address("/run/ctd.sock", "ns", "g#1")
 
 
 def test_group_key_modes(tmp_path: Path) -> None:
     bundle = str(tmp_path)
-    assert shim.group_key("c1", bundle, "", 16, "") == ("c1", 0)
-    assert shim.group_key("c1", bundle, "container", 16, "") == ("c1", 0)
-    assert shim.group_key("c1", bundle, "namespace", 16, "/cg") == ("supervisor-shared//cg", 16)
+    assert start.group_key("c1", bundle, "", 16, "") == ("c1", 0)
+    assert start.group_key("c1", bundle, "container", 16, "") == ("c1", 0)
+    assert start.group_key("c1", bundle, "namespace", 16, "/cg") == ("supervisor-shared//cg", 16)
     (tmp_path / "config.json").write_text(
         '{"annotations": {"io.kubernetes.cri.sandbox-id": "pod1"}}')
-    assert shim.group_key("c1", bundle, "namespace", 16, "") == ("pod1", 0)  # pods as before
+    assert start.group_key("c1", bundle, "namespace", 16, "") == ("pod1", 0)  # pods as before
+
+
+def _no_options(data: bytes) -> Settings:
+    raise AssertionError("no options were sent: nothing to decode")
 
 
 def test_group_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(shim.GROUP_ENV, raising=False)
-    monkeypatch.delenv(shim.GROUP_SIZE_ENV, raising=False)
-    assert shim.group_settings(b"") == ("", shim.DEFAULT_GROUP_SIZE, "")
-    monkeypatch.setenv(shim.GROUP_ENV, "namespace")
-    monkeypatch.setenv(shim.GROUP_SIZE_ENV, "4")
-    assert shim.group_settings(b"") == ("namespace", 4, "")
-    monkeypatch.setenv(shim.GROUP_ENV, "pod")
+    monkeypatch.delenv(start.GROUP_ENV, raising=False)
+    monkeypatch.delenv(start.GROUP_SIZE_ENV, raising=False)
+    assert start.group_settings(b"", _no_options) == ("", start.DEFAULT_GROUP_SIZE, "")
+    monkeypatch.setenv(start.GROUP_ENV, "namespace")
+    monkeypatch.setenv(start.GROUP_SIZE_ENV, "4")
+    assert start.group_settings(b"", _no_options) == ("namespace", 4, "")
+    monkeypatch.setenv(start.GROUP_ENV, "pod")
     with pytest.raises(ValueError, match="SUPERVISOR_SHIM_GROUP"):
-        shim.group_settings(b"")
+        start.group_settings(b"", _no_options)
 
 
 # --- what the shim keeps in a bundle follows a container that remains ------------
@@ -332,7 +339,7 @@ def test_log_and_spool_follow_a_remaining_bundle(tmp_path: Path) -> None:
 
 
 def test_start_reads_the_join_verdicts_by_value() -> None:
-    assert (_join.JOINED, _join.GONE) == ("joined", "gone")  # shim.claim_socket's strings
+    assert (_join.JOINED, _join.GONE) == ("joined", "gone")  # start.claim_socket's strings
 
 
 async def test_a_shim_left_with_only_lapsed_reservations_ends(
@@ -376,3 +383,9 @@ async def test_inspect_shows_reserved_places_and_an_ending_shim(nursery: trio.Nu
     facts = await inspector.shim(introspect_pb2.ShimRequest())
     assert (list(facts.reserved), facts.closing) == ([], True)
     assert cli.shim_json(facts)["closing"] is True
+
+
+def test_group_settings_from_options_come_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(start.GROUP_ENV, "container")
+    decoded = Settings(shim_group="namespace", shim_group_size=3, shim_cgroup="/cg")
+    assert start.group_settings(b"any", lambda data: decoded) == ("namespace", 3, "/cg")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from supervisor.introspect import (
     VERSION_WAIT,
     IntrospectService,
     VersionProbe,
-    address_of,
     probe_runtime_version,
 )
 from supervisor.io import ProcessIO, Stdio
@@ -319,16 +317,3 @@ async def test_served_over_ttrpc(nursery: trio.Nursery, outbox: Outbox,
     await server.shutdown(1)
 
 
-def test_address_of(sock_path: Path) -> None:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.bind(str(sock_path))
-        assert address_of(s) == f"unix://{sock_path}"
-    finally:
-        s.close()
-    a = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        a.bind("\0svi-abstract-" + str(os.getpid()))
-        assert address_of(a) == "svi-abstract-" + str(os.getpid())
-    finally:
-        a.close()

@@ -90,7 +90,7 @@ def test_discover(tmp_path: Path) -> None:
 def test_targets(tmp_path: Path) -> None:
     assert cli.looks_like_address("unix:///x") and cli.looks_like_address("./s")
     assert not cli.looks_like_address("my-container.1")
-    assert cli.normalize_address("/run/s/x") == "unix:///run/s/x"
+    assert cli.resolve("/run/s/x", str(tmp_path), None).address == "unix:///run/s/x"
     assert cli.resolve("unix:///a", str(tmp_path), None).container_id == ""
     bundle(tmp_path, "ns1", "x", "unix:///s1")
     bundle(tmp_path, "ns2", "x", "unix:///s2")

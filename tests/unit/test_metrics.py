@@ -290,14 +290,6 @@ def test_cgroup_mode_of_this_host_matches_mounts() -> None:
     assert metrics.statfs_magic("/nonexistent/path") is None
 
 
-def test_parse_proc_cgroup() -> None:
-    text = "9:name=systemd:/a\n3:cpu,cpuacct:/b/c\n2::weird\nbroken\n0::/u\n"
-    controllers, unified = metrics.parse_proc_cgroup(text)
-    assert controllers == {"name=systemd": "/a", "cpu": "/b/c", "cpuacct": "/b/c"}
-    assert unified == "/u"
-    assert metrics.parse_proc_cgroup("4:memory:/x\n") == ({"memory": "/x"}, None)
-
-
 def test_cgroup_paths_v1_and_unified(tmp_path: Path) -> None:
     root, proc = v1_tree(tmp_path)
     paths = metrics.cgroup_paths(PID, root=root, proc=proc)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import mount as m
+from supervisor.launch import procfs
 from supervisor.mount import MountSpec
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="real mounts need root")
@@ -27,13 +28,8 @@ needs_overlay = pytest.mark.skipif("\toverlay\n" not in _filesystems(),
 def _mounts_under(path: Path) -> list[str]:
     """Mount points at or below ``path``, one per stacked mount."""
     real = os.path.realpath(path)
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            point = line.split(" ")[4]
-            if point == real or point.startswith(real + "/"):
-                out.append(point)
-    return out
+    return [m.mount_point for m in procfs.read_mountinfo()
+            if m.mount_point == real or m.mount_point.startswith(real + "/")]
 
 
 @pytest.fixture
@@ -185,10 +181,8 @@ def test_bind_with_propagation(tmp: Path) -> None:
     target.mkdir()
     m.mount(MountSpec("bind", str(src), options=("rbind", "rprivate")), str(target))
     real = os.path.realpath(target)
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        line = next(ln for ln in f if ln.split(" ")[4] == real)
-    optional = line.split(" - ")[0].split(" ")[6:]
-    assert not any(o.startswith(("shared:", "master:")) for o in optional)
+    [mounted] = [mp for mp in procfs.read_mountinfo() if mp.mount_point == real]
+    assert not any(o.startswith(("shared:", "master:")) for o in mounted.optional)
     m.unmount_all(str(target))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import any_pb2
 
+from supervisor import options
 from supervisor.api import runtimeoptions_pb2, typeurls
 from supervisor.api.runc import options_pb2, runctypes_pb2
 from supervisor.errors import InvalidArgument
@@ -134,3 +135,10 @@ def test_log_level_is_the_most_verbose_any_container_asked_for() -> None:
     with pytest.raises(InvalidArgument):
         level.ask("loud")
     assert logger.level == logging.DEBUG
+
+
+def test_every_toml_key_names_a_settings_field() -> None:
+    # One schema: a TOML key for a field Settings no longer has would fail at load time.
+    assert {name for name, _ in options._TOML_KEYS.values()} <= set(Settings.__slots__)
+    for name, kind in options._TOML_KEYS.values():
+        assert type(getattr(Settings(), name)) is kind

@@ -142,7 +142,7 @@ async def test_our_client_against_go_server(go_peer: Path, sock_dir: Path) -> No
             with trio.fail_after(10):
                 while not path.exists():
                     await trio.sleep(0.01)
-            async with await connect_unix(f"unix://{path}") as client:
+            async with await connect_unix(path) as client:
                 out = await client.call(
                     "interop.Echo",
                     "Echo",

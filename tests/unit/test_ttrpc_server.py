@@ -537,7 +537,7 @@ async def test_uid_check_refuses_other_users(
     server = make_server(peer_check=require_uid(os.geteuid() + 1))
     async with (
         unix_server(server, sock_dir / "s") as path,
-        await connect_unix("unix://" + path) as client,
+        await connect_unix(path) as client,
     ):
         with pytest.raises(ConnectionBroken):
             await client.call("test.Svc", "Echo", b"")
@@ -567,7 +567,7 @@ async def test_peer_credentials_of_a_socketpair() -> None:
 
 
 async def test_abstract_socket_address() -> None:
-    name = f"@supervisor-ttrpc-test-{os.getpid()}-{random.getrandbits(32)}"
+    name = f"\0supervisor-ttrpc-test-{os.getpid()}-{random.getrandbits(32)}"
     server = make_server()
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, await open_unix_listener(name))

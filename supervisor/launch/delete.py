@@ -6,12 +6,17 @@ needs no daemon and no containerd: it force-deletes the runtime's container,
 unmounts the rootfs, removes a socket nobody serves, and writes a protobuf
 ``DeleteResponse`` (init pid, status 128+SIGKILL, now) on stdout.
 
+It reads the settings the daemon saved through the same class that saved them
+(:class:`~supervisor.launch.settings.Settings`) and builds the runtime's
+command line as the daemon does (:mod:`~supervisor.launch.runcmd`).
+
 Kept light on purpose (it runs once per task, and containerd waits for it):
 no trio, no protobuf runtime -- the three fields of ``DeleteResponse`` are
 encoded by hand (field numbers from containerd's ``runtime/v2/task/shim.proto``;
 ``tests/unit/test_delete.py`` checks the bytes against the generated class) --
-no logging package (warnings go to stderr, which containerd logs), and the
-runtime, mount and socket modules are imported only when there is work for
+no :mod:`json` (the settings file goes through the C scanner), no logging
+package (warnings go to stderr, which containerd logs), and ``subprocess`` and
+:mod:`~supervisor.launch.unmount` are imported only when there is work for
 them (usually there is none: the shim cleaned up before it exited).
 """
 
@@ -21,14 +26,15 @@ import os
 import sys
 import time
 
-from supervisor._pbwire import field_bytes, field_varint
-from supervisor.defaults import DEFAULT_BINARY, DEFAULT_ROOT, SETTINGS_FILE
+from supervisor.launch import address, procfs, runcmd
+from supervisor.launch._pbwire import field_bytes, field_varint
+from supervisor.launch.settings import Settings
+
+SIGKILL_STATUS = 128 + 9
 
 
 def warn(message: str) -> None:
     sys.stderr.write(f"containerd-shim-supervisor-v2 delete: {message}\n")
-
-SIGKILL_STATUS = 128 + 9
 
 
 def encode_delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
@@ -40,11 +46,10 @@ def encode_delete_response(pid: int, exit_status: int, exited_at_ns: int) -> byt
 
 
 def _mounted(path: str) -> bool:
-    """Whether anything is mounted on ``path`` (mountinfo escapes spaces as \\040)."""
-    target = os.path.realpath(path).replace(" ", "\\040")
+    """Whether anything is mounted on ``path`` (symlinks resolved)."""
+    target = os.path.realpath(path)
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            return any(line.split(" ", 5)[4] == target for line in f if line.count(" ") > 4)
+        return any(m.mount_point == target for m in procfs.read_mountinfo())
     except OSError:
         return True  # cannot tell: let unmount_all find out
 
@@ -62,61 +67,38 @@ def _force_delete(argv: list[str], container_id: str) -> None:
         warn(f"runtime delete {container_id}: {done.stderr.decode(errors='replace').strip()}")
 
 
-class _ScanContext:
-    """What ``_json.make_scanner`` reads from a ``json.JSONDecoder``, plain defaults."""
-
-    strict = True
-    object_hook = None
-    object_pairs_hook = None
-    parse_float = float
-    parse_int = int
-    parse_constant = float
-
-
-def parse_json(text: str) -> object:
-    """``json.loads`` through the C scanner alone: importing :mod:`json` (``re``, ``enum``)
-    would cost ``delete`` ~6 ms on every task, for one small file of our own."""
+def _remove_dead_socket(bundle: str) -> None:
+    """Remove the socket named in the bundle's ``address`` file if nothing serves it."""
     try:
-        import _json
-        scanner = _json.make_scanner(_ScanContext())  # type: ignore[arg-type]  # duck-typed
-    except (ImportError, AttributeError, TypeError):  # pragma: no cover - other Pythons
-        import json
-
-        return json.loads(text)
-    start = len(text) - len(text.lstrip())
-    try:
-        value, end = scanner(text, start)
-    except StopIteration:
-        raise ValueError("not JSON") from None
-    if text[end:].strip():
-        raise ValueError("extra data after the JSON value")
-    return value
+        with open(os.path.join(bundle, "address"), encoding="utf-8") as f:
+            path = address.socket_path(f.read().strip())
+    except (OSError, ValueError):
+        return  # no address file (or an empty one): nothing to remove
+    if address.is_abstract(path) or not os.path.exists(path):
+        return  # an abstract socket vanishes with its shim; a path may be gone already
+    if not address.can_connect(path):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass  # removed meanwhile
 
 
 def cleanup(namespace: str, container_id: str, bundle: str) -> int:
     """Do the cleanup; return the init pid (0 if unknown)."""
-    try:
-        with open(os.path.join(bundle, SETTINGS_FILE), encoding="utf-8") as f:
-            settings = parse_json(f.read())
-        if not isinstance(settings, dict):
-            settings = {}
-    except (OSError, ValueError):
-        settings = {}
-    root = os.path.join(settings.get("root") or DEFAULT_ROOT, namespace)
-    argv = [settings.get("binary_name") or DEFAULT_BINARY, "--root", root,
-            "--log", os.path.join(bundle, "log.json"), "--log-format", "json"]
-    if settings.get("systemd_cgroup"):
-        argv.append("--systemd-cgroup")
+    settings = Settings.load(bundle)
+    root = runcmd.state_root(settings.root, namespace)
     # runc and crun keep a container's state in <root>/<id>: without it there is nothing
     # to force-delete (the usual case: the shim deleted it before it exited).
     if os.path.exists(os.path.join(root, container_id)):
-        _force_delete(argv, container_id)
+        _force_delete(runcmd.global_argv(settings.binary_name, root, runcmd.log_path(bundle),
+                                         systemd_cgroup=settings.systemd_cgroup),
+                      container_id)
     rootfs = os.path.join(bundle, "rootfs")
     if _mounted(rootfs):
-        from supervisor import mount
+        from supervisor.launch.unmount import unmount_all
 
         try:
-            mount.unmount_all(rootfs, detach=True)
+            unmount_all(rootfs, detach=True)
         except OSError as e:
             warn(f"unmount rootfs of {container_id}: {e}")
     try:
@@ -124,17 +106,7 @@ def cleanup(namespace: str, container_id: str, bundle: str) -> int:
             pid = int(f.read().strip() or 0)
     except (OSError, ValueError):
         pid = 0
-    try:
-        with open(os.path.join(bundle, "address"), encoding="utf-8") as f:
-            address = f.read().strip()
-        path = address.removeprefix("unix://")
-        if address.startswith("unix://") and os.path.exists(path):
-            from supervisor.shim import can_connect
-
-            if not can_connect(path):
-                os.unlink(path)
-    except OSError:
-        pass  # no address file, or the socket went away already: nothing to remove
+    _remove_dead_socket(bundle)
     return pid
 
 

@@ -1,10 +1,11 @@
-"""The msgpack subset ``start`` speaks to the fork server, by hand.
+"""The msgpack subset of the fork server's protocol, by hand: the one codec of both sides.
 
 ``import msgpack`` costs ``start`` ~3 ms (its package imports ``datetime`` for
 timestamps), more than the whole exchange it is needed for.  ``start`` sends
 one request (maps, arrays, strings, integers, booleans) and reads one answer
-(``{"pid": N}`` or ``{"error": "why"}``); the fork server itself keeps using
-the msgpack package.  The encoding is msgpack's shortest form for each value,
+(``{"pid": N}`` or ``{"error": "why"}``); the fork server
+(:mod:`supervisor.forkserver`) reads and writes them with this module too,
+since it reads all it writes.  The encoding is msgpack's shortest form for each value,
 byte for byte what ``msgpack.packb`` writes (the tests compare them).
 """
 

@@ -30,7 +30,7 @@ import errno
 import struct
 import time
 
-from supervisor._pbwire import WireError, field_bytes, field_varint, fields
+from supervisor.launch._pbwire import WireError, field_bytes, field_varint, fields
 
 SERVICE = "supervisor.group.v1.Group"
 METHOD = "Join"
