@@ -158,6 +158,7 @@ class Backlog:
         self.spooled = 0  # bytes that ever went through the backlog
         self.broken = False
         self.finished = False
+        self._full = False  # the file refused bytes (warned once per episode)
         self._fd = -1
         self._memory = bytearray()
         self._read = 0
@@ -183,29 +184,46 @@ class Backlog:
         return self._fd
 
     def append(self, data: bytes) -> None:
-        """Hold ``data`` (the copy keeps :attr:`held` near :attr:`limit`; see above)."""
+        """Hold ``data`` (the copy keeps :attr:`held` near :attr:`limit`; see above).
+
+        What a full disk refuses (a short write, ENOSPC, EDQUOT) is dropped and
+        counted; the file keeps what it took and takes more once it has room.
+        Any other file error moves the backlog to memory (what the file held
+        is counted as dropped).
+        """
         fd = self._file()
         if fd >= 0:
             try:
-                os.pwrite(fd, data, self._write)
+                n = os.pwrite(fd, data, self._write)
             except OSError as e:
-                log.warning("output backlog file failed (%s); keeping it in memory", e)
-                os.close(fd)
-                self._fd = -1
-                self.directory = ""
-                self.dropped += self.held  # what the file held is lost
-                self._read = self._write = 0
-                self._memory += data
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    log.warning("output backlog file failed (%s); keeping it in memory", e)
+                    os.close(fd)
+                    self._fd = -1
+                    self.directory = ""
+                    self.dropped += self.held  # what the file held is lost
+                    self._read = self._write = 0
+                    self._hold(data, len(data))
+                    return
+                n = 0
+            if n < len(data):
+                if not self._full:
+                    log.warning("output backlog file is full; dropping output until it has room")
+                self._full = True
+                self.dropped += len(data) - n
             else:
-                self._write += len(data)
-                self.spooled += len(data)
-                self._event.set()
-                return
+                self._full = False
+            self._hold(b"", n)
         else:
-            self._memory += data
-        self._write += len(data)
-        self.spooled += len(data)
-        self._event.set()
+            self._hold(data, len(data))
+
+    def _hold(self, data: bytes, n: int) -> None:
+        """``n`` more bytes are held (``data`` kept in memory: the in-memory backlog)."""
+        self._memory += data
+        self._write += n
+        self.spooled += n
+        if n:
+            self._event.set()
 
     def peek(self, size: int = COPY_BUFFER) -> bytes:
         if self.empty:
