@@ -75,7 +75,7 @@ async def test_absent_reader_costs_output_not_the_writer(tmp_path: Path,
 
         with trio.fail_after(20):
             await trio.to_thread.run_sync(write_all)  # would hang if the copy stopped reading
-        backlog = pio.backlogs["stdout"]
+        backlog = pio.counters.backlogs["stdout"]
         with trio.fail_after(10):
             while pio._eofs < 1:
                 await trio.sleep(0.05)
