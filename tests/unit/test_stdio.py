@@ -3,12 +3,15 @@ no fd left behind when an open fails."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import os
 from pathlib import Path
 
 import pytest
 import trio
 
+from supervisor import console as console_module
 from supervisor.console import Console, ConsoleError
 from supervisor.io import Owner, ProcessIO, Stdio, open_stdio
 from supervisor.reaper import Reaper
@@ -204,3 +207,17 @@ async def test_failed_opens_leave_no_fd_behind(tmp_path: Path, which: str) -> No
         with pytest.raises(FileNotFoundError):
             await ProcessIO.create(stdio)
     assert open_fds() == before
+
+
+def test_only_io_opens_stdio_uris() -> None:
+    """One opener: console.py neither parses stdio URIs nor opens paths itself (a second copy
+    is how the fifo:// drift happened); it gets fds from :func:`supervisor.io.open_stdio`."""
+    called: set[str] = set()
+    for node in ast.walk(ast.parse(inspect.getsource(console_module))):
+        if isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+                called.add(f"{f.value.id}.{f.attr}")
+            elif isinstance(f, ast.Name):
+                called.add(f.id)
+    assert not called & {"os.open", "urlsplit", "unquote", "os.stat", "open"}
