@@ -293,7 +293,9 @@ class Backlog:
     nothing); if it takes nothing for :data:`STALL_TIMEOUT` seconds (containerd
     is down), further output is dropped and counted in :attr:`dropped` rather
     than blocking the process.  Without a usable directory the backlog lives in
-    memory, with the same limit.
+    memory, with the same limit.  What a full disk refuses is dropped and
+    counted the same way: the file holds only bytes that were written, so the
+    reader may see a gap, never invented bytes.
     """
 
     def __init__(self, directory: str, limit: int) -> None:
