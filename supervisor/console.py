@@ -13,17 +13,17 @@ the time ``create``/``exec`` returns, so the shim calls
 :meth:`ConsoleSocket.receive_master` afterwards; the connection waits in the
 listen backlog meanwhile.
 
-:class:`Console` owns the master and runs two copies in the caller's nursery:
+:class:`Console` owns the master and runs two copies in the caller's nursery,
+between it and the destinations :func:`supervisor.io.open_stdio` opened (the
+one opener of every stdio URI form, for pipes and terminals alike; opened
+before the runtime runs, so a bad URI fails the request, not the copy):
 
-* master -> stdout.  A FIFO is opened ``O_RDWR|O_NONBLOCK``: the open never
-  blocks and, since the shim holds a reader too, a reader that comes and goes
-  never turns our writes into EPIPE.  A regular file (or ``file://``) is
-  appended to.  With no stdout the master is still drained (and the bytes
-  dropped) so the process never blocks on a full terminal.
-* stdin FIFO -> master.  The FIFO is opened ``O_RDONLY|O_NONBLOCK`` and read
-  only after ``poll`` says so: a read with no writer would be a false EOF.  A
-  terminal's end of input is in-band (the client's raw terminal sends ^D), so
-  a writer leaving does not end the copy: the FIFO is reopened (the new reader
+* master -> stdout (a FIFO, a file, or a logging binary's stdout pipe).  With
+  no stdout the master is still drained (and the bytes dropped) so the
+  process never blocks on a full terminal.
+* stdin FIFO -> master.  A terminal's end of input is in-band (the client's
+  raw terminal sends ^D), so -- the one deliberate difference from pipes -- a
+  writer leaving does not end the copy: the FIFO is reopened (the new reader
   is opened before the old one is closed, so the pipe and anything in it
   survive) and the copy waits for the next writer.  Only :meth:`Console.close_stdin`
   stops it, after delivering what was already written.
@@ -56,17 +56,16 @@ import os
 import secrets
 import shutil
 import socket
-import stat
 import struct
 import tempfile
 import termios
-from dataclasses import dataclass
 from types import TracebackType
-from urllib.parse import unquote, urlsplit
 
 import trio
 
-__all__ = ["Console", "ConsoleCounters", "ConsoleError", "ConsoleSocket"]
+from supervisor.io import Opened, StreamCounters, open_stdin, read_nowait
+
+__all__ = ["Console", "ConsoleError", "ConsoleSocket"]
 
 log = logging.getLogger("supervisor.console")
 
@@ -88,29 +87,6 @@ def _close_fd(fd: int) -> None:
     with contextlib.suppress(RuntimeError):  # outside trio nobody can be waiting
         trio.lowlevel.notify_closing(fd)
     os.close(fd)
-
-
-def _fifo_path(uri: str) -> str:
-    if uri.startswith("fifo://"):
-        return unquote(urlsplit(uri).path)
-    if "://" in uri:
-        raise ValueError(f"unsupported terminal stdio URI {uri!r}")
-    return uri
-
-
-def _open_stdout(uri: str) -> int:
-    if uri.startswith("file://"):
-        path = unquote(urlsplit(uri).path)
-        os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    path = _fifo_path(uri)
-    if stat.S_ISFIFO(os.stat(path).st_mode):
-        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-
-
-def _open_stdin(path: str) -> int:
-    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
 class ConsoleSocket:
@@ -231,22 +207,13 @@ class ConsoleSocket:
         self.close()
 
 
-@dataclass
-class ConsoleCounters:
-    """Bytes copied (``stderr`` is always 0: a terminal has one output)."""
-
-    stdin: int = 0
-    stdout: int = 0
-    stderr: int = 0
-
-
 class Console:
     """A pty master (ours from construction) and the copies to and from it."""
 
     def __init__(self, master: int) -> None:
         os.set_blocking(master, False)
         self._master = master
-        self.counters = ConsoleCounters()
+        self.counters = StreamCounters(kind="terminal")
         self._stdin = -1
         self._stdin_path = ""
         self._stdout = -1
@@ -268,26 +235,28 @@ class Console:
     def output_done(self) -> bool:
         return self._output_done.is_set()
 
-    def start(self, nursery: trio.Nursery, stdin_path: str, stdout_path: str) -> None:
-        """Open the FIFOs and start the copies in ``nursery`` ("" = no such stream)."""
-        if self._closed:
-            raise ConsoleError("console is closed")
-        if self._started:
-            raise RuntimeError("console copies already started")
-        stdout = stdin = -1
+    def start(self, nursery: trio.Nursery, opened: Opened) -> None:
+        """Start the copies in ``nursery`` between the master and ``opened``.
+
+        Takes every fd of ``opened`` (what it does not use is closed, on error
+        too); its stderr is not used: a terminal has one output.
+        """
         try:
-            if stdout_path:
-                stdout = _open_stdout(stdout_path)
-            if stdin_path and not self._stdin_close_requested:
-                self._stdin_path = _fifo_path(stdin_path)
-                stdin = _open_stdin(self._stdin_path)
-        except BaseException:
-            for fd in (stdout, stdin):
-                if fd >= 0:
-                    os.close(fd)
-            raise
+            if self._closed:
+                raise ConsoleError("console is closed")
+            if self._started:
+                raise RuntimeError("console copies already started")
+            stdout, opened.stdout = opened.stdout, -1
+            stdin = -1
+            if not self._stdin_close_requested:
+                stdin, opened.stdin = opened.stdin, -1
+        finally:
+            opened.close()
         self._started = True
+        self._stdin_path = opened.stdin_path
         self._stdout, self._stdin = stdout, stdin
+        if stdout >= 0:
+            os.set_blocking(stdout, False)  # a logging binary's pipe is blocking
         nursery.start_soon(self._copy_out)
         if stdin >= 0:
             self._stdin_copying = True
@@ -344,7 +313,7 @@ class Console:
                 while (fifo := self._stdin) >= 0:
                     if self._stdin_close_requested:
                         # Deliver what is already in the FIFO, then stop.
-                        data = self._read_nowait(fifo)
+                        data = read_nowait(fifo, COPY_BUFFER)
                         if not data:
                             break
                     else:
@@ -376,17 +345,10 @@ class Console:
 
     def _reopen_stdin(self) -> None:
         """The writer left: read from a fresh open so poll waits for the next one."""
-        new = _open_stdin(self._stdin_path)
+        new = open_stdin(self._stdin_path)
         old, self._stdin = self._stdin, new
         if old >= 0:
             _close_fd(old)
-
-    @staticmethod
-    def _read_nowait(fd: int) -> bytes:
-        try:
-            return os.read(fd, COPY_BUFFER)
-        except BlockingIOError:
-            return b""
 
     async def _write_master(self, data: bytes) -> bool:
         view = memoryview(data)

@@ -34,7 +34,7 @@ import trio
 from supervisor import errors, metrics, mount
 from supervisor.console import Console, ConsoleError, ConsoleSocket
 from supervisor.errors import AlreadyExists, InvalidArgument, NotFound
-from supervisor.io import Owner, ProcessIO, Stdio, Streams
+from supervisor.io import Opened, Owner, ProcessIO, Stdio, Streams, open_stdio
 from supervisor.oom import OOMWatcher
 from supervisor.options import Settings
 from supervisor.process import Process, State
@@ -183,8 +183,14 @@ class Container:
     ) -> tuple[Streams, Started]:
         sock = ConsoleSocket.create(self.bundle)
         console: Console | None = None
+        opened = Opened()
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
+            try:
+                opened = await open_stdio(stdio, reaper=self.reaper,
+                                          owner=Owner(self.id, self.namespace))
+            except ValueError as e:
+                raise InvalidArgument(str(e)) from e
             with self.reaper.subscribe() as sub:
                 await run({0: devnull, 1: devnull, 2: devnull}, sock.path)
                 try:
@@ -196,11 +202,12 @@ class Container:
         except BaseException:
             if console is not None:
                 console.close()
+            opened.close()
             raise
         finally:
             os.close(devnull)
             sock.close()
-        console.start(nursery, stdio.stdin, stdio.stdout)
+        console.start(nursery, opened)
         return console, Started(pid, early)
 
     async def _open_io(self, stdio: Stdio) -> ProcessIO:

@@ -52,9 +52,7 @@ from supervisor import __version__, _unary
 from supervisor._unary import Handler
 from supervisor.api import typeurls
 from supervisor.api.introspect import introspect_pb2 as pb
-from supervisor.console import Console
 from supervisor.events import Event, Outbox
-from supervisor.io import ProcessIO
 from supervisor.process import Process
 from supervisor.reaper import Reaper, spawn
 from supervisor.runtime import DEFAULT_BINARY
@@ -227,26 +225,16 @@ def _set_time_ns(field: Any, ns: int) -> None:
 
 
 def _io_counters(process: Process) -> pb.IOCounters:
-    io = process.io
-    stdio = process.stdio
-    if isinstance(io, Console):
-        c = io.counters
-        return pb.IOCounters(kind="terminal", stdin_bytes=c.stdin, stdout_bytes=c.stdout,
-                             stderr_bytes=c.stderr)
-    if isinstance(io, ProcessIO):
-        kind = "binary" if io.logger_pid or stdio.stdout.startswith("binary://") else "pipes"
-        if kind == "pipes" and stdio.is_null():
-            kind = "none"
-        p = io.counters
-        out, err = io.backlogs.get("stdout"), io.backlogs.get("stderr")
-        return pb.IOCounters(
-            kind=kind, stdin_bytes=p.stdin, stdout_bytes=p.stdout, stderr_bytes=p.stderr,
-            stdout_backlog_bytes=out.held if out else 0,
-            stderr_backlog_bytes=err.held if err else 0,
-            stdout_dropped_bytes=out.dropped if out else 0,
-            stderr_dropped_bytes=err.dropped if err else 0,
-        )
-    return pb.IOCounters(kind="none")
+    if process.io is None:
+        return pb.IOCounters(kind="none")
+    c = process.io.counters
+    out_held, out_dropped = c.backlog("stdout")
+    err_held, err_dropped = c.backlog("stderr")
+    return pb.IOCounters(
+        kind=c.kind, stdin_bytes=c.stdin, stdout_bytes=c.stdout, stderr_bytes=c.stderr,
+        stdout_backlog_bytes=out_held, stderr_backlog_bytes=err_held,
+        stdout_dropped_bytes=out_dropped, stderr_dropped_bytes=err_dropped,
+    )
 
 
 def process_message(process: Process) -> pb.Process:

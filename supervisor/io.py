@@ -1,39 +1,53 @@
-"""A process's standard streams: pipes to the process, copies to where containerd wants them.
+"""A process's standard streams: where containerd wants them, and the pipes and copies to them.
 
 Design
 ------
-The container process never sees containerd's FIFOs.  It gets the write ends
-of pipes the shim made (stdout, stderr) and the read end of a stdin pipe; the
-shim copies between those pipes and the destinations containerd named in the
-task request:
+containerd names each stream's destination by a URI (:class:`Stdio`), and
+:func:`open_stdio` is the one place that opens every form, for pipes and
+terminals alike (the terminal copies of :mod:`supervisor.console` use it too):
 
 * a plain path or ``fifo://path``: a FIFO that containerd (or ``ctr``)
-  created.  Output FIFOs are opened ``O_RDWR``: the open never blocks, and
-  because the shim holds both ends, a reader that comes and goes never turns
-  our writes into EPIPE; the stream only ends when the shim closes it after the
-  process's last byte.
+  created.  Output FIFOs are opened ``O_RDWR|O_NONBLOCK``: the open never
+  blocks, and because the shim holds both ends, a reader that comes and goes
+  never turns our writes into EPIPE; the stream only ends when the shim closes
+  it after the process's last byte.  (A plain path that is a regular file is
+  appended to.)  The stdin FIFO is opened ``O_RDONLY|O_NONBLOCK`` and read only
+  after ``poll`` says so: a read with no writer would be a false EOF.  Stdin
+  takes only these two forms.
 * ``file:///path``: appended to the file (its directory created).  A write
-  error is logged and the copy keeps draining the pipe, so the container never
-  blocks or dies because of its log.
+  error is logged and the copy keeps draining, so the container never blocks
+  or dies because of its log.
 * ``binary:///path?k=v``: a logging binary, started as containerd documents
   it (``path k v``, environment ``CONTAINER_ID`` and ``CONTAINER_NAMESPACE``
   only, fd 3 the stdout pipe, fd 4 the stderr pipe, fd 5 a pipe it writes to
-  or closes when it is ready).  The shim copies nothing: the binary reads the
-  pipes itself.  The process is not created before the binary is ready.
+  or closes when it is ready).  Its pipes are the destinations: a piped
+  process writes to them itself (the shim copies nothing); a terminal's output
+  is copied into the stdout pipe, and the stderr pipe is closed at once (a
+  terminal has one output), as containerd's own shim does.  The process is not
+  created before the binary is ready.
 
-Stdin FIFOs are opened ``O_RDONLY|O_NONBLOCK`` and read only after ``poll``
-says so (a read with no writer would be a false EOF); a writer closing, or
-:meth:`ProcessIO.close_stdin` once what was written has been delivered, closes
-the process's stdin.
+The streams of a piped process (:class:`ProcessIO`): the container process
+never sees containerd's FIFOs.  It gets the write ends of pipes the shim made
+(stdout, stderr) and the read end of a stdin pipe; the shim copies between
+those pipes and the destinations.  The one deliberate difference from a
+terminal is the end of input: for pipes, a writer closing the stdin FIFO (or
+:meth:`ProcessIO.close_stdin` once what was written has been delivered) closes
+the process's stdin; a terminal's end of input is in-band, so it reopens the
+FIFO and waits for the next writer (see :mod:`supervisor.console`).
 
 Invariants
 ----------
 * Output is drained to EOF before the process's exit is reported
   (:meth:`ProcessIO.wait_output`), so nothing the process wrote is lost.
 * Copies use large buffers and no per-line work.
-* Only this module touches the stdio fds; the process layer sees
-  :attr:`ProcessIO.child_fds` (hand them to the runtime, then call
-  :meth:`ProcessIO.spawned`).
+* Only this module and :mod:`supervisor.console` touch the stdio fds; the
+  process layer sees :attr:`ProcessIO.child_fds` (hand them to the runtime,
+  then call :meth:`ProcessIO.spawned`) and, for either kind,
+  :attr:`Streams.counters`.
+* Every fd opened for a process has exactly one owner at every moment: a
+  failed open closes whatever was opened before it.
+* A backlog never holds a byte that was not written: what the disk refuses
+  (a short write, ENOSPC) is counted in :attr:`Backlog.dropped`.
 """
 
 from __future__ import annotations
@@ -43,7 +57,7 @@ import fcntl
 import logging
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -79,6 +93,8 @@ class Stdio:
 class Streams(Protocol):
     """What the process layer needs of a process's stdio (pipes or a terminal)."""
 
+    counters: StreamCounters
+
     def close_stdin(self) -> None: ...
 
     async def wait_output(self, timeout: float | None = None) -> bool: ...
@@ -109,11 +125,25 @@ def logger_argv(uri: str) -> list[str]:
 
 @dataclass
 class StreamCounters:
-    """Bytes copied per stream (for introspection)."""
+    """What a process's stdio did, as ``supervisor inspect`` shows it (pipes and terminals).
 
+    ``kind`` is ``"pipes"``, ``"binary"`` (a logging binary reads the process's
+    pipes), ``"terminal"`` or ``"none"``; ``stdin``/``stdout``/``stderr`` count
+    bytes copied (a terminal has one output: its ``stderr`` stays 0).  The
+    output backlogs of piped streams are here by name, not copied: their
+    ``held`` and ``dropped`` are read live.
+    """
+
+    kind: str = "none"
     stdin: int = 0
     stdout: int = 0
     stderr: int = 0
+    backlogs: dict[str, Backlog] = field(default_factory=dict)
+
+    def backlog(self, stream: str) -> tuple[int, int]:
+        """(bytes held, bytes dropped) of ``stream``'s backlog; (0, 0) without one."""
+        b = self.backlogs.get(stream)
+        return (b.held, b.dropped) if b is not None else (0, 0)
 
 
 def _grow_pipe(fd: int) -> None:
@@ -123,8 +153,36 @@ def _grow_pipe(fd: int) -> None:
         pass  # a smaller pipe only costs throughput (the limit is per user)
 
 
-def _open_output(uri: str) -> int:
-    """Open an output destination and return a writable fd (ours)."""
+def read_nowait(fd: int, size: int = COPY_BUFFER) -> bytes:
+    """What a non-blocking fd has now (b"" if nothing: EAGAIN, or EOF)."""
+    try:
+        return os.read(fd, size)
+    except BlockingIOError:
+        return b""
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
+
+
+def stdin_path(uri: str) -> str:
+    """The FIFO a stdin URI names (a plain path or ``fifo://path``)."""
+    if uri.startswith("fifo://"):
+        return unquote(urlsplit(uri).path)
+    if "://" in uri:
+        raise ValueError(f"unsupported stdin URI {uri!r} (a FIFO path or fifo:// only)")
+    return uri
+
+
+def open_stdin(path: str) -> int:
+    """Open the stdin FIFO at ``path`` (from :func:`stdin_path`) for polling."""
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def open_output(uri: str) -> int:
+    """Open a ``file://``, ``fifo://`` or plain-path destination: a writable fd (ours)."""
     if uri.startswith("file://"):
         path = unquote(urlsplit(uri).path)
         os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
@@ -139,6 +197,93 @@ def _open_output(uri: str) -> int:
     return os.open(uri, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
 
+@dataclass
+class Opened:
+    """The destinations of one process's streams, opened by :func:`open_stdio`.
+
+    Every fd is ours (-1: no such stream) until a consumer takes it: it
+    clears the field then, and :meth:`close` closes only what is left.
+    ``stdout``/``stderr`` are where output goes; with a logging binary
+    (``logger_pid`` set) they are the write ends of its pipes.
+    """
+
+    stdin: int = -1
+    stdin_path: str = ""
+    stdout: int = -1
+    stderr: int = -1
+    logger_pid: int = 0
+
+    def close(self) -> None:
+        _close_all([self.stdin, self.stdout, self.stderr])
+        self.stdin = self.stdout = self.stderr = -1
+
+
+async def open_stdio(
+    stdio: Stdio,
+    *,
+    uid: int = -1,
+    gid: int = -1,
+    reaper: Reaper | None = None,
+    owner: Owner | None = None,
+) -> Opened:
+    """Open every destination ``stdio`` names (see the module's Design); all or nothing.
+
+    For a terminal only stdout is output.  A logging binary needs ``owner``
+    (its environment) and a running ``reaper`` (which reaps it);
+    ``uid``/``gid`` own its pipes (a piped process writes to them).  Raises
+    ValueError for a URI this shim cannot serve, OSError if a path cannot be
+    opened or the logging binary cannot start.
+    """
+    opened = Opened()
+    try:
+        if stdio.stdin:
+            opened.stdin_path = stdin_path(stdio.stdin)
+            opened.stdin = open_stdin(opened.stdin_path)
+        if stdio.stdout.startswith("binary://"):
+            if reaper is None or owner is None:
+                raise ValueError("a logging binary needs the reaper and the container's id")
+            await _start_logger(opened, stdio, uid=uid, gid=gid, reaper=reaper, owner=owner)
+        else:
+            if stdio.stdout:
+                opened.stdout = open_output(stdio.stdout)
+            if stdio.stderr and not stdio.terminal:
+                opened.stderr = open_output(stdio.stderr)
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+async def _start_logger(
+    opened: Opened, stdio: Stdio, *, uid: int, gid: int, reaper: Reaper, owner: Owner
+) -> None:
+    """Start the logging binary of ``stdio.stdout``; its pipes' write ends go in ``opened``."""
+    argv = logger_argv(stdio.stdout)
+    out_r, opened.stdout = os.pipe2(os.O_CLOEXEC)
+    err_r, opened.stderr = os.pipe2(os.O_CLOEXEC)
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        for r in (out_r, err_r):
+            _grow_pipe(r)
+        if uid >= 0 or gid >= 0:
+            os.fchown(opened.stdout, uid, gid)
+            os.fchown(opened.stderr, uid, gid)
+        if stdio.terminal:  # one output: the binary sees EOF on its stderr pipe
+            os.close(opened.stderr)
+            opened.stderr = -1
+        env = {"CONTAINER_ID": owner.container_id, "CONTAINER_NAMESPACE": owner.namespace}
+        try:
+            opened.logger_pid = spawn(argv, fds={3: out_r, 4: err_r, 5: ready_w}, env=env)
+        except OSError as e:
+            raise OSError(e.errno, f"starting logging binary {argv[0]}: {e.strerror}") from e
+        _close_all([out_r, err_r, ready_w])
+        out_r = err_r = ready_w = -1
+        # Ready when it writes a byte or closes fd 5 (or dies).
+        await trio.lowlevel.wait_readable(ready_r)
+    finally:
+        _close_all([out_r, err_r, ready_w, ready_r])
+
+
 class Backlog:
     """Output the destination's reader has not taken yet: a bounded, ordered spool.
 
@@ -148,7 +293,9 @@ class Backlog:
     nothing); if it takes nothing for :data:`STALL_TIMEOUT` seconds (containerd
     is down), further output is dropped and counted in :attr:`dropped` rather
     than blocking the process.  Without a usable directory the backlog lives in
-    memory, with the same limit.
+    memory, with the same limit.  What a full disk refuses is dropped and
+    counted the same way: the file holds only bytes that were written, so the
+    reader may see a gap, never invented bytes.
     """
 
     def __init__(self, directory: str, limit: int) -> None:
@@ -158,6 +305,7 @@ class Backlog:
         self.spooled = 0  # bytes that ever went through the backlog
         self.broken = False
         self.finished = False
+        self._full = False  # the file refused bytes (warned once per episode)
         self._fd = -1
         self._memory = bytearray()
         self._read = 0
@@ -183,29 +331,46 @@ class Backlog:
         return self._fd
 
     def append(self, data: bytes) -> None:
-        """Hold ``data`` (the copy keeps :attr:`held` near :attr:`limit`; see above)."""
+        """Hold ``data`` (the copy keeps :attr:`held` near :attr:`limit`; see above).
+
+        What a full disk refuses (a short write, ENOSPC, EDQUOT) is dropped and
+        counted; the file keeps what it took and takes more once it has room.
+        Any other file error moves the backlog to memory (what the file held
+        is counted as dropped).
+        """
         fd = self._file()
         if fd >= 0:
             try:
-                os.pwrite(fd, data, self._write)
+                n = os.pwrite(fd, data, self._write)
             except OSError as e:
-                log.warning("output backlog file failed (%s); keeping it in memory", e)
-                os.close(fd)
-                self._fd = -1
-                self.directory = ""
-                self.dropped += self.held  # what the file held is lost
-                self._read = self._write = 0
-                self._memory += data
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    log.warning("output backlog file failed (%s); keeping it in memory", e)
+                    os.close(fd)
+                    self._fd = -1
+                    self.directory = ""
+                    self.dropped += self.held  # what the file held is lost
+                    self._read = self._write = 0
+                    self._hold(data, len(data))
+                    return
+                n = 0
+            if n < len(data):
+                if not self._full:
+                    log.warning("output backlog file is full; dropping output until it has room")
+                self._full = True
+                self.dropped += len(data) - n
             else:
-                self._write += len(data)
-                self.spooled += len(data)
-                self._event.set()
-                return
+                self._full = False
+            self._hold(b"", n)
         else:
-            self._memory += data
-        self._write += len(data)
-        self.spooled += len(data)
-        self._event.set()
+            self._hold(data, len(data))
+
+    def _hold(self, data: bytes, n: int) -> None:
+        """``n`` more bytes are held (``data`` kept in memory: the in-memory backlog)."""
+        self._memory += data
+        self._write += n
+        self.spooled += n
+        if n:
+            self._event.set()
 
     def peek(self, size: int = COPY_BUFFER) -> bytes:
         if self.empty:
@@ -246,6 +411,12 @@ class Backlog:
             self._fd = -1
 
 
+def _pipes_kind(stdio: Stdio) -> str:
+    if stdio.stdout.startswith("binary://"):
+        return "binary"
+    return "none" if stdio.is_null() else "pipes"
+
+
 class ProcessIO:
     """The pipes of one process and the copies between them and containerd.
 
@@ -256,7 +427,7 @@ class ProcessIO:
 
     def __init__(self, stdio: Stdio) -> None:
         self.stdio = stdio
-        self.counters = StreamCounters()
+        self.counters = StreamCounters(kind=_pipes_kind(stdio))
         self.child_fds: dict[int, int] = {}
         self._child_ends: list[int] = []
         self._stdin_w = -1
@@ -271,7 +442,6 @@ class ProcessIO:
         self.logger_pid = 0
         self.spool_dir = ""
         self.backlog_limit = BACKLOG_LIMIT
-        self.backlogs: dict[str, Backlog] = {}
         self.delivered = 0  # bytes written to the destinations
         self._eofs = 0  # output pipes that reached EOF
         self._outputs_total = 0
@@ -290,48 +460,18 @@ class ProcessIO:
     ) -> ProcessIO:
         io = cls(stdio)
         io.spool_dir = spool_dir
+        opened = await open_stdio(stdio, uid=uid, gid=gid, reaper=reaper, owner=owner)
         try:
-            if stdio.stdout.startswith("binary://"):
-                if reaper is None or owner is None:
-                    raise ValueError("a logging binary needs the reaper and the container's id")
-                await io._setup_binary(uid, gid, reaper, owner)
-            else:
-                io._setup(uid, gid)
+            io._setup(opened, uid, gid)
         except BaseException:
             io.close()
             raise
+        finally:
+            opened.close()  # whatever _setup did not take
         return io
 
-    async def _setup_binary(self, uid: int, gid: int, reaper: Reaper, owner: Owner) -> None:
-        argv = logger_argv(self.stdio.stdout)
-        self._setup(uid, gid, outputs=False)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-        for r in (out_r, err_r):
-            _grow_pipe(r)
-        self._child_ends += [out_w, err_w]
-        self.child_fds[1], self.child_fds[2] = out_w, err_w
-        if uid >= 0 or gid >= 0:
-            os.fchown(out_w, uid, gid)
-            os.fchown(err_w, uid, gid)
-        env = {"CONTAINER_ID": owner.container_id, "CONTAINER_NAMESPACE": owner.namespace}
-        try:
-            self.logger_pid = spawn(argv, fds={3: out_r, 4: err_r, 5: ready_w}, env=env)
-        except OSError as e:
-            for fd in (out_r, err_r, ready_r, ready_w):
-                os.close(fd)
-            raise OSError(e.errno, f"starting logging binary {argv[0]}: {e.strerror}") from e
-        os.close(out_r)
-        os.close(err_r)
-        os.close(ready_w)
-        try:
-            # Ready when it writes a byte or closes fd 5 (or dies).
-            await trio.lowlevel.wait_readable(ready_r)
-        finally:
-            os.close(ready_r)
-
-    def _setup(self, uid: int, gid: int, *, outputs: bool = True) -> None:
+    def _setup(self, opened: Opened, uid: int, gid: int) -> None:
+        """Make the process's pipes around ``opened``, taking the fds it uses."""
         devnull = -1
 
         def null() -> int:
@@ -341,27 +481,36 @@ class ProcessIO:
                 self._child_ends.append(devnull)
             return devnull
 
-        if self.stdio.stdin:
-            r, w = os.pipe2(os.O_CLOEXEC)
+        if opened.stdin >= 0:
+            self._stdin_fifo, opened.stdin = opened.stdin, -1
+            r, self._stdin_w = os.pipe2(os.O_CLOEXEC)
             self._child_ends.append(r)
-            self._stdin_w = w
             self.child_fds[0] = r
-            self._stdin_fifo = os.open(
-                self.stdio.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
-            )
         else:
             self.child_fds[0] = null()
-        streams = ((1, "stdout", self.stdio.stdout), (2, "stderr", self.stdio.stderr))
-        for n, name, uri in streams if outputs else ():
-            if not uri:
+        self.logger_pid = opened.logger_pid
+        for n, name in ((1, "stdout"), (2, "stderr")):
+            dest = opened.stdout if n == 1 else opened.stderr
+            if dest < 0:
                 self.child_fds[n] = null()
                 continue
-            dest = _open_output(uri)
-            r, w = os.pipe2(os.O_CLOEXEC)
-            _grow_pipe(r)
-            self._child_ends.append(w)
-            self.child_fds[n] = w
+            if n == 1:
+                opened.stdout = -1
+            else:
+                opened.stderr = -1
+            if self.logger_pid:  # the logging binary reads its pipe itself
+                self._child_ends.append(dest)
+                self.child_fds[n] = dest
+                continue
+            try:
+                r, w = os.pipe2(os.O_CLOEXEC)
+            except BaseException:
+                os.close(dest)
+                raise
             self._outputs.append((name, r, dest))
+            self._child_ends.append(w)
+            _grow_pipe(r)
+            self.child_fds[n] = w
         if uid >= 0 or gid >= 0:
             for fd in self._child_ends:
                 if fd != devnull:
@@ -410,7 +559,7 @@ class ProcessIO:
     async def _copy_out(self, name: str, r: int, dest: int) -> None:
         """Pipe -> destination.  Reading never waits for the destination's reader."""
         backlog = Backlog(self.spool_dir, self.backlog_limit)
-        self.backlogs[name] = backlog
+        self.counters.backlogs[name] = backlog
         counters = self.counters
         try:
             os.set_blocking(r, False)
@@ -497,7 +646,7 @@ class ProcessIO:
             while True:
                 if self._stdin_close_requested:
                     # Deliver what is already in the FIFO, then stop.
-                    data = self._read_nowait(fifo)
+                    data = read_nowait(fifo)
                     if not data:
                         break
                 else:
@@ -529,23 +678,19 @@ class ProcessIO:
             os.close(fifo)
             os.close(w)
 
-    @staticmethod
-    def _read_nowait(fd: int) -> bytes:
-        try:
-            return os.read(fd, COPY_BUFFER)
-        except BlockingIOError:
-            return b""
-
     def close_stdin(self) -> None:
         """Close the process's stdin once what was written to the FIFO is delivered."""
         self._stdin_close_requested = True
         if self._stdin_copying:
             if self._stdin_scope is not None:
                 self._stdin_scope.cancel()
-        elif self._stdin_fifo >= 0:
-            os.close(self._stdin_fifo)
-            os.close(self._stdin_w)
-            self._stdin_fifo = self._stdin_w = -1
+        else:
+            self._close_stdin_fds()
+
+    def _close_stdin_fds(self) -> None:
+        """Close our stdin FIFO and pipe ends (each on its own: either may be unset)."""
+        _close_all([self._stdin_fifo, self._stdin_w])
+        self._stdin_fifo = self._stdin_w = -1
 
     async def wait_output(self, timeout: float | None = None) -> bool:
         """Wait until every output stream was delivered to its end.
@@ -579,10 +724,8 @@ class ProcessIO:
             os.close(r)
             os.close(dest)
         self._outputs = []
-        if not self._stdin_copying and self._stdin_fifo >= 0:
-            os.close(self._stdin_fifo)
-            os.close(self._stdin_w)
-            self._stdin_fifo = self._stdin_w = -1
+        if not self._stdin_copying:
+            self._close_stdin_fds()
         # Copies still running (a reader that never came back) end after a grace period.
         self._copies.deadline = min(self._copies.deadline, trio.current_time() + CLOSE_GRACE)
         self._output_done.set()

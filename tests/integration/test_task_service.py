@@ -150,6 +150,42 @@ async def test_terminal_exec_and_resize(shim: ShimDriver, tmp_path: Path) -> Non
     assert b"/dev/pts/" in data
 
 
+async def test_terminal_takes_every_log_uri_and_refuses_a_bad_one(shim: ShimDriver,
+                                                                   tmp_path: Path) -> None:
+    """A terminal exec's output goes to a ``binary://`` logger as a piped one's does (one
+    opener); a stdin URI it cannot serve is INVALID_ARGUMENT, before runc runs."""
+    shim.start()
+    await shim.connect()
+    await shim.create()
+    await shim.call("Start", api.StartRequest(id="c1"), api.StartResponse)
+    out = tmp_path / "out"
+    logger = tmp_path / "logger.sh"
+    logger.write_text("#!/bin/sh\nexec 5>&-\n"
+                      'cat <&4 > "$2.err"\ncat <&3 > "$2.tmp"\nmv "$2.tmp" "$2"\n')
+    logger.chmod(0o755)
+    spec = typeurls.pack(api.StartRequest())
+    spec.type_url = typeurls.OCI_PROCESS
+    spec.value = b'{"args": ["sh", "-c", "tty"], "cwd": "/", "env": ["PATH=/bin"]}'
+    await shim.call("Exec", api.ExecProcessRequest(
+        id="c1", exec_id="t1", terminal=True, stdout=f"binary://{logger}?out={out}",
+        spec=spec), Empty)
+    await shim.call("Start", api.StartRequest(id="c1", exec_id="t1"), api.StartResponse)
+    waited = await shim.call("Wait", api.WaitRequest(id="c1", exec_id="t1"), api.WaitResponse)
+    assert waited.exit_status == 0
+    with trio.fail_after(10):
+        while not out.exists():
+            await trio.sleep(0.05)
+    assert out.read_bytes().startswith(b"/dev/pts/")
+    assert (tmp_path / "out.err").read_bytes() == b""
+
+    await shim.call("Exec", api.ExecProcessRequest(
+        id="c1", exec_id="t2", terminal=True, stdin="tcp://x", spec=spec), Empty)
+    await expect_code(Code.INVALID_ARGUMENT, shim.call(
+        "Start", api.StartRequest(id="c1", exec_id="t2"), api.StartResponse), "stdin")
+    state = await shim.call("State", api.StateRequest(id="c1"), api.StateResponse)
+    assert state.status == types.RUNNING
+
+
 async def test_exec_exit_published_before_init_exit(shim: ShimDriver,
                                                     containerd: Containerd) -> None:
     out = containerd.dir / "events.txt"

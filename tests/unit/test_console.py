@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from supervisor.console import Console, ConsoleError, ConsoleSocket
+from supervisor.io import Opened, Stdio, open_stdio
 from supervisor.reaper import Reaper, Subscription, spawn
 
 # A stand-in for `runc init`: make a pty, send the master over the console
@@ -41,6 +42,10 @@ async def reaper(nursery: trio.Nursery) -> Reaper:
     r = Reaper()
     await nursery.start(r.run)
     return r
+
+
+async def terminal_stdio(stdin: str, stdout: str) -> Opened:
+    return await open_stdio(Stdio(stdin=stdin, stdout=stdout, terminal=True))
 
 
 def make_fifo(path: Path) -> str:
@@ -104,7 +109,7 @@ async def test_fake_runc_master_arrives_and_all_output_flows(
         assert os.isatty(master)
         console = Console(master)
         reader = open_reader(fifo)
-        console.start(nursery, "", fifo)
+        console.start(nursery, await terminal_stdio("", fifo))
         async with trio.open_nursery() as inner:
             result: list[bytes] = []
 
@@ -132,7 +137,7 @@ async def test_stdin_survives_a_writer_leaving(
         pid = start_fake_runc(cs, ["sh", "-c", script])
         console = Console(await cs.receive_master(timeout=10))
         reader = open_reader(out_fifo)
-        console.start(nursery, in_fifo, out_fifo)
+        console.start(nursery, await terminal_stdio(in_fifo, out_fifo))
         got = bytearray()
         with trio.fail_after(10):
             for word in (b"one", b"two"):
@@ -175,7 +180,7 @@ async def test_output_ends_only_when_every_slave_is_closed(
     other = os.dup(slave)
     console = Console(master)
     reader = open_reader(fifo)
-    console.start(nursery, "", fifo)
+    console.start(nursery, await terminal_stdio("", fifo))
     os.write(slave, b"first\n")
     os.close(slave)
     assert not await console.wait_output(0.2)
@@ -196,7 +201,7 @@ async def test_close_stdin_delivers_what_was_written_then_stops(
     master, slave = os.openpty()
     os.set_blocking(slave, False)
     console = Console(master)
-    console.start(nursery, in_fifo, "")
+    console.start(nursery, await terminal_stdio(in_fifo, ""))
     w = os.open(in_fifo, os.O_WRONLY | os.O_NONBLOCK)
     os.write(w, b"abc\n")
     console.close_stdin()
@@ -225,7 +230,7 @@ async def test_close_while_copies_wait(nursery: trio.Nursery, tmp_path: Path) ->
     out_fifo = make_fifo(tmp_path / "stdout")
     master, slave = os.openpty()
     console = Console(master)
-    console.start(nursery, in_fifo, out_fifo)
+    console.start(nursery, await terminal_stdio(in_fifo, out_fifo))
     await trio.sleep(0.05)  # both copies are parked in wait_readable now
     console.close()
     assert await console.wait_output(1)
@@ -235,7 +240,7 @@ async def test_close_while_copies_wait(nursery: trio.Nursery, tmp_path: Path) ->
     assert nobody.value.errno == errno.ENXIO
     os.close(slave)
     with pytest.raises(ConsoleError):
-        console.start(nursery, in_fifo, out_fifo)
+        console.start(nursery, await terminal_stdio(in_fifo, out_fifo))
 
 
 async def test_receive_timeout_and_idempotent_close(tmp_path: Path) -> None:
@@ -333,7 +338,7 @@ async def test_real_runc_terminal(nursery: trio.Nursery, reaper: Reaper, tmp_pat
                 init = int(pid_file.read_text())
                 console.resize(100, 30)
                 reader = open_reader(fifo)
-                console.start(nursery, "", fifo)
+                console.start(nursery, await terminal_stdio("", fifo))
                 status, text = await _run(sub, [*runc, "start", cid], log)
                 assert status == 0, text
                 assert (await sub.wait_for(init)).status == 0

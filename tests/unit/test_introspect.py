@@ -24,7 +24,7 @@ from supervisor.introspect import (
     VersionProbe,
     probe_runtime_version,
 )
-from supervisor.io import ProcessIO, Stdio
+from supervisor.io import Backlog, ProcessIO, Stdio, StreamCounters
 from supervisor.process import Process, State
 from supervisor.reaper import Reaper
 
@@ -184,6 +184,40 @@ async def wait_until(predicate: object, timeout: float = 5.0) -> None:
     with trio.fail_after(timeout):
         while not predicate():  # type: ignore[operator]
             await trio.sleep(0.01)
+
+
+class FakeStreams:
+    """Any Streams: introspection reads only the protocol's counters, no concrete type."""
+
+    def __init__(self, counters: StreamCounters) -> None:
+        self.counters = counters
+
+    def close_stdin(self) -> None:
+        pass
+
+    async def wait_output(self, timeout: float | None = None) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+async def test_backlog_counters_come_from_the_streams_protocol(nursery: trio.Nursery,
+                                                               outbox: Outbox) -> None:
+    tasks = FakeTasks(nursery)
+    c = FakeContainer("b1", "/b/b1")
+    running(c, 11)
+    out = Backlog("", limit=1 << 20)
+    out.append(b"x" * 40)
+    out.dropped = 9
+    c.init.io = FakeStreams(StreamCounters(kind="pipes", stdout=100, stderr=2,
+                                           backlogs={"stdout": out}))
+    tasks.containers["b1"] = c
+    got = (await make_service(tasks, outbox).containers(pb.ContainersRequest()))
+    io = got.containers[0].init.io
+    assert (io.kind, io.stdout_bytes, io.stderr_bytes) == ("pipes", 100, 2)
+    assert (io.stdout_backlog_bytes, io.stdout_dropped_bytes) == (40, 9)
+    assert (io.stderr_backlog_bytes, io.stderr_dropped_bytes) == (0, 0)
 
 
 async def test_events_pending_errors_and_recent(nursery: trio.Nursery, outbox: Outbox,
