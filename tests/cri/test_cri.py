@@ -206,6 +206,8 @@ def test_stdout_not_blocked_during_60s_outage_and_log_complete(cri: CriEnv) -> N
     wait_for(lambda: last_logged() >= outage_end, 30,
              message=f"line {outage_end} (the last one of the outage) in the CRI log")
     c.stop_container(cid)
+    # A stop that lands between the writer's truncate and its write leaves the file empty
+    # for good (counter() answers 0): then only the outage's end bounds the log from below.
     final = counter()
     size = -1
     while size != log_path.stat().st_size:  # the log copier may still be finishing
@@ -219,6 +221,9 @@ def test_stdout_not_blocked_during_60s_outage_and_log_complete(cri: CriEnv) -> N
         f"{len(numbers)} lines, first {numbers[:1]}, gaps (before, after) {gaps[:10]}; "
         f"counter at kill {samples[0][1]}, at restart {outage_end}")
     assert all(text == f"{n} {PAD}" for n, (_, text) in zip(numbers, lines, strict=True))
-    assert final <= numbers[-1] <= final + 4
+    if final:
+        assert final <= numbers[-1] <= final + 4
+    else:
+        assert numbers[-1] >= outage_end
     print(f"outage samples (s, counter): {samples}; {written} bytes during the outage; "
           f"{len(numbers)} lines logged")
