@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "FIRST_REQUEST_TIMEOUT",
     "MAX_BUFFERED_BYTES",
     "MAX_CALLS",
@@ -74,3 +75,6 @@ class Limits:
                 f"ttrpc limit first_request_timeout must be a positive number of seconds, "
                 f"not {timeout!r}"
             )
+
+
+DEFAULT_LIMITS = Limits()

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import trio
 
 from ._errors import LocalProtocolError, ProtocolError
-from ._limits import Limits
+from ._limits import DEFAULT_LIMITS, Limits
 from ._protocol import RequestReceived, RequestRejected, ServerConnection, ServerEvent
 from ._status import Code, RPCError
 
@@ -90,7 +90,6 @@ LOGGER_NAME = "supervisor.ttrpc"
 _RECEIVE_SIZE = 65536
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _UCRED = struct.Struct("3i")
-DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True, slots=True)
