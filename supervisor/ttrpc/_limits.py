@@ -19,6 +19,9 @@ The defaults and why:
 * :data:`MAX_CONNECTIONS` (64) connections at once; one more is accepted and
   closed at once (the listener keeps accepting).  containerd keeps 1-2 per
   shim, the CLI a few short ones.
+* Together: at most ``max_connections`` times the per-connection bound, about
+  260 MiB with the defaults, and only for a peer (of our uid) that fills every
+  connection on purpose; containerd's normal load holds kilobytes.
 * :data:`FIRST_REQUEST_TIMEOUT` (60 s): a connection that has not sent one
   complete request that long after it was accepted is closed.  containerd
   calls as soon as it connects; a connection that has sent a request is never

@@ -18,6 +18,7 @@ from supervisor.ttrpc._protocol import (
     ServerConnection,
     ServerEvent,
 )
+from supervisor.ttrpc._server import _RECEIVE_SIZE
 from supervisor.ttrpc._wire import Request, Response, Status, encode_request, encode_response
 
 
@@ -271,7 +272,7 @@ def test_response_bytes_from_go_server_decode() -> None:
 
 # -- flow control: a peer's load is bounded by backpressure (issue 15 item 7) ------
 
-READ_SIZE = 65536  # what the trio server reads at a time
+READ_SIZE = _RECEIVE_SIZE  # what the trio server reads at a time
 
 
 def parked_requests(count: int, size: int) -> bytes:

@@ -35,6 +35,7 @@ from supervisor.ttrpc import (
 )
 from supervisor.ttrpc._frame import MessageType, encode_frame, encode_header
 from supervisor.ttrpc._protocol import ClientConnection, ResponseReceived
+from supervisor.ttrpc._server import _RECEIVE_SIZE
 from supervisor.ttrpc._wire import Request, encode_request
 
 LOGGER = "supervisor.ttrpc"
@@ -568,7 +569,7 @@ async def test_parked_large_requests_make_the_server_stop_reading() -> None:
         # Backpressure: the sender is blocked in the kernel, not failed.
         assert not sent.is_set()
         assert park.started <= 3
-        assert 0 < server.buffered_bytes <= max(limit, 10 + MAX_MESSAGE_SIZE) + 65536
+        assert 0 < server.buffered_bytes <= max(limit, 10 + MAX_MESSAGE_SIZE) + _RECEIVE_SIZE
         park.release.set()
         got = await raw.responses(32)
         assert sent.is_set()
@@ -625,7 +626,7 @@ async def test_a_peer_that_does_not_read_answers_is_not_read_either() -> None:
         nursery.start_soon(send_requests)
         await trio.testing.wait_all_tasks_blocked()
         assert sent < 10
-        assert server.buffered_bytes <= max(1 << 20, 10 + MAX_MESSAGE_SIZE) + 65536
+        assert server.buffered_bytes <= max(1 << 20, 10 + MAX_MESSAGE_SIZE) + _RECEIVE_SIZE
         nursery.cancel_scope.cancel()
 
 
