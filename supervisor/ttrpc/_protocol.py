@@ -171,6 +171,11 @@ class ServerConnection(_Base):
         max_buffered_bytes: int = MAX_BUFFERED_BYTES,
     ) -> None:
         super().__init__(max_message_size)
+        if max_calls < 1 or max_buffered_bytes < 1:
+            raise ValueError(
+                f"max_calls ({max_calls}) and max_buffered_bytes ({max_buffered_bytes}) "
+                "must be positive"
+            )
         self.max_calls = max_calls
         self.max_buffered_bytes = max_buffered_bytes
         self._last_stream_id = 0

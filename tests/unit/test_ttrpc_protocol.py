@@ -377,6 +377,13 @@ def test_unwritten_responses_count_until_reported() -> None:
     assert server.can_receive
 
 
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        ServerConnection(max_calls=0)
+    with pytest.raises(ValueError, match="must be positive"):
+        ServerConnection(max_buffered_bytes=0)
+
+
 def test_oversized_request_charges_only_its_header() -> None:
     server = ServerConnection(max_message_size=100)
     header = encode_header(1000, 1, MessageType.REQUEST)
