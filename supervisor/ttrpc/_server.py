@@ -38,6 +38,8 @@ Behaviour and invariants:
   then block in the kernel.  Reading never pauses while nothing is in flight,
   so one message above the byte limit still gets through; a connection thus
   holds at most ``max(max_buffered_bytes, 10 + MAX_MESSAGE_SIZE) + 64 KiB``.
+  While reading is paused, a peer that closed its side is noticed only once a
+  call finishes and reading resumes.
 * At most ``max_connections`` connections are served; one more is accepted and
   closed at once (logged), the listener left alone.  We refuse the newcomer
   rather than evict an idle connection because the oldest idle one is likely
