@@ -10,8 +10,11 @@ Layers, each importing only the ones above it (and nothing else of ours):
 * ``_frame`` -- the 10-byte header (u32 length, u32 stream id, u8 type, u8
   flags, big-endian) and an incremental decoder; messages above
   :data:`MAX_MESSAGE_SIZE` are skipped without buffering and reported.
+* ``_limits`` -- :class:`Limits`: what one peer may make the server hold
+  (bytes and calls per connection, connections, the first-request timeout).
 * ``_protocol`` -- ``ServerConnection``/``ClientConnection``: pure state
-  machines, bytes in -> events, calls -> bytes out.  No I/O, no clocks.
+  machines, bytes in -> events, calls -> bytes out.  No I/O, no clocks.  The
+  server side also does the per-connection flow control.
 * ``_server``/``_client`` -- trio: :class:`Server` runs each request as a task
   and answers out of order; :class:`Client` multiplexes concurrent calls over
   one stream without a background task.
@@ -33,6 +36,7 @@ from ._errors import (
     RemoteProtocolError,
 )
 from ._frame import MAX_MESSAGE_SIZE
+from ._limits import Limits
 from ._server import (
     NAMESPACE_KEY,
     CallContext,
@@ -57,6 +61,7 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionEnded",
     "Handler",
+    "Limits",
     "LocalProtocolError",
     "Metadata",
     "PeerCheck",

@@ -11,6 +11,16 @@ Neither class does I/O, keeps time or knows about tasks; the trio transport in
 * ``send_response(stream_id, ...)`` -> bytes to write.  Every event above owes
   exactly one response; sending one that is not owed is a
   :class:`LocalProtocolError`.
+* Flow control (backpressure, never an error): at most ``max_calls`` events are
+  unanswered at a time -- further complete frames wait in the decoder and come
+  out of ``events()`` once responses were sent.  ``buffered_bytes`` counts what
+  the connection holds: undecoded input, the frame of each unanswered request
+  and the response bytes not yet reported by ``response_written(n)``.
+  ``can_receive`` tells the transport whether to read: not at the call limit,
+  and ``buffered_bytes`` under ``max_buffered_bytes`` or nothing in flight (so
+  one message larger than the byte limit still gets through).  A transport that
+  reads at most ``R`` bytes at a time, and only while ``can_receive``, holds at
+  most ``max(max_buffered_bytes, 10 + max_message_size) + R`` bytes.
 * Per-stream problems are answered, not fatal, as in Go's ttrpc v1.1.1: an
   oversized request -> ``RESOURCE_EXHAUSTED``; an even stream id (clients must
   use odd ones) or an id not above the previous request's (ids are never reused)
@@ -41,6 +51,7 @@ from dataclasses import dataclass
 
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._frame import (
+    HEADER_SIZE,
     MAX_MESSAGE_SIZE,
     Frame,
     FrameDecoder,
@@ -48,6 +59,7 @@ from ._frame import (
     OversizedFrame,
     encode_frame,
 )
+from ._limits import MAX_BUFFERED_BYTES, MAX_CALLS
 from ._status import Code
 from ._wire import (
     Request,
@@ -114,23 +126,34 @@ class _Base:
         """True once a fatal protocol error was raised."""
         return self._failure is not None
 
-    def _frames(self, data: bytes | bytearray | memoryview) -> list[Frame | OversizedFrame]:
+    def _feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._failure is not None:
             raise RemoteProtocolError(f"connection already failed: {self._failure}")
         if self.peer_closed:
             if data:
                 raise LocalProtocolError("receive_data called with data after end of stream")
-            return []
+            return
+        if data:
+            self._decoder.feed(data)
+        else:
+            self.peer_closed = True
+            self._decoder.feed_eof()
+
+    def _next_frame(self) -> Frame | OversizedFrame | None:
+        if self._failure is not None:
+            raise RemoteProtocolError(f"connection already failed: {self._failure}")
         try:
-            if data:
-                self._decoder.feed(data)
-            else:
-                self.peer_closed = True
-                self._decoder.feed_eof()
-            return list(self._decoder)
+            return self._decoder.next_frame()
         except ProtocolError as exc:
             self._failure = exc
             raise
+
+    def _frames(self, data: bytes | bytearray | memoryview) -> list[Frame | OversizedFrame]:
+        self._feed(data)
+        frames: list[Frame | OversizedFrame] = []
+        while (item := self._next_frame()) is not None:
+            frames.append(item)
+        return frames
 
     def _fail(self, exc: ProtocolError) -> ProtocolError:
         self._failure = exc
@@ -140,26 +163,99 @@ class _Base:
 class ServerConnection(_Base):
     """Server side of one ttrpc connection (see the module docstring)."""
 
-    def __init__(self, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
+    def __init__(
+        self,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        *,
+        max_calls: int = MAX_CALLS,
+        max_buffered_bytes: int = MAX_BUFFERED_BYTES,
+    ) -> None:
         super().__init__(max_message_size)
+        if max_calls < 1 or max_buffered_bytes < 1:
+            raise ValueError(
+                f"max_calls ({max_calls}) and max_buffered_bytes ({max_buffered_bytes}) "
+                "must be positive"
+            )
+        self.max_calls = max_calls
+        self.max_buffered_bytes = max_buffered_bytes
         self._last_stream_id = 0
-        self._owed: dict[int, int] = {}  # stream id -> responses still owed
+        # stream id -> the charges (request frame sizes) of the responses owed
+        self._owed: dict[int, list[int]] = {}
+        self._calls = 0  # responses owed
+        self._charged = 0  # sum of the charges in _owed
+        self._unwritten = 0  # response bytes handed out, not yet reported written
+        self._held_back = False  # events() stopped at the call limit with input left
 
     @property
     def outstanding(self) -> int:
-        """Responses owed to the client."""
-        return sum(self._owed.values())
+        """Responses owed to the client (calls handed out and not yet answered)."""
+        return self._calls
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held: undecoded input, unanswered requests, unwritten responses."""
+        return self._decoder.buffered + self._charged + self._unwritten
+
+    @property
+    def can_receive(self) -> bool:
+        """Whether the transport should read more from the peer now.
+
+        False after end of stream or a fatal error, while :attr:`max_calls`
+        calls are unanswered or input held back by that limit waits for
+        :meth:`events`, and while :attr:`buffered_bytes` is at least
+        :attr:`max_buffered_bytes` -- unless nothing is in flight, so that a
+        single message larger than the byte limit still gets through.
+        """
+        if self.peer_closed or self._failure is not None:
+            return False
+        if self._calls >= self.max_calls or self._held_back:
+            return False
+        in_flight = self._charged + self._unwritten
+        return in_flight == 0 or self.buffered_bytes < self.max_buffered_bytes
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[ServerEvent]:
-        """Feed bytes from the client (``b""`` for end of stream)."""
+        """Feed bytes from the client (``b""`` for end of stream); return :meth:`events`."""
+        self._feed(data)
+        return self.events()
+
+    def events(self) -> list[ServerEvent]:
+        """The requests decoded so far that the call limit lets out now.
+
+        Frames beyond :attr:`max_calls` unanswered calls stay in the decoder;
+        call this again after answering (``receive_data`` calls it too).
+        """
         events: list[ServerEvent] = []
-        for item in self._frames(data):
+        while True:
+            if self._calls >= self.max_calls:
+                self._held_back = self._decoder.buffered > 0 or not self._decoder.at_boundary
+                break
+            item = self._next_frame()
+            if item is None:
+                self._held_back = False
+                break
             events.append(self._handle(item))
         return events
 
-    def _reject(self, stream_id: int, code: Code, message: str) -> RequestRejected:
-        self._owed[stream_id] = self._owed.get(stream_id, 0) + 1
-        return RequestRejected(stream_id, code, message)
+    def response_written(self, nbytes: int) -> None:
+        """Report that ``nbytes`` of the bytes ``send_response`` returned were written.
+
+        The transport calls it once a response left (or will never leave);
+        until then those bytes count in :attr:`buffered_bytes`.
+        """
+        if not 0 <= nbytes <= self._unwritten:
+            raise LocalProtocolError(
+                f"{nbytes} response bytes reported written, but {self._unwritten} are unwritten"
+            )
+        self._unwritten -= nbytes
+
+    def _owe(self, stream_id: int, charge: int) -> None:
+        self._owed.setdefault(stream_id, []).append(charge)
+        self._calls += 1
+        self._charged += charge
+
+    def _reject(self, item: Frame | OversizedFrame, code: Code, message: str) -> RequestRejected:
+        self._owe(item.stream_id, _charge(item))
+        return RequestRejected(item.stream_id, code, message)
 
     def _handle(self, item: Frame | OversizedFrame) -> ServerEvent:
         stream_id = item.stream_id
@@ -174,20 +270,20 @@ class ServerConnection(_Base):
             if stream_id % 2 == 1 and stream_id > self._last_stream_id:
                 self._last_stream_id = stream_id
             return self._reject(
-                stream_id,
+                item,
                 Code.RESOURCE_EXHAUSTED,
                 f"message length {item.length} exceeds the maximum message size "
                 f"of {self.max_message_size}",
             )
         if stream_id % 2 == 0:
             return self._reject(
-                stream_id,
+                item,
                 Code.INVALID_ARGUMENT,
                 f"stream id {stream_id} is even; client-initiated streams must be odd",
             )
         if stream_id <= self._last_stream_id:
             return self._reject(
-                stream_id,
+                item,
                 Code.INVALID_ARGUMENT,
                 f"stream id {stream_id} is not above the previous one "
                 f"({self._last_stream_id}); stream ids must increase and are never reused",
@@ -196,8 +292,8 @@ class ServerConnection(_Base):
         try:
             request = decode_request(item.payload)
         except RemoteProtocolError as exc:
-            return self._reject(stream_id, Code.INVALID_ARGUMENT, f"unmarshal request error: {exc}")
-        self._owed[stream_id] = self._owed.get(stream_id, 0) + 1
+            return self._reject(item, Code.INVALID_ARGUMENT, f"unmarshal request error: {exc}")
+        self._owe(stream_id, _charge(item))
         return RequestReceived(stream_id, request)
 
     def send_response(
@@ -214,7 +310,7 @@ class ServerConnection(_Base):
         Raises :class:`LocalProtocolError` -- leaving the response still owed --
         if none is owed on that stream or the encoded response is too large.
         """
-        owed = self._owed.get(stream_id, 0)
+        owed = self._owed.get(stream_id)
         if not owed:
             raise LocalProtocolError(f"no response is owed on stream {stream_id}")
         if code is Code.OK and (message or details):
@@ -223,11 +319,18 @@ class ServerConnection(_Base):
         frame = encode_frame(
             stream_id, MessageType.RESPONSE, body, max_message_size=self.max_message_size
         )
-        if owed == 1:
+        charge = owed.pop()
+        if not owed:
             del self._owed[stream_id]
-        else:
-            self._owed[stream_id] = owed - 1
+        self._calls -= 1
+        self._charged -= charge
+        self._unwritten += len(frame)
         return frame
+
+
+def _charge(item: Frame | OversizedFrame) -> int:
+    """What a request holds while unanswered: its frame (an oversized one, its header)."""
+    return HEADER_SIZE + (len(item.payload) if isinstance(item, Frame) else 0)
 
 
 class ClientConnection(_Base):

@@ -30,6 +30,25 @@ Behaviour and invariants:
   socket peers whose SO_PEERCRED uid is not our effective uid, and any other
   kind of socket; streams that are not sockets (in-memory) are in-process and
   accepted.  Refusals close the connection and are logged.
+* A peer's load is bounded by :class:`Limits` (defaults and their reasons in
+  ``_limits``), with backpressure rather than errors: a connection with
+  ``max_calls`` calls unanswered, or holding ``max_buffered_bytes`` bytes
+  (``ServerConnection.buffered_bytes``: undecoded input, unanswered requests,
+  unwritten responses), is not read until a call finishes; the peer's writes
+  then block in the kernel.  Reading never pauses while nothing is in flight,
+  so one message above the byte limit still gets through; a connection thus
+  holds at most ``max(max_buffered_bytes, 10 + MAX_MESSAGE_SIZE) + 64 KiB``.
+  While reading is paused, a peer that closed its side is noticed only once a
+  call finishes and reading resumes.
+* At most ``max_connections`` connections are served; one more is accepted and
+  closed at once (logged), the listener left alone.  We refuse the newcomer
+  rather than evict an idle connection because the oldest idle one is likely
+  containerd's, and containerd treats a closed connection as a dead shim.
+* Idle rule: a connection that has not sent one complete request within
+  ``first_request_timeout`` of being accepted is closed (containerd calls as
+  soon as it connects).  A connection that has sent a request is never closed
+  for idleness: containerd's may be idle for days.  Connections that never
+  speak thus free their slot; those that did are bounded by the cap.
 * ``shutdown(grace)``: stop accepting, close idle connections, answer new
   requests ``UNAVAILABLE``, let in-flight calls finish and close each
   connection as it becomes idle; when ``grace`` seconds pass first, cancel
@@ -51,6 +70,7 @@ from dataclasses import dataclass
 import trio
 
 from ._errors import LocalProtocolError, ProtocolError
+from ._limits import DEFAULT_LIMITS, Limits
 from ._protocol import RequestReceived, RequestRejected, ServerConnection, ServerEvent
 from ._status import Code, RPCError
 
@@ -177,7 +197,12 @@ class _Connection:
         self.server = server
         self.stream = stream
         self.name = name
-        self.proto = ServerConnection()
+        limits = server.limits
+        self.proto = ServerConnection(
+            max_calls=limits.max_calls, max_buffered_bytes=limits.max_buffered_bytes
+        )
+        # Reading waits on this while the limits hold it back; set as calls finish.
+        self.progress = trio.Event()
         self.send_lock = trio.StrictFIFOLock()
         self.scope = trio.CancelScope()
         self.active = 0  # requests accepted and not yet answered
@@ -212,23 +237,50 @@ class _Connection:
             await trio.aclose_forcefully(self.stream)
 
     async def _read_loop(self, nursery: trio.Nursery) -> tuple[str, int]:
-        """Read until the connection ends; return (reason, log level)."""
+        """Read until the connection ends; return (reason, log level).
+
+        Reads only while ``proto.can_receive``: otherwise it waits for a call
+        to finish (backpressure).  Until the first request arrives, reading
+        runs under the first-request deadline.
+        """
+        timeout = self.server.limits.first_request_timeout
+        first_deadline = trio.current_time() + timeout
+        paused_at_cap = False
         while True:
+            data: bytes | bytearray | None = None  # None: no read this round
             try:
-                data = await self.stream.receive_some(_RECEIVE_SIZE)
+                if self.proto.can_receive:
+                    paused_at_cap = False
+                    with trio.move_on_at(first_deadline) as waiting:
+                        data = await self.stream.receive_some(_RECEIVE_SIZE)
+                    if waiting.cancelled_caught:
+                        return f"sent no request within {timeout:g}s of connecting", logging.INFO
+                    assert data is not None
+                    events = self.proto.receive_data(data)
+                else:
+                    if not paused_at_cap and self.proto.outstanding >= self.proto.max_calls:
+                        paused_at_cap = True
+                        self.server.logger.warning(
+                            "ttrpc %s: %d calls unanswered (the limit); "
+                            "not reading more until one finishes",
+                            self.name,
+                            self.proto.outstanding,
+                        )
+                    await self.progress.wait()
+                    events = self.proto.events()
             except trio.BrokenResourceError as exc:
                 return f"connection broken by the peer: {exc.__cause__ or exc}", logging.INFO
             except trio.ClosedResourceError:
                 return "connection closed locally", logging.DEBUG
-            try:
-                events = self.proto.receive_data(data)
             except ProtocolError as exc:
                 whose = "peer" if exc.remote else "local"
                 return f"{whose} protocol violation: {exc}", logging.WARNING
+            if events:
+                first_deadline = math.inf
             for event in events:
                 self.active += 1
                 nursery.start_soon(self._answer, event)
-            if not data:
+            if data is not None and not data:
                 return "peer closed the connection", logging.DEBUG
 
     async def _answer(self, event: ServerEvent) -> None:
@@ -327,6 +379,11 @@ class _Connection:
             self.close(f"connection broken by the peer while replying: {exc.__cause__ or exc}")
         except trio.ClosedResourceError:
             self.close("connection closed locally while replying")
+        finally:
+            # Written, or never will be (the connection is closing): no longer held.
+            self.proto.response_written(len(data))
+            self.progress.set()
+            self.progress = trio.Event()
 
 
 class Server:
@@ -337,8 +394,10 @@ class Server:
         *,
         peer_check: PeerCheck = require_same_uid,
         logger: logging.Logger | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.logger = logger if logger is not None else logging.getLogger(LOGGER_NAME)
+        self.limits = limits
         self._peer_check = peer_check
         self._services: dict[str, dict[str, Handler]] = {}
         self._connections: set[_Connection] = set()
@@ -368,6 +427,11 @@ class Server:
     def connections(self) -> int:
         """Connections currently being served."""
         return len(self._connections)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held for peers: undecoded input, unanswered requests, unwritten responses."""
+        return sum(connection.proto.buffered_bytes for connection in self._connections)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -441,6 +505,8 @@ class Server:
             refusal = self._peer_check(stream)
         except OSError as exc:
             refusal = f"could not read the peer's credentials: {exc}"
+        if refusal is None and len(self._connections) >= self.limits.max_connections:
+            refusal = f"{len(self._connections)} connections are open, the limit"
         if refusal is not None:
             self.logger.warning("ttrpc %s: refused: %s", name, refusal)
             await trio.aclose_forcefully(stream)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,7 +16,9 @@ from supervisor.ttrpc._protocol import (
     RequestRejected,
     ResponseReceived,
     ServerConnection,
+    ServerEvent,
 )
+from supervisor.ttrpc._server import _RECEIVE_SIZE
 from supervisor.ttrpc._wire import Request, Response, Status, encode_request, encode_response
 
 
@@ -264,3 +268,165 @@ def test_response_bytes_from_go_server_decode() -> None:
     assert encode_response(Response(Status(), b"x")) == body
     [event] = client.receive_data(encode_header(len(body), sid, 2) + body)
     assert event.response.payload == b"x"
+
+
+# -- flow control: a peer's load is bounded by backpressure (issue 15 item 7) ------
+
+READ_SIZE = _RECEIVE_SIZE  # what the trio server reads at a time
+
+
+def parked_requests(count: int, size: int) -> bytes:
+    client = ClientConnection()
+    return b"".join(client.send_request("s", "Park", bytes(size))[1] for _ in range(count))
+
+
+def feed_while_allowed(
+    server: ServerConnection, wire: memoryview
+) -> tuple[list[ServerEvent], memoryview]:
+    """Act as the transport: read READ_SIZE chunks only while ``can_receive``."""
+    events: list[ServerEvent] = []
+    while wire and server.can_receive:
+        events += server.receive_data(wire[:READ_SIZE])
+        wire = wire[READ_SIZE:]
+    return events, wire
+
+
+def test_parked_large_requests_stop_reading_instead_of_buffering() -> None:
+    # The shape of the report (64 parked 4 MiB requests), scaled down.
+    limit = 1 << 20
+    server = ServerConnection(max_buffered_bytes=limit)
+    bound = max(limit, 10 + MAX_MESSAGE_SIZE) + READ_SIZE
+    wire = memoryview(parked_requests(16, limit))
+    events, rest = feed_while_allowed(server, wire)
+    assert not server.can_receive  # backpressure: the rest stays with the peer
+    assert len(events) == 1
+    assert server.buffered_bytes <= 2 * limit
+    assert len(rest) > 14 * limit
+    # Each answer lets (about) one more in; none is refused.
+    answered = 0
+    while events or rest:
+        for event in events:
+            assert isinstance(event, RequestReceived)
+            data = server.send_response(event.stream_id)
+            assert server.buffered_bytes <= bound
+            server.response_written(len(data))
+            answered += 1
+        events = server.events()
+        more, rest = feed_while_allowed(server, rest)
+        events += more
+        assert server.buffered_bytes <= bound
+        assert server.outstanding <= 2
+    assert answered == 16
+    assert server.buffered_bytes == 0
+
+
+def test_call_limit_holds_frames_back_until_a_call_is_answered() -> None:
+    server = ServerConnection(max_calls=3)
+    wire = parked_requests(5, 1) + encode_frame(2, MessageType.REQUEST, b"")  # even id
+    first = server.receive_data(wire)
+    assert [e.stream_id for e in first] == [1, 3, 5]
+    assert not server.can_receive
+    assert server.events() == []  # still at the limit
+    server.response_written(len(server.send_response(3)))
+    assert not server.can_receive  # held-back frames come out of events() first
+    [fourth] = server.events()
+    assert fourth.stream_id == 7
+    server.send_response(1)
+    assert server.events() == [RequestReceived(9, Request("s", "Park", b"\0"))]
+    server.send_response(5)
+    [rejected] = server.events()  # rejected requests count as calls too
+    assert isinstance(rejected, RequestRejected)
+    assert rejected.code is Code.INVALID_ARGUMENT
+    assert server.outstanding == 3
+    assert not server.can_receive  # back at the limit of 3
+    server.send_response(2, code=Code.INVALID_ARGUMENT, message="even")
+    assert server.events() == []
+    assert server.can_receive  # nothing held back now
+
+
+def test_a_message_above_the_byte_limit_still_gets_through() -> None:
+    server = ServerConnection(max_buffered_bytes=100)
+    wire = memoryview(parked_requests(2, 5000))
+    events: list[ServerEvent] = []
+    while wire and server.can_receive:
+        events += server.receive_data(wire[:1000])
+        wire = wire[1000:]
+    assert [e.stream_id for e in events] == [1]
+    assert not server.can_receive  # the first is in flight and over the limit
+    server.response_written(len(server.send_response(1)))
+    while wire and server.can_receive:
+        events += server.receive_data(wire[:1000])
+        wire = wire[1000:]
+    assert [e.stream_id for e in events] == [1, 3]
+
+
+def test_unwritten_responses_count_until_reported() -> None:
+    server = ServerConnection(max_buffered_bytes=1000)
+    [event] = server.receive_data(request_frame(1))
+    held = server.buffered_bytes
+    assert held == len(request_frame(1))
+    data = server.send_response(event.stream_id, bytes(2000))
+    assert server.buffered_bytes == len(data)
+    assert not server.can_receive  # a slow reader stops us reading too
+    server.response_written(100)
+    assert server.buffered_bytes == len(data) - 100
+    with pytest.raises(LocalProtocolError):
+        server.response_written(len(data))
+    server.response_written(len(data) - 100)
+    assert server.buffered_bytes == 0
+    assert server.can_receive
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        ServerConnection(max_calls=0)
+    with pytest.raises(ValueError, match="must be positive"):
+        ServerConnection(max_buffered_bytes=0)
+
+
+def test_oversized_request_charges_only_its_header() -> None:
+    server = ServerConnection(max_message_size=100)
+    header = encode_header(1000, 1, MessageType.REQUEST)
+    [event] = server.receive_data(header + bytes(1000))
+    assert isinstance(event, RequestRejected)
+    assert server.buffered_bytes == len(header)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=30),
+    max_calls=st.integers(1, 6),
+    limit=st.integers(1, 8000),
+    read=st.integers(1, 4000),
+    order=st.randoms(use_true_random=False),
+)
+def test_flow_control_bounds_hold_and_every_request_gets_through(
+    sizes: list[int], max_calls: int, limit: int, read: int, order: random.Random
+) -> None:
+    server = ServerConnection(max_message_size=2048, max_calls=max_calls, max_buffered_bytes=limit)
+    client = ClientConnection(max_message_size=1 << 20)
+    wire = memoryview(b"".join(client.send_request("s", "m", bytes(n))[1] for n in sizes))
+    bound = max(limit, 10 + 2048) + read
+    pending: list[int] = []
+    seen: list[int] = []
+    unwritten: list[int] = []
+    while wire or pending or unwritten:
+        if wire and server.can_receive:
+            new = server.receive_data(wire[:read])
+            wire = wire[read:]
+        else:
+            # Stuck for input: answer a call or report a write, in random order.
+            assert pending or unwritten, "flow control deadlocked"
+            if unwritten and (not pending or order.random() < 0.5):
+                server.response_written(unwritten.pop(order.randrange(len(unwritten))))
+            else:
+                sid = pending.pop(order.randrange(len(pending)))
+                unwritten.append(len(server.send_response(sid)))
+            new = server.events()
+        for event in new:
+            pending.append(event.stream_id)
+            seen.append(event.stream_id)
+        assert server.outstanding <= max_calls
+        assert server.buffered_bytes <= bound
+    assert seen == [1 + 2 * n for n in range(len(sizes))]
+    assert server.buffered_bytes == 0

@@ -23,6 +23,7 @@ from supervisor.ttrpc import (
     Code,
     ConnectionBroken,
     ConnectionClosed,
+    Limits,
     PeerCheck,
     RPCError,
     Server,
@@ -34,6 +35,7 @@ from supervisor.ttrpc import (
 )
 from supervisor.ttrpc._frame import MessageType, encode_frame, encode_header
 from supervisor.ttrpc._protocol import ClientConnection, ResponseReceived
+from supervisor.ttrpc._server import _RECEIVE_SIZE
 from supervisor.ttrpc._wire import Request, encode_request
 
 LOGGER = "supervisor.ttrpc"
@@ -48,8 +50,8 @@ async def hang(ctx: CallContext, payload: bytes) -> bytes:
     raise AssertionError("unreachable")
 
 
-def make_server(peer_check: PeerCheck = require_same_uid) -> Server:
-    server = Server(peer_check=peer_check)
+def make_server(peer_check: PeerCheck = require_same_uid, limits: Limits | None = None) -> Server:
+    server = Server(peer_check=peer_check, limits=limits or Limits())
     server.register("test.Svc", {"Echo": echo, "Hang": hang})
     return server
 
@@ -525,6 +527,173 @@ async def test_cancelled_blocked_write_closes_the_connection() -> None:
         await client.call("test.Svc", "Echo", b"x", timeout=0.05)
     with pytest.raises(ConnectionClosed):
         await client.call("test.Svc", "Echo", b"x")
+
+
+# -- a peer's load is bounded (issue 15 item 7) ------------------------------------
+
+
+class Parking:
+    """A handler that parks until released, counting the calls it has seen."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.release = trio.Event()
+
+    async def __call__(self, ctx: CallContext, payload: bytes) -> bytes:
+        self.started += 1
+        await self.release.wait()
+        return b"done"
+
+
+async def test_parked_large_requests_make_the_server_stop_reading() -> None:
+    # The report: 64 parked 4 MiB requests grew the shim by 270 MiB.  Scaled down.
+    limit = 1 << 20
+    park = Parking()
+    server = Server(limits=Limits(max_buffered_bytes=limit))
+    server.register("test.Park", {"Park": park})
+    client_sock, server_sock = trio.socket.socketpair()
+    client_end, server_end = trio.SocketStream(client_sock), trio.SocketStream(server_sock)
+    raw = RawPeer(client_end)
+    sent = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_end)
+
+        async def send_all_requests() -> None:
+            for _ in range(32):
+                _sid, data = raw.proto.send_request("test.Park", "Park", bytes(limit // 2))
+                await client_end.send_all(data)
+            sent.set()
+
+        nursery.start_soon(send_all_requests)
+        await trio.testing.wait_all_tasks_blocked()
+        # Backpressure: the sender is blocked in the kernel, not failed.
+        assert not sent.is_set()
+        assert park.started <= 3
+        assert 0 < server.buffered_bytes <= max(limit, 10 + MAX_MESSAGE_SIZE) + _RECEIVE_SIZE
+        park.release.set()
+        got = await raw.responses(32)
+        assert sent.is_set()
+        assert [r.response.payload for r in got] == [b"done"] * 32
+        assert all(r.response.status is None or r.response.status.code == 0 for r in got)
+        assert park.started == 32
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.buffered_bytes == 0
+        await client_end.aclose()
+
+
+async def test_call_limit_is_backpressure_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    park = Parking()
+    server = Server(limits=Limits(max_calls=4))
+    server.register("test.Park", {"Park": park})
+    results: list[bytes] = []
+    async with memory_client(server) as client, trio.open_nursery() as nursery:
+
+        async def call() -> None:
+            results.append(await client.call("test.Park", "Park", b""))
+
+        for _ in range(10):
+            nursery.start_soon(call)
+        await trio.testing.wait_all_tasks_blocked()
+        assert park.started == 4
+        assert server.buffered_bytes > 0
+        park.release.set()
+    assert results == [b"done"] * 10
+    assert park.started == 10
+    assert any("calls unanswered (the limit)" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_peer_that_does_not_read_answers_is_not_read_either() -> None:
+    # Big answers to a peer that never reads: they pile up only to the byte limit.
+    async def big(ctx: CallContext, payload: bytes) -> bytes:
+        return bytes(200_000)
+
+    server = Server(limits=Limits(max_buffered_bytes=1 << 20))
+    server.register("test.Big", {"Big": big})
+    client_end, server_end = trio.testing.lockstep_stream_pair()
+    raw = RawPeer(client_end)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_end)
+        sent = 0
+
+        async def send_requests() -> None:
+            nonlocal sent
+            for _ in range(50):
+                _sid, data = raw.proto.send_request("test.Big", "Big")
+                await client_end.send_all(data)
+                sent += 1
+
+        nursery.start_soon(send_requests)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sent < 10
+        assert server.buffered_bytes <= max(1 << 20, 10 + MAX_MESSAGE_SIZE) + _RECEIVE_SIZE
+        nursery.cancel_scope.cancel()
+
+
+async def test_connections_beyond_the_limit_are_refused_and_serving_goes_on(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    server = make_server(limits=Limits(max_connections=2))
+    async with unix_server(server, sock_dir / "s") as path:
+        first = await connect_unix(path)
+        second = await connect_unix(path)
+        assert await first.call("test.Svc", "Echo", b"1") == b"1"
+        assert await second.call("test.Svc", "Echo", b"2") == b"2"
+        async with await connect_unix(path) as third:
+            with pytest.raises(ConnectionBroken):
+                await third.call("test.Svc", "Echo", b"3")
+        assert await first.call("test.Svc", "Echo", b"1") == b"1"
+        await second.aclose()
+        while server.connections > 1:
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0)
+        async with await connect_unix(path) as fourth:  # the listener still accepts
+            assert await fourth.call("test.Svc", "Echo", b"4") == b"4"
+        await first.aclose()
+    assert any("2 connections are open, the limit" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_connection_that_never_sends_a_request_times_out(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    server = make_server(limits=Limits(first_request_timeout=60))
+    async with trio.open_nursery() as nursery:
+        silent, server_end = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.serve_stream, server_end)
+        # A partial request is not a request: a slow trickle is cut as well.
+        trickle, server_end = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.serve_stream, server_end)
+        await trickle.send_all(encode_header(100, 1, MessageType.REQUEST))
+        start = trio.current_time()
+        with trio.fail_after(3600):  # virtual time: the clock jumps while all wait
+            assert await silent.receive_some() == b""
+            assert await trickle.receive_some() == b""
+        assert trio.current_time() - start >= 60
+    assert server.connections == 0
+    assert any("sent no request within 60s" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_connection_that_sent_a_request_is_never_cut_for_idleness(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # containerd's connection may be idle for days; losing it means a "dead" shim.
+    server = make_server(limits=Limits(first_request_timeout=60))
+    async with memory_client(server) as client:
+        assert await client.call("test.Svc", "Echo", b"hi") == b"hi"
+        await trio.sleep(30 * 86400)
+        assert await client.call("test.Svc", "Echo", b"still") == b"still"
+        assert server.connections == 1
+
+
+def test_limits_reject_bad_values() -> None:
+    for bad in ({"max_calls": 0}, {"max_buffered_bytes": -1}, {"max_connections": 1.5},
+                {"max_calls": True}, {"first_request_timeout": 0},
+                {"first_request_timeout": float("nan")}):
+        with pytest.raises(ValueError, match="ttrpc limit"):
+            Limits(**bad)  # type: ignore[arg-type]
+    assert Limits(first_request_timeout=float("inf")).first_request_timeout == float("inf")
 
 
 # -- peer credentials -------------------------------------------------------------
