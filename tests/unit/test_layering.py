@@ -104,6 +104,7 @@ ACTION_PATHS: dict[str, tuple[str, set[str]]] = {
     "delete": (
         "import supervisor.shim, supervisor.launch.delete as d\n"
         "d.cleanup('ns', 'id', '/nonexistent/bundle')\n"
+        "d.last_status('/nonexistent/bundle', 'id', 0)\n"
         "from supervisor.launch.settings import Settings\n"
         "Settings.from_json('{\"root\": \"/r\"}')",
         {"json"},
