@@ -35,6 +35,7 @@ from supervisor import errors, metrics, mount
 from supervisor.console import Console, ConsoleError, ConsoleSocket
 from supervisor.errors import AlreadyExists, InvalidArgument, NotFound
 from supervisor.io import Opened, Owner, ProcessIO, Stdio, Streams, open_stdio
+from supervisor.launch.spool import work_dir
 from supervisor.oom import OOMWatcher
 from supervisor.options import Settings
 from supervisor.process import Process, State
@@ -57,13 +58,6 @@ class Started:
 
     pid: int
     early_exit: Exit | None
-
-
-def work_dir(bundle: str) -> str:
-    """containerd's persistent work directory for the bundle (the ``work`` link it
-    makes), or the bundle itself where there is none."""
-    work = os.path.join(bundle, "work")
-    return work if os.path.isdir(work) else bundle
 
 
 def kill_error(err: OCIRuntimeError) -> Exception:

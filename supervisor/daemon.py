@@ -29,11 +29,11 @@ import trio
 
 from supervisor import _ksm, introspect, shimlog, ttrpc
 from supervisor.api.events import ttrpc_pb2 as events_api
-from supervisor.container import work_dir
 from supervisor.events import Event, Outbox, Spool
 from supervisor.launch.address import address_of, socket_path
 from supervisor.launch.defaults import LISTEN_FD
 from supervisor.launch.flags import Flags
+from supervisor.launch.spool import spool_path, work_dir
 from supervisor.reaper import Reaper
 from supervisor.task import GROUP_SERVICE, SERVICE, TaskService
 
@@ -43,7 +43,6 @@ EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 FORWARD_TIMEOUT = 5.0
 SHUTDOWN_GRACE = 5.0
 FLUSH_TIMEOUT = 10.0
-SPOOL_FILE = "supervisor-events.spool"
 
 
 class ContainerdEvents:
@@ -81,11 +80,6 @@ class ContainerdEvents:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
-
-
-def spool_path(bundle: str) -> str:
-    """The event spool: in the bundle's work directory when containerd made one."""
-    return os.path.join(work_dir(bundle), SPOOL_FILE)
 
 
 async def _serve(listener: socket.socket, *, namespace: str, ttrpc_address: str, bundle: str,

@@ -46,11 +46,9 @@ import errno
 import logging
 import os
 import re
-import struct
 import time
-import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -60,6 +58,7 @@ from google.protobuf.message import DecodeError, Message
 
 from supervisor.api import typeurls
 from supervisor.api.events import task_pb2 as ev
+from supervisor.launch import spool as spoolfile
 
 log = logging.getLogger("supervisor.events")
 
@@ -119,13 +118,7 @@ class OutboxStats:
     recent: deque[Event] = field(default_factory=lambda: deque(maxlen=64))
 
 
-_ADD, _ACK = 1, 2
-
-# A record's frame: magic, body length, CRC-32 of (length bytes + body), body.
-# 0xC1 is the one byte msgpack never uses and never starts a UTF-8 character,
-# so the magic is unlikely inside a record; the checksum decides anyway.
-_MAGIC = b"\xc1SV\x02"
-_HEAD = struct.Struct(">4sII")
+_ADD, _ACK = spoolfile.ADD, spoolfile.ACK
 _MAX_INT = 2**63 - 1
 # The previous release wrote bare msgpack arrays: [1, ...] (7 fields) or [2, seq].
 _V1_FIRST_BYTES = (0x97, 0x92)
@@ -142,9 +135,7 @@ class _Bad(Exception):
 
 
 def _frame(record: list[object]) -> bytes:
-    body: bytes = msgpack.packb(record, use_bin_type=True)
-    length = len(body).to_bytes(4, "big")
-    return _HEAD.pack(_MAGIC, len(body), zlib.crc32(body, zlib.crc32(length))) + body
+    return spoolfile.frame(msgpack.packb(record, use_bin_type=True))
 
 
 def _add_record(event: Event) -> list[object]:
@@ -167,47 +158,6 @@ def _write_all(fd: int, data: bytes) -> None:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, os.fstat(fd).st_size - done)
         raise
-
-
-def _frames(data: bytes) -> Iterator[tuple[int, bytes | None, str]]:
-    """``(offset, body, "")`` per verified frame, ``(offset, None, why)`` per damaged stretch.
-
-    A stretch is everything from the first byte that does not start a verified
-    frame to the next magic that does; the scan resumes at the next magic
-    after a failed one, never at the end a damaged length points to, so no
-    damage can hide a later intact record.
-    """
-    view = memoryview(data)
-    n = len(data)
-    i = 0
-    bad_at, why = -1, ""
-    while i < n:
-        if not data.startswith(_MAGIC, i):
-            failure = "no record starts here"
-        elif i + _HEAD.size > n:
-            failure = "a torn record header (the writer died mid-write?)"
-        else:
-            _, length, crc = _HEAD.unpack_from(data, i)
-            end = i + _HEAD.size + length
-            if end > n:
-                failure = (f"a {length}-byte record runs past the end of the file "
-                           "(torn by a writer that died mid-write, or a damaged length)")
-            elif zlib.crc32(view[i + _HEAD.size:end], zlib.crc32(view[i + 4:i + 8])) != crc:
-                failure = "checksum mismatch"
-            else:
-                if bad_at >= 0:
-                    yield bad_at, None, f"{i - bad_at} damaged bytes: {why}"
-                    bad_at = -1
-                yield i, bytes(view[i + _HEAD.size:end]), ""
-                i = end
-                continue
-        if bad_at < 0:
-            bad_at, why = i, failure
-        i = data.find(_MAGIC, i + 1)
-        if i < 0:
-            i = n
-    if bad_at >= 0:
-        yield bad_at, None, f"{n - bad_at} damaged bytes: {why}"
 
 
 def _int(name: str, value: object, low: int) -> int:
@@ -249,7 +199,9 @@ class Spool:
 
     Format
     ------
-    A sequence of framed records: a 4-byte magic, the body's length and the
+    A sequence of framed records (the frame and the record kinds are
+    :mod:`supervisor.launch.spool`'s, which ``delete`` reads the file with
+    after a shim was killed): a 4-byte magic, the body's length and the
     CRC-32 of length and body (both big-endian uint32), then the body, a
     msgpack array: ``[1, seq, timestamp_ns, namespace, topic, type_url,
     payload]`` when an event is published, ``[2, seq]`` when it was accepted.
@@ -347,7 +299,7 @@ class Spool:
     @staticmethod
     def _records_v2(data: bytes, reasons: list[str]) -> list[Event | int]:
         records: list[Event | int] = []
-        for offset, body, why in _frames(data):
+        for offset, body, why in spoolfile.frames(data):
             if body is None:
                 reasons.append(f"at offset {offset}: {why}")
                 continue

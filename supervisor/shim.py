@@ -2,12 +2,18 @@
 
 containerd 1.6 runs the shim binary three ways (:mod:`supervisor.launch.flags`),
 always with the bundle as working directory and ``TTRPC_ADDRESS`` in the
-environment.  This module only parses the command line and dispatches:
+environment; containerd 2.x adds ``-info``.  This module only parses the
+command line and dispatches:
+
+``-info``
+    :mod:`supervisor.launch.info`: prints a protobuf ``RuntimeInfo`` (name,
+    version, the options echoed, the OCI runtime's features) and exits.
 
 ``start``
     :mod:`supervisor.launch.start`: joins a live shim of the container's group
     or starts one (forked by the fork server, or cold) and prints its address.
-    Runtime options on stdin are decoded by :mod:`supervisor.options`
+    Runtime options on stdin (bare, or in containerd 2.3's ``BootstrapParams``:
+    :mod:`supervisor.launch.bootstrap`) are decoded by :mod:`supervisor.options`
     (protobuf), imported only when containerd sent some.
 
 ``delete``
@@ -22,7 +28,7 @@ the daemon
     shared shim's first bundle goes).  It exits once ``Shutdown`` finds no
     container left and none reserved, after its events are delivered.
 
-Light on purpose: ``start`` and ``delete`` load only :mod:`supervisor.launch`
+Light on purpose: ``start``, ``delete`` and ``-info`` load only :mod:`supervisor.launch`
 (standard library alone; ``tests/unit/test_layering.py`` checks it); the
 daemon side is imported only for the daemon.
 """
@@ -40,6 +46,8 @@ if TYPE_CHECKING:
     from supervisor.launch.settings import Settings
 
 NAME = "containerd-shim-supervisor-v2"
+#: What ``-version`` and ``-info`` name as the revision (there is no build commit).
+REVISION = "python"
 
 
 def decode_options(data: bytes) -> Settings:
@@ -57,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{NAME}: {e}", file=sys.stderr)
         return EXIT_USAGE
     if flags.version:
-        print(f"{NAME}:\n  Version: {__version__}\n  Revision: python")
+        print(f"{NAME}:\n  Version: {__version__}\n  Revision: {REVISION}")
         return 0
+    if flags.info:  # containerd 2.x, before namespace and id (it passes neither)
+        from supervisor.launch.info import action_info
+
+        return action_info(decode_options, version=__version__, revision=REVISION)
     if flags.action in ("start", "delete") and not (flags.namespace and flags.id):
         print(f"{NAME}: -namespace and -id are required", file=sys.stderr)
         return EXIT_USAGE

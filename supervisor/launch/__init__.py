@@ -9,7 +9,12 @@ checks both in a fresh interpreter, and that no import cycle exists).
 
 * :mod:`~supervisor.launch.flags` -- the shim binary's command line.
 * :mod:`~supervisor.launch.start` -- the ``start`` action: group, socket, daemon.
-* :mod:`~supervisor.launch.delete` -- the ``delete`` action.
+* :mod:`~supervisor.launch.delete` -- the ``delete`` action; it reports a killed
+  shim's init exit from the event spool (:mod:`~supervisor.launch.spool`, the
+  spool's file format, which the daemon's :mod:`supervisor.events` writes).
+* :mod:`~supervisor.launch.info` -- ``-info`` (containerd 2.x): a ``RuntimeInfo``.
+* :mod:`~supervisor.launch.bootstrap` -- ``start``'s stdin from containerd 2.3
+  (``BootstrapParams``) told apart from the bare options ``Any``.
 * :mod:`~supervisor.launch.forkclient` -- ``start``'s side of the fork server
   (the server is :mod:`supervisor.forkserver`, beside the daemon).
 * :mod:`~supervisor.launch._join` -- ``start``'s side of ``Group/Join``.

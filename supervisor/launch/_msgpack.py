@@ -1,12 +1,14 @@
-"""The msgpack subset of the fork server's protocol, by hand: the one codec of both sides.
+"""The msgpack subset of the fork server's protocol and the event spool, by hand.
 
 ``import msgpack`` costs ``start`` ~3 ms (its package imports ``datetime`` for
 timestamps), more than the whole exchange it is needed for.  ``start`` sends
 one request (maps, arrays, strings, integers, booleans) and reads one answer
 (``{"pid": N}`` or ``{"error": "why"}``); the fork server
 (:mod:`supervisor.forkserver`) reads and writes them with this module too,
-since it reads all it writes.  The encoding is msgpack's shortest form for each value,
-byte for byte what ``msgpack.packb`` writes (the tests compare them).
+since it reads all it writes; ``delete`` reads the event spool's records
+with it (:mod:`supervisor.launch.spool`), hence ``bytes`` (msgpack's bin).
+The encoding is msgpack's shortest form for each value, byte for byte what
+``msgpack.packb`` writes (the tests compare them).
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ def _pack(value: object, out: bytearray) -> None:
         else:
             out += b"\xdb" + struct.pack(">I", n)
         out += data
+    elif isinstance(value, bytes):  # bin 8/16/32 (the event spool's payloads)
+        n = len(value)
+        if n < 0x100:
+            out += b"\xc4" + struct.pack(">B", n)
+        elif n < 0x10000:
+            out += b"\xc5" + struct.pack(">H", n)
+        else:
+            out += b"\xc6" + struct.pack(">I", n)
+        out += value
     elif isinstance(value, (list, tuple)):
         _pack_len(len(value), 0x90, 0xDC, out)
         for item in value:
@@ -136,6 +147,10 @@ def _unpack(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
             return raw.decode("utf-8"), pos
         except UnicodeDecodeError as e:
             raise ValueError(f"bad UTF-8 in a msgpack string: {e}") from None
+    if b in (0xC4, 0xC5, 0xC6):  # bin 8/16/32
+        fmt = {0xC4: ">B", 0xC5: ">H", 0xC6: ">I"}[b]
+        raw, pos = _take(data, pos, struct.calcsize(fmt))
+        return _take(data, pos, struct.unpack(fmt, raw)[0])
     if 0x80 <= b < 0xA0 or b in (0xDC, 0xDD, 0xDE, 0xDF):  # arrays and maps
         if b < 0xA0:
             n = b & 0x0F

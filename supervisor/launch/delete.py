@@ -4,7 +4,11 @@ containerd runs ``SHIM ... -id ID -bundle DIR delete`` on its critical path
 after every task whose shim disconnected (and after a shim was killed).  It
 needs no daemon and no containerd: it force-deletes the runtime's container,
 unmounts the rootfs, removes a socket nobody serves, and writes a protobuf
-``DeleteResponse`` (init pid, status 128+SIGKILL, now) on stdout.
+``DeleteResponse`` on stdout: the init's pid, and its real exit status and
+time when the shim's event spool holds its ``TaskExit`` (the shim died before
+containerd accepted it: :func:`supervisor.launch.spool.init_exit`), else
+status 128+SIGKILL and now (the status is unknown, or the shim's death killed
+the init).
 
 It reads the settings the daemon saved through the same class that saved them
 (:class:`~supervisor.launch.settings.Settings`) and builds the runtime's
@@ -26,7 +30,7 @@ import os
 import sys
 import time
 
-from supervisor.launch import address, procfs, runcmd
+from supervisor.launch import address, procfs, runcmd, spool
 from supervisor.launch._pbwire import field_bytes, field_varint
 from supervisor.launch.settings import Settings
 
@@ -110,8 +114,21 @@ def cleanup(namespace: str, container_id: str, bundle: str) -> int:
     return pid
 
 
+def last_status(bundle: str, container_id: str, pid: int) -> tuple[int, int, int]:
+    """(pid, exit status, exit time in ns) to report: the init's ``TaskExit`` from the
+    event spool when the dead shim left one there, else 128+SIGKILL now."""
+    try:
+        found = spool.init_exit(bundle, container_id)
+    except Exception as e:  # never fail delete over a damaged spool: report the kill
+        warn(f"reading the event spool of {container_id}: {e}")
+        found = None
+    if found is None:
+        return pid, SIGKILL_STATUS, time.time_ns()
+    return pid or found.pid, found.status, found.exited_at_ns or time.time_ns()
+
+
 def action_delete(namespace: str, container_id: str, bundle: str) -> int:
     pid = cleanup(namespace, container_id, bundle)
-    sys.stdout.buffer.write(encode_delete_response(pid, SIGKILL_STATUS, time.time_ns()))
+    sys.stdout.buffer.write(encode_delete_response(*last_status(bundle, container_id, pid)))
     sys.stdout.buffer.flush()
     return 0

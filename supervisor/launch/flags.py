@@ -8,6 +8,12 @@ containerd 1.6 runs the shim binary three ways (facts from containerd's
     SHIM -namespace NS -address A -publish-binary B -id ID -bundle DIR delete
     SHIM -namespace NS -id ID -address A [-debug]         (the daemon)
 
+containerd 2.x also runs ``SHIM -info`` (options ``Any`` on stdin, a
+``RuntimeInfo`` expected on stdout: :mod:`supervisor.launch.info`); 2.3 keeps
+these command lines and adds a ``BootstrapParams`` on ``start``'s stdin
+(:mod:`supervisor.launch.bootstrap`), whose ``socket_dir`` lands in
+:attr:`Flags.socket_dir` (no command-line flag sets it).
+
 A plain class and no :mod:`argparse`: ``start`` and ``delete`` must stay light.
 """
 
@@ -23,12 +29,13 @@ class UsageError(Exception):
 class Flags:
     """The parsed command line.  A plain class: ``dataclasses`` costs ``start`` ~5 ms."""
 
-    __slots__ = ("action", "address", "bundle", "debug", "id", "namespace", "publish_binary",
-                 "socket", "version")
+    __slots__ = ("action", "address", "bundle", "debug", "id", "info", "namespace",
+                 "publish_binary", "socket", "socket_dir", "version")
 
     def __init__(self, *, namespace: str = "", id: str = "", address: str = "",
                  publish_binary: str = "", bundle: str = "", socket: str = "",
-                 debug: bool = False, version: bool = False, action: str = "") -> None:
+                 debug: bool = False, version: bool = False, info: bool = False,
+                 socket_dir: str = "", action: str = "") -> None:
         self.namespace = namespace
         self.id = id
         self.address = address
@@ -37,6 +44,9 @@ class Flags:
         self.socket = socket
         self.debug = debug
         self.version = version
+        self.info = info
+        #: Where ``start`` binds sockets ("" for the default); containerd 2.3 sends it.
+        self.socket_dir = socket_dir
         self.action = action
 
     def __repr__(self) -> str:
@@ -59,7 +69,7 @@ _VALUE_FLAGS = {
     "bundle": "bundle",
     "socket": "socket",
 }
-_BOOL_FLAGS = {"debug": "debug", "v": "version", "version": "version"}
+_BOOL_FLAGS = {"debug": "debug", "v": "version", "version": "version", "info": "info"}
 
 
 def parse_flags(argv: list[str]) -> Flags:

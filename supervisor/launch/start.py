@@ -2,14 +2,17 @@
 
 ``SHIM -namespace NS -address A -publish-binary B -id ID start`` runs with the
 bundle as working directory and the runtime options (a serialized protobuf
-``Any``, maybe empty) on stdin.
+``Any``, maybe empty) on stdin -- or, from containerd 2.3, a
+``BootstrapParams`` holding them, whose socket directory and log level
+``start`` honours (:mod:`supervisor.launch.bootstrap`).
 
 Picks the container's group: a group annotation (a pod's sandbox id, or
 ``io.containerd.supervisor.v2.group``), else with ``shim_group = "namespace"``
 (settings file, or ``$SUPERVISOR_SHIM_GROUP`` in containerd's environment) the
 namespace's shared group, else the container alone.  The group's socket is
 ``/run/containerd/s/<sha256(address/namespace/group)>`` (then ``group#1``,
-``group#2``... for a shared group whose shims are full).  A live shim there is
+``group#2``... for a shared group whose shims are full; in 2.3's ``socket_dir``
+when it names one).  A live shim there is
 asked to take the container (``Group/Join``, :mod:`supervisor.launch._join`):
 it answers only while it is not ending and, for a shared group, serves fewer
 than ``shim_group_size`` containers (16); then ``start`` writes ``address`` in
@@ -69,9 +72,11 @@ SHARED_GROUP = "supervisor-shared"
 MAX_GROUP_SOCKETS = 64
 
 
-def socket_address(containerd_address: str, namespace: str, group: str) -> str:
+def socket_address(containerd_address: str, namespace: str, group: str,
+                   socket_dir: str = "") -> str:
+    """The group's socket, in ``socket_dir`` (containerd 2.3 may name one) or :data:`SOCKET_DIR`."""
     digest = sha256(os.path.join(containerd_address, namespace, group).encode())
-    return f"unix://{SOCKET_DIR}/{digest.hexdigest()}"
+    return f"unix://{socket_dir or SOCKET_DIR}/{digest.hexdigest()}"
 
 
 def group_of(container_id: str, bundle: str) -> str:
@@ -312,7 +317,7 @@ def claim_socket(flags: Flags, group: str, limit: int) -> tuple[str, _socket.soc
     """
     for n in range(MAX_GROUP_SOCKETS):
         address = socket_address(flags.address, flags.namespace,
-                                 group if n == 0 else f"{group}#{n}")
+                                 group if n == 0 else f"{group}#{n}", flags.socket_dir)
         path = socket_path(address)
         for _ in range(3):
             try:
@@ -335,6 +340,12 @@ def claim_socket(flags: Flags, group: str, limit: int) -> tuple[str, _socket.soc
 def action_start(flags: Flags, decode_options: DecodeOptions) -> int:
     bundle = os.getcwd()
     options = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
+    if options:  # a bare Any (up to containerd 2.2) or a BootstrapParams (2.3)
+        from supervisor.launch import bootstrap
+
+        options, params = bootstrap.read_stdin(options, flags.id, flags.namespace)
+        if params is not None:
+            bootstrap.apply(params, flags)
     mode, size, shim_cgroup = group_settings(options, decode_options)
     group, limit = group_key(flags.id, bundle, mode, size, shim_cgroup)
     address, listener = claim_socket(flags, group, limit)

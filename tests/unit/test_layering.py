@@ -86,6 +86,17 @@ ACTION_PATHS: dict[str, tuple[str, set[str]]] = {
         "namespace='n', id='i', address='a', debug=False, argv=['x']).to_wire()))",
         {"msgpack"},
     ),
+    "start, from containerd 2.3 (BootstrapParams)": (
+        "import supervisor.shim, supervisor.launch.start, supervisor.launch.bootstrap as b\n"
+        "b.read_stdin(b'\\n\\x01i\\x12\\x01n\\x18\\x04', 'i', 'n')",
+        set(),
+    ),
+    "-info": (
+        "import supervisor.shim, supervisor.launch.info as i\n"
+        "i.encode_runtime_info(name='n', version='v', revision='r', options=b'', "
+        "features=b'{}', annotations={'a': 'b'})",
+        set(),
+    ),
     "start, joining a group's shim": (
         "import supervisor.launch.start, supervisor.launch._join",
         set(),
@@ -93,6 +104,7 @@ ACTION_PATHS: dict[str, tuple[str, set[str]]] = {
     "delete": (
         "import supervisor.shim, supervisor.launch.delete as d\n"
         "d.cleanup('ns', 'id', '/nonexistent/bundle')\n"
+        "d.last_status('/nonexistent/bundle', 'id', 0)\n"
         "from supervisor.launch.settings import Settings\n"
         "Settings.from_json('{\"root\": \"/r\"}')",
         {"json"},

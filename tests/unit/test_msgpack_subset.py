@@ -14,7 +14,7 @@ from supervisor.launch import _msgpack
 from supervisor.launch.forkclient import Request
 
 ints = st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
-scalars = st.none() | st.booleans() | ints | st.text()
+scalars = st.none() | st.booleans() | ints | st.text() | st.binary()
 values = st.recursive(
     scalars,
     lambda inner: st.lists(inner, max_size=20) | st.dictionaries(st.text(), inner, max_size=20),
@@ -36,12 +36,13 @@ def test_unpackb_reads_what_msgpack_writes(value: object) -> None:
 
 @pytest.mark.parametrize("n", [31, 32, 255, 256, 65535, 65536])
 def test_long_strings_and_containers(n: int) -> None:
-    for value in ("x" * n, list(range(n % 300)), {str(i): i for i in range(n % 70)}):
+    for value in ("x" * n, b"x" * n, list(range(n % 300)), {str(i): i for i in range(n % 70)}):
         assert _msgpack.packb(value) == msgpack.packb(value)
         assert _msgpack.unpackb(msgpack.packb(value)) == value
 
 
-@pytest.mark.parametrize("data", [b"", b"\x92\x01", b"\xc4\x01x", b"\x01\x02", b"\xa3ab",
+@pytest.mark.parametrize("data", [b"", b"\x92\x01", b"\xc4\x02x", b"\xc5\x00", b"\x01\x02",
+                                  b"\xa3ab",
                                   b"\xa2\xff\xfe", b"\x91" * 40 + b"\x90"])
 def test_unpackb_refuses_what_it_cannot_read(data: bytes) -> None:
     with pytest.raises(ValueError):
@@ -50,7 +51,7 @@ def test_unpackb_refuses_what_it_cannot_read(data: bytes) -> None:
 
 def test_packb_refuses_other_types() -> None:
     with pytest.raises(TypeError):
-        _msgpack.packb(b"bytes")
+        _msgpack.packb(1.5)
     with pytest.raises(OverflowError):
         _msgpack.packb(1 << 64)
 
