@@ -14,8 +14,9 @@ The shim ends when the Task service asks for it (``Shutdown`` with no
 container left and none reserved): it first removes its socket (so ``start``
 can bind a new shim there at once), then gives the outbox a bounded time to
 deliver what is pending, stops accepting, lets in-flight calls finish and
-exits.  Only a shim that is still listening removes the socket, so it can only
-be its own: ``start`` replaces a socket only when nothing listens on it.
+exits.  Only a shim that is still listening removes the socket, and only while
+it is the inode it started with (:class:`OwnSocket`), so it can only be its
+own: ``start`` replaces a socket only when nothing listens on it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import trio
 from supervisor import _ksm, introspect, shimlog, ttrpc
 from supervisor.api.events import ttrpc_pb2 as events_api
 from supervisor.events import Event, Outbox, Spool
+from supervisor.launch import sockfile
 from supervisor.launch.address import address_of, socket_path
 from supervisor.launch.defaults import LISTEN_FD
 from supervisor.launch.flags import Flags
@@ -106,7 +108,7 @@ async def _serve(listener: socket.socket, *, namespace: str, ttrpc_address: str,
         server.register(SERVICE, service.handlers())
         server.register(GROUP_SERVICE, service.group_handlers())
         inspector = introspect.IntrospectService(service, outbox, namespace=namespace,
-                                                 address=address_of(listener.getsockname()))
+                                                 address=address_of(sockfile.published_path(listener.getsockname())))
         server.register(introspect.SERVICE, inspector.handlers())
         trio_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
         await nursery.start(server.serve, trio_listener)
@@ -151,7 +153,12 @@ def _bundle_leaving(spool: Spool, bundle: str, others: list[str]) -> None:
 
 
 class OwnSocket:
-    """The listening socket's file, removed at most once, and only while it is still ours."""
+    """The listening socket's file, removed at most once, and only while it is still ours.
+
+    Its path is where ``start`` published the listener (it reports its private
+    claim name, :func:`~supervisor.launch.sockfile.published_path`); its inode is
+    pinned now, while the listener still listens, so nobody can have replaced it.
+    """
 
     def __init__(self, listener: socket.socket) -> None:
         try:
@@ -159,15 +166,18 @@ class OwnSocket:
         except OSError:
             name = ""
         # Empty for an abstract or unnamed socket: nothing to remove.
-        self.path = name if isinstance(name, str) and name.startswith("/") else ""
+        self.path = (sockfile.published_path(name)
+                     if isinstance(name, str) and name.startswith("/") else "")
+        self._pinned = sockfile.pin(self.path) if self.path else None
 
     def remove(self) -> None:
         path, self.path = self.path, ""
-        if path:
+        pinned, self._pinned = self._pinned, None
+        if pinned is not None:
             try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass  # already gone
+                sockfile.remove_own(path, pinned)  # never a successor's socket
+            finally:
+                os.close(pinned)
 
 
 def serve(

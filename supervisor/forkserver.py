@@ -48,9 +48,13 @@ Invariants
   means that shim is gone, so the fallback is again safe.
 * A forked shim is refused unless it would equal a cold one where the
   client's own process cannot fix it afterwards: same uid (SO_PEERCRED), same
-  namespaces, root directory, credentials, capabilities, no_new_privs and
-  seccomp mode as the client.  Anything else is copied from the client (see
-  above); cgroups and the OOM score are set by ``start`` on the returned pid.
+  namespaces (and those its children would be born in), root directory,
+  credentials, capabilities, no_new_privs, seccomp and LSM label as the
+  client.  The client's side of that comparison is what the kernel says about
+  the connected process (:func:`peer_identity`), never what the client says;
+  a refusal names what differs, never a value of the server's.  Anything else
+  is copied from the client (see above), which the same credentials let it set
+  itself; cgroups and the OOM score are set by ``start`` on the returned pid.
 * The server runs no trio, starts no threads (fork safety), handles one
   connection at a time with every read bounded by :data:`REQUEST_TIMEOUT`,
   answers a bad request with an error and keeps serving.  No child ever
@@ -66,6 +70,7 @@ from __future__ import annotations
 import _socket
 import argparse
 import ctypes
+import errno
 import fcntl
 import gc
 import importlib
@@ -89,10 +94,8 @@ from supervisor.launch.forkclient import (
     DEFAULT_SOCKET,
     MAX_MESSAGE,
     SOCKET_ENV,
-    STATUS_FIELDS,
     ForkServerError,
     Request,
-    identity,
     recv_fds,
     send_fds,
 )
@@ -110,24 +113,122 @@ EXIT_SETUP_FAILED = 121
 # --------------------------------------------------------------------------- identity
 
 
-def identity_mismatch(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> str | None:
-    """Why a shim forked by ``ours`` would differ from a cold start by ``theirs``, or None."""
-    ns_ours, ns_theirs = ours.get("ns") or {}, theirs.get("ns") or {}
-    if not isinstance(ns_theirs, dict):
-        return "malformed namespaces"
-    for name in sorted(set(ns_ours) & set(ns_theirs)):
-        if ns_ours[name] != ns_theirs[name]:
-            return f"different {name} namespace"
-    if list(ours.get("root") or []) != list(theirs.get("root") or []):
-        return "different root directory"
-    st_ours, st_theirs = ours.get("status") or {}, theirs.get("status") or {}
-    if not isinstance(st_theirs, dict):
-        return "malformed credentials"
-    for key in STATUS_FIELDS:
-        if st_ours.get(key) != st_theirs.get(key):
-            return f"different {key} ({st_theirs.get(key)!r}, fork server {st_ours.get(key)!r})"
+#: Namespaces a forked shim would share with the server, not with its client; the
+#: ``*_for_children`` ones are where a cold start's daemon would be born.
+NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user", "cgroup", "time",
+              "pid_for_children", "time_for_children")
+#: Lines of /proc/PID/status a forked shim takes from the server, not from its client.
+STATUS_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
+                 "NoNewPrivs", "Seccomp", "Seccomp_filters")
+#: getsockopt: a pidfd of the peer that connected (Linux 6.5); <asm-generic/socket.h>.
+SO_PEERPIDFD = getattr(_socket, "SO_PEERPIDFD", 77)
+#: Errors that mean "this kernel has no such file" (the same for server and client);
+#: any other error reading the client's identity refuses it.
+_ABSENT = (errno.ENOENT, errno.EINVAL, errno.EOPNOTSUPP)
+
+
+def identity(proc: str = "/proc/self") -> dict[str, object]:
+    """What a forked shim cannot take from its client, of the process at ``proc``.
+
+    Namespaces, root directory, credentials, capabilities, no_new_privs,
+    seccomp and the LSM label; each key's value, or None where this kernel has
+    no such thing.  OSError (other than "absent") propagates: the caller
+    refuses.
+    """
+    found: dict[str, object] = {}
+
+    def absent(e: OSError) -> None:
+        if e.errno not in _ABSENT:
+            raise e
+
+    for name in NAMESPACES:
+        try:
+            st = os.stat(f"{proc}/ns/{name}")
+            found[f"{name} namespace"] = (st.st_dev, st.st_ino)
+        except OSError as e:
+            absent(e)
+            found[f"{name} namespace"] = None
+    root = os.stat(f"{proc}/root")
+    found["root directory"] = (root.st_dev, root.st_ino)
+    status = dict.fromkeys(STATUS_FIELDS)
+    with open(f"{proc}/status", encoding="utf-8") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in status:
+                status[key] = " ".join(value.split())
+    found.update(status)
+    try:
+        with open(f"{proc}/attr/current", "rb") as label:
+            found["LSM label"] = label.read().rstrip(b"\0\n")
+    except OSError as e:
+        absent(e)
+        found["LSM label"] = None
+    return found
+
+
+def identity_mismatch(ours: Mapping[str, object], theirs: Mapping[str, object]) -> str | None:
+    """The first of ``ours``' keys whose value ``theirs`` does not share, or None.
+
+    Only the key's name: the answer goes to the client, which must not learn the
+    server's values (nor, by trying, its capabilities one refusal at a time).
+    """
+    for key in ours:
+        if key not in theirs or theirs[key] != ours[key]:
+            return key
     return None
 
+
+def peer_identity(conn: _socket.socket) -> dict[str, object]:
+    """The identity of the process at the other end of ``conn``, as the kernel tells it.
+
+    The peer is the process that called ``connect``: a pidfd of it comes from
+    ``SO_PEERPIDFD`` (Linux 6.5), else from ``pidfd_open`` of the
+    ``SO_PEERCRED`` pid.  Its /proc files are read by pid, then the pidfd must
+    show the process still running: a pid is reused only after its process is
+    gone, so what was read was that process's.  (The fallback's pidfd is only as
+    good as the pid: a client that exits while its connection waits in the
+    backlog and whose pid a new process gets meanwhile would be mistaken for
+    that process; kernels with ``SO_PEERPIDFD`` close that window.)
+    ForkServerError if the peer cannot be identified.
+    """
+    try:
+        pidfd = conn.getsockopt(_socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as e:
+        if e.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
+            raise ForkServerError(f"cannot identify the client: {e.strerror}") from None
+        pid = struct.unpack("3i", conn.getsockopt(
+            _socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+        try:
+            pidfd = os.pidfd_open(pid) if pid > 0 else -1
+        except OSError:
+            pidfd = -1
+        if pidfd < 0:
+            raise ForkServerError("cannot identify the client: it is gone") from None
+    try:
+        pid = _pidfd_pid(pidfd)
+        if pid <= 0:  # -1: exited; 0: in a pid namespace this server cannot see into
+            raise ForkServerError("cannot identify the client: it is gone or out of sight")
+        try:
+            found = identity(f"/proc/{pid}")
+        except OSError as e:
+            raise ForkServerError(f"cannot read the client's identity: {e.strerror}") from None
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if poller.poll(0):  # readable: the process exited, its pid may be another's now
+            raise ForkServerError("cannot identify the client: it exited")
+        return found
+    finally:
+        os.close(pidfd)
+
+
+def _pidfd_pid(pidfd: int) -> int:
+    """The pid a pidfd refers to, in this server's pid namespace (fdinfo's ``Pid:``)."""
+    with open(f"/proc/self/fdinfo/{pidfd}", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key == "Pid":
+                return int(value)
+    raise ForkServerError("cannot identify the client: no pid for its pidfd")
 
 
 # --------------------------------------------------------------------------- the shim side
@@ -336,9 +437,10 @@ class ForkServer:
                 if len(fds) != 1:
                     raise ForkServerError(f"want 1 fd (the shim's listener), got {len(fds)}")
                 check_listener(fds[0])
-                why = identity_mismatch(self.identity, request.identity)
+                why = identity_mismatch(self.identity, peer_identity(conn))
                 if why:
-                    raise ForkServerError(f"a forked shim would differ from a cold one: {why}")
+                    raise ForkServerError("a forked shim would differ from a cold one: "
+                                          f"the client's {why} is not the fork server's")
                 status_r, go_w, intermediate = self.fork_shim(request, fds[0], conn)
             finally:
                 for fd in fds:

@@ -30,7 +30,7 @@ import os
 import sys
 import time
 
-from supervisor.launch import address, procfs, runcmd, spool
+from supervisor.launch import address, procfs, runcmd, sockfile, spool
 from supervisor.launch._pbwire import field_bytes, field_varint
 from supervisor.launch.settings import Settings
 
@@ -80,11 +80,10 @@ def _remove_dead_socket(bundle: str) -> None:
         return  # no address file (or an empty one): nothing to remove
     if address.is_abstract(path) or not os.path.exists(path):
         return  # an abstract socket vanishes with its shim; a path may be gone already
-    if not address.can_connect(path):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass  # removed meanwhile
+    try:
+        sockfile.remove_if_dead(path)  # under start's lock: never a new shim's socket
+    except OSError:
+        pass  # its directory went away meanwhile
 
 
 def cleanup(namespace: str, container_id: str, bundle: str) -> int:

@@ -8,7 +8,7 @@ when its socket exists and falls back to the cold start on any failure.
 
 This module holds what both sides of the private protocol share, once: the
 socket's location, the :class:`Request` schema (written by the client, checked
-by the server), the identity both compare, fd passing and the one codec
+by the server), fd passing and the one codec
 (:mod:`supervisor.launch._msgpack`); and the client, :func:`request_shim`.
 The protocol and its invariants are described in :mod:`supervisor.forkserver`.
 
@@ -38,12 +38,11 @@ if TYPE_CHECKING:
 
 DEFAULT_SOCKET = "/run/containerd/supervisor-forkserver.sock"
 SOCKET_ENV = "SUPERVISOR_FORKSERVER"
-PROTOCOL = 1
+#: 2: the client no longer claims an identity (the server reads the peer's from the
+#: kernel); a server and a client of different versions refuse, and ``start`` starts cold.
+PROTOCOL = 2
 MAX_MESSAGE = 256 * 1024
 CLIENT_TIMEOUT = 2.0  # start: connect, send and answer, all together
-NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user", "cgroup", "time")
-STATUS_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
-                 "NoNewPrivs", "Seccomp")
 
 
 # --------------------------------------------------------------------------- fd passing
@@ -83,28 +82,15 @@ def socket_path() -> str | None:
     return value or None
 
 
-def identity() -> dict[str, Any]:
-    """What a forked shim cannot take from its client: namespaces, root, credentials."""
-    namespaces: dict[str, int] = {}
-    for name in NAMESPACES:
-        try:
-            namespaces[name] = os.stat(f"/proc/self/ns/{name}").st_ino
-        except OSError:
-            continue  # a kernel without this namespace type: nothing to compare
-    root = os.stat("/")
-    status: dict[str, str] = {}
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in STATUS_FIELDS:
-                status[key] = " ".join(value.split())
-    return {"ns": namespaces, "root": [root.st_dev, root.st_ino], "status": status}
-
-
 class Request:
-    """One shim to fork: what a cold start passes on its command line, and its context."""
+    """One shim to fork: what a cold start passes on its command line, and its context.
 
-    __slots__ = ("address", "affinity", "argv", "cwd", "debug", "env", "id", "identity",
+    Nothing in it is believed about who the client is: the server reads that
+    from the kernel (:func:`supervisor.forkserver.peer_identity`).  A field
+    ``identity`` sent by an older client is ignored.
+    """
+
+    __slots__ = ("address", "affinity", "argv", "cwd", "debug", "env", "id",
                  "namespace", "nice", "rlimits", "umask")
 
     def __init__(
@@ -121,7 +107,6 @@ class Request:
         rlimits: Sequence[tuple[int, int, int]],
         nice: int,
         affinity: Sequence[int],
-        identity: Mapping[str, Any],
     ) -> None:
         self.namespace = namespace
         self.id = id
@@ -134,7 +119,6 @@ class Request:
         self.rlimits = [tuple(r) for r in rlimits]
         self.nice = nice
         self.affinity = list(affinity)
-        self.identity = dict(identity)
 
     @classmethod
     def of_this_process(cls, *, namespace: str, id: str,
@@ -153,7 +137,7 @@ class Request:
         return cls(namespace=namespace, id=id, address=address, debug=debug, argv=argv,
                    env=os.environ, cwd=os.getcwd(), umask=mask, rlimits=sorted(set(rlimits)),
                    nice=os.getpriority(os.PRIO_PROCESS, 0),
-                   affinity=sorted(os.sched_getaffinity(0)), identity=identity())
+                   affinity=sorted(os.sched_getaffinity(0)))
 
     def to_wire(self) -> dict[str, Any]:
         wire = {k: getattr(self, k) for k in self.__slots__}
@@ -208,8 +192,7 @@ class Request:
             raise ForkServerError(f"bad CPU affinity {affinity!r:.80}")
         return cls(namespace=namespace, id=cid, address=strings("address", field("address", str)),
                    debug=field("debug", bool), argv=argv, env=env, cwd=cwd, umask=umask,
-                   rlimits=rlimits, nice=field("nice", int), affinity=affinity,
-                   identity=field("identity", dict))
+                   rlimits=rlimits, nice=field("nice", int), affinity=affinity)
 
 
 

@@ -16,8 +16,9 @@ when it names one).  A live shim there is
 asked to take the container (``Group/Join``, :mod:`supervisor.launch._join`):
 it answers only while it is not ending and, for a shared group, serves fewer
 than ``shim_group_size`` containers (16); then ``start`` writes ``address`` in
-the bundle and prints it.  Otherwise ``start`` binds the socket 0600
-(replacing one nothing listens on), writes ``address``, and starts the daemon:
+the bundle and prints it.  Otherwise ``start`` claims the socket, 0600 and
+already listening when it appears (replacing one nothing listens on;
+:mod:`supervisor.launch.sockfile`), writes ``address``, and starts the daemon:
 forked by the fork server (:mod:`supervisor.launch.forkclient`) when its
 socket exists and it answers within 2 s, else (or on any failure) cold -- a
 new interpreter in a new session with the listening socket as fd 3 and no
@@ -40,8 +41,8 @@ import sys
 import time
 
 from supervisor.launch import address as addresses
-from supervisor.launch import procfs
-from supervisor.launch.address import can_connect, socket_path
+from supervisor.launch import procfs, sockfile
+from supervisor.launch.address import socket_path
 from supervisor.launch.defaults import LISTEN_FD, SHIM_GROUPS, SOCKET_DIR
 
 TYPE_CHECKING = False  # not typing's: importing typing costs `start` ~2 ms
@@ -96,21 +97,6 @@ def group_of(container_id: str, bundle: str) -> str:
         if isinstance(value, str) and value:
             return value
     return container_id
-
-
-def new_listener(path: str) -> _socket.socket:
-    if not addresses.is_abstract(path):
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        s.bind(path)
-        if not addresses.is_abstract(path):
-            os.chmod(path, 0o600)
-        s.listen(128)
-    except BaseException:
-        s.close()
-        raise
-    return s
 
 
 def write_file_atomic(path: str, data: str) -> None:
@@ -268,33 +254,6 @@ def group_key(container_id: str, bundle: str, mode: str, size: int, cgroup: str
     return container_id, 0
 
 
-def replace_stale(path: str) -> _socket.socket | None:
-    """A new listener on ``path`` if nothing listens there (None if something does now).
-
-    Under an exclusive lock on the socket directory, so two ``start`` runs that
-    both found the socket dead cannot each replace the other's.
-    """
-    import fcntl
-
-    fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if can_connect(path):
-            return None
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass  # its shim removed it meanwhile
-        try:
-            return new_listener(path)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                return None  # a start that needed no lock bound it first
-            raise
-    finally:
-        os.close(fd)
-
-
 def ask_to_join(path: str, container_id: str, limit: int) -> str:
     """:func:`supervisor.launch._join.join`'s verdict ("joined", "full", "closing", "gone"),
     or "refused" for an answer it does not understand (noted in the log FIFO)."""
@@ -321,7 +280,7 @@ def claim_socket(flags: Flags, group: str, limit: int) -> tuple[str, _socket.soc
         path = socket_path(address)
         for _ in range(3):
             try:
-                return address, new_listener(path)
+                return address, sockfile.listen(path)
             except OSError as e:
                 if e.errno != errno.EADDRINUSE:
                     raise
@@ -330,7 +289,7 @@ def claim_socket(flags: Flags, group: str, limit: int) -> tuple[str, _socket.soc
                 return address, None
             if answer != "gone":
                 break  # full, closing or confused: the next socket
-            listener = replace_stale(path)
+            listener = sockfile.replace_stale(path)
             if listener is not None:
                 return address, listener
     raise OSError(errno.EAGAIN, f"no shim of group {group!r} took container {flags.id!r}"
@@ -370,9 +329,9 @@ def action_start(flags: Flags, decode_options: DecodeOptions) -> int:
             os.kill(pid, 9)
             raise
     except BaseException:
-        listener.close()
         if not addresses.is_abstract(path):
-            os.unlink(path)
+            os.unlink(path)  # still listening, so still ours (sockfile's invariants)
+        listener.close()
         raise
     listener.close()
     sys.stdout.write(address)

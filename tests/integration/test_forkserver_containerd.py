@@ -164,7 +164,7 @@ def test_a_fork_server_that_differs_is_refused_and_start_goes_cold(
     c = make_containerd(env={ENV: fs.socket})
     assert c.run("refused", "echo", "ok", rootfs=busybox_rootfs, rm=True).stdout == "ok\n"
     assert "refused" not in fs.forked()
-    assert "different mnt namespace" in fs.log.read_text()
+    assert "the client's mnt namespace is not the fork server's" in fs.log.read_text()
     wait_for(lambda: "starting the shim cold" in c.log_text(), 10, message="the fallback note")
     assert fs.proc.poll() is None  # and it keeps serving
 

@@ -8,6 +8,7 @@ daemons on listeners bound here; they are ended with ``Shutdown`` or by pid.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -132,7 +133,7 @@ def test_request_round_trip(bundle: Path) -> None:
 
 
 @pytest.mark.parametrize(("key", "value", "why"), [
-    ("v", 2, "protocol version"),
+    ("v", 1, "protocol version"),  # an older client (it claimed its identity): start cold
     ("id", "", "must not be empty"),
     ("namespace", 7, "want str"),
     ("argv", [], "empty"),
@@ -154,13 +155,44 @@ def test_request_validation(bundle: Path, key: str, value: object, why: str) -> 
         Request.from_wire([1, 2])
 
 
-def test_identity_mismatch() -> None:
-    ours = forkclient.identity()
-    assert forkserver.identity_mismatch(ours, ours) is None
-    other = {**ours, "ns": {**ours["ns"], "mnt": 1}}
-    assert forkserver.identity_mismatch(ours, other) == "different mnt namespace"
-    other = {**ours, "status": {**ours["status"], "CapEff": "0000000000000000"}}
-    assert "different CapEff" in str(forkserver.identity_mismatch(ours, other))
+def test_identity_mismatch_names_the_key_and_no_value() -> None:
+    ours = forkserver.identity()
+    assert forkserver.identity_mismatch(ours, dict(ours)) is None
+    assert {"mnt namespace", "pid_for_children namespace", "root directory", "CapEff",
+            "NoNewPrivs", "Seccomp", "LSM label"} <= set(ours)
+    for key in ours:
+        assert forkserver.identity_mismatch(ours, {**ours, key: "other"}) == key
+        missing = {k: v for k, v in ours.items() if k != key}
+        assert forkserver.identity_mismatch(ours, missing) == key  # left out is not equal
+
+
+def test_peer_identity_is_the_kernels() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        assert forkserver.peer_identity(a) == forkserver.identity()
+
+
+@pytest.mark.parametrize("peerpidfd", [True, False], ids=["SO_PEERPIDFD", "pidfd_open"])
+def test_a_peer_that_is_gone_is_not_identified(monkeypatch: pytest.MonkeyPatch,
+                                               peerpidfd: bool) -> None:
+    # A client that exited before the server looked: its pid may be another process's now.
+    if not peerpidfd:
+        monkeypatch.setattr(forkserver, "SO_PEERPIDFD", -1)  # ENOPROTOOPT: an older kernel
+    with tempfile.TemporaryDirectory(prefix="sv-p-", dir="/tmp") as d:
+        path = os.path.join(d, "s")
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with srv:
+            srv.bind(path)
+            srv.listen(1)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child connects and is gone
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                c.connect(path)
+                os._exit(0)
+            os.waitpid(pid, 0)
+            conn, _ = srv.accept()
+            with conn, pytest.raises(ForkServerError, match="cannot identify the client"):
+                forkserver.peer_identity(conn)
 
 
 def test_socket_path_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,6 +202,44 @@ def test_socket_path_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert forkclient.socket_path() == "/tmp/x.sock"
     monkeypatch.setenv(forkclient.SOCKET_ENV, "")
     assert forkclient.socket_path() is None
+
+
+@pytest.mark.parametrize("peerpidfd", [True, False], ids=["SO_PEERPIDFD", "pidfd_open"])
+def test_a_peer_that_exits_while_read_is_not_believed(monkeypatch: pytest.MonkeyPatch,
+                                                      peerpidfd: bool) -> None:
+    # The peer exits (and its pid could be reused) between the server's reads and its
+    # verdict: what was read may be another process's, so it counts for nothing.
+    if not peerpidfd:
+        monkeypatch.setattr(forkserver, "SO_PEERPIDFD", -1)
+    with tempfile.TemporaryDirectory(prefix="sv-p-", dir="/tmp") as d:
+        path = os.path.join(d, "s")
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with srv:
+            srv.bind(path)
+            srv.listen(1)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child connects and waits to be killed
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                c.connect(path)
+                c.recv(1)
+                os._exit(0)
+            try:
+                conn, _ = srv.accept()
+                real = forkserver.identity
+
+                def read_then_lose_the_peer(proc: str = "/proc/self") -> dict[str, object]:
+                    found = real(proc)
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    return found
+
+                monkeypatch.setattr(forkserver, "identity", read_then_lose_the_peer)
+                with conn, pytest.raises(ForkServerError, match="it exited"):
+                    forkserver.peer_identity(conn)
+            finally:
+                with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
 
 
 # --------------------------------------------------------------------------- the server
@@ -339,3 +409,84 @@ def test_client_gives_up_at_its_deadline(bundle: Path, listener: socket.socket) 
                 forkclient.request_shim(os.path.join(d, "mute.sock"), request_for(bundle),
                                         listener.fileno(), timeout=0.3)
             assert time.monotonic() - t0 < 2
+
+
+# ------------------------------------------------------------- identity from the kernel
+# The attacks of issue 15 item 1: a client that is not what the fork server is (its own
+# namespaces; every capability dropped and no_new_privs) sends the fork server's own identity
+# as its claim.  Only what the kernel says about the peer may count, and a refusal must not
+# tell the client any of the server's values.
+
+ATTACKER = r"""
+import json, socket, sys
+import msgpack
+payload = sys.stdin.buffer.read()
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind("")  # autobound abstract name: valid in any namespace
+listener.listen(4)
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+conn.settimeout(10)
+conn.connect(sys.argv[1])
+socket.send_fds(conn, [payload], [listener.fileno()])
+data, fds, _, _ = socket.recv_fds(conn, 1 << 18, 4)
+print(json.dumps(msgpack.unpackb(data)))
+"""
+
+
+def server_values() -> list[str]:
+    """Every value of this process's identity (the server's: same host, root, namespaces)."""
+    values: list[str] = []
+    for name in os.listdir("/proc/self/ns"):
+        values.append(str(os.stat(f"/proc/self/ns/{name}").st_ino))
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.startswith(("Cap", "NoNewPrivs", "Seccomp")):
+                values.append(value.strip())
+    return [v for v in values if len(v) > 1]  # "0", "1": too short to tell anything apart
+
+
+def attack(server: Server, bundle: Path, wrapper: list[str]) -> dict[str, Any]:
+    """Run a client under ``wrapper`` that claims the fork server's identity; its answer."""
+    wire = request_for(bundle).to_wire()
+    claimed = {}  # what an old client sent, the server's own values: a lie from the attacker
+    claimed["root"] = [os.stat("/").st_dev, os.stat("/").st_ino]
+    with open("/proc/self/status", encoding="utf-8") as f:
+        claimed["status"] = {k: " ".join(v.split()) for k, _, v in
+                             (line.partition(":") for line in f)}
+    wire["identity"] = claimed  # "ns" left out: the old server then skipped that comparison
+    done = subprocess.run([*wrapper, sys.executable, "-c", ATTACKER, server.socket],
+                          input=msgpack.packb(wire), capture_output=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    answer = json.loads(done.stdout)
+    assert isinstance(answer, dict)
+    return answer
+
+
+def needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for namespaces and capabilities")
+
+
+def test_client_in_other_namespaces_is_refused(server: Server, bundle: Path) -> None:
+    needs_root()
+    answer = attack(server, bundle, ["unshare", "--mount", "--net", "--uts", "--ipc"])
+    assert "pid" not in answer, "a client in its own namespaces got a shim"
+    assert "namespace" in answer["error"]
+    assert not [v for v in server_values() if v in answer["error"]], answer
+
+
+def test_client_without_capabilities_is_refused(server: Server, bundle: Path) -> None:
+    needs_root()
+    answer = attack(server, bundle, ["setpriv", "--no-new-privs", "--inh-caps=-all",
+                                     "--ambient-caps=-all", "--bounding-set=-all"])
+    assert "pid" not in answer, "a client without capabilities got a shim"
+    assert "Cap" in answer["error"] or "NoNewPrivs" in answer["error"]
+    assert not [v for v in server_values() if v in answer["error"]], answer
+
+
+def test_client_with_no_new_privs_alone_is_refused(server: Server, bundle: Path) -> None:
+    needs_root()
+    answer = attack(server, bundle, ["setpriv", "--no-new-privs"])
+    assert "pid" not in answer
+    assert "NoNewPrivs" in answer["error"]
