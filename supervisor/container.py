@@ -371,15 +371,27 @@ class Container:
         return await self.runtime.ps(self.id)
 
     async def delete_exec(self, process: Process) -> None:
+        """Deliver the exec's output, close its stdio, forget it.
+
+        Every step may be repeated, and the state changes last: a Delete
+        cancelled half-way leaves the exec stopped and listed, and the next
+        Delete finishes the job (the caller holds :attr:`Process.deleting`).
+        """
         process.check("delete")
-        process.transition("delete")
         if process.io is not None:
             # As containerd's shim does: Delete returns once the output was delivered.
             await process.io.wait_output(DRAIN_TIMEOUT)
             process.io.close()
         self.execs.pop(process.exec_id, None)
+        process.deleted()
 
     async def delete_init(self) -> None:
+        """``runtime delete``, deliver and close every process's stdio, unmount the rootfs.
+
+        As :meth:`delete_exec`: every step may be repeated (a container the
+        runtime no longer knows, a closed stdio, an unmounted rootfs are fine),
+        and the init is deleted only once all are done.
+        """
         self.init.check("delete")
         if self.running_execs():
             # The pid namespace is gone with init: make sure nothing is left.
@@ -389,7 +401,6 @@ class Container:
         except OCIRuntimeError as e:
             if not e.not_found:
                 raise
-        self.init.transition("delete")
         self.background.cancel()
         for p in self.all_processes():
             if p.io is not None:
@@ -402,6 +413,7 @@ class Container:
                 )
             except OSError as e:
                 log.warning("container %s: unmounting rootfs: %s", self.id, e)
+        self.init.deleted()
 
     def resize(self, process: Process, width: int, height: int) -> None:
         process.check("resize")

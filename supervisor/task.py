@@ -341,6 +341,16 @@ class TaskService:
             self.group.release(r.id)  # containerd gave up on it before its Create
         container = await self._container(r.id)
         process = container.process(r.exec_id)
+        async with process.deleting:
+            if process.state is State.DELETED:  # a Delete that held the lock did the job
+                raise errors.NotFound(f"{process.describe()} was deleted")
+            return await self._delete(container, process)
+
+    async def _delete(self, container: Container, process: Process) -> api.DeleteResponse:
+        """Delete's work.  Cancelled (a dropped connection, a deadline) before the
+        container's part returns, it changed nothing a repeated Delete cannot
+        finish (see :mod:`supervisor.process`); what follows that part does not
+        wait, so it is done whole, once."""
         if process.is_init:
             await container.delete_init()
             del self.containers[container.id]
