@@ -31,7 +31,7 @@ from typing import Any
 
 import trio
 
-from supervisor import errors, metrics, mount
+from supervisor import errors, identifiers, metrics, mount
 from supervisor.console import Console, ConsoleError, ConsoleSocket
 from supervisor.errors import AlreadyExists, InvalidArgument, NotFound
 from supervisor.io import Owner, ProcessIO, Stdio, Streams
@@ -122,6 +122,7 @@ class Container:
     def process(self, exec_id: str) -> Process:
         if not exec_id:
             return self.init
+        identifiers.check(exec_id, "exec id")
         try:
             return self.execs[exec_id]
         except KeyError:
@@ -289,8 +290,7 @@ class Container:
             self.init.transition("start")
 
     def add_exec(self, exec_id: str, stdio: Stdio, spec: bytes) -> Process:
-        if not exec_id:
-            raise InvalidArgument("exec id must not be empty")
+        identifiers.check(exec_id, "exec id")  # it names files in the bundle
         if exec_id in self.execs:
             raise AlreadyExists(f"id {exec_id}: exec already exists")
         self.init.check("exec")

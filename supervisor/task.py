@@ -43,7 +43,7 @@ import trio
 from google.protobuf import empty_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 
-from supervisor import _unary, errors, metrics
+from supervisor import _unary, errors, identifiers, metrics
 from supervisor._unary import Handler
 from supervisor.api import typeurls
 from supervisor.api.events import task_pb2 as ev
@@ -202,6 +202,7 @@ class TaskService:
 
     async def _container(self, container_id: str) -> Container:
         """The container, once its Create has finished (as if Create held a lock)."""
+        identifiers.check(container_id, "container id")
         container = self.containers.get(container_id)
         if container is not None and not container.created.is_set():
             await container.created.wait()
@@ -265,8 +266,7 @@ class TaskService:
     # --- rpcs -------------------------------------------------------------
 
     async def create(self, r: api.CreateTaskRequest) -> api.CreateTaskResponse:
-        if not r.id:
-            raise errors.InvalidArgument("container id must not be empty")
+        identifiers.check(r.id, "container id")  # before it names anything on disk
         self.group.release(r.id)
         if r.id in self.containers:
             raise errors.AlreadyExists(f"container {r.id!r} already exists")
@@ -499,4 +499,5 @@ class TaskService:
     # --- group --------------------------------------------------------------
 
     async def join(self, r: group_pb2.JoinRequest) -> group_pb2.JoinResponse:
+        identifiers.check(r.id, "container id")
         return group_pb2.JoinResponse(containers=self.group.join(r.id, r.limit))
