@@ -15,6 +15,10 @@ Invariants
   happens before the pid file is read is still seen (:attr:`Started.early_exit`).
 * A failed create leaves nothing behind: the runtime's container is
   force-deleted, stdio closed and the rootfs unmounted.
+* Delete may be repeated: each of its steps is, and the process is deleted
+  only once all are done, so a cancelled Delete is finished by the next.
+* Ids are containerd identifiers (:mod:`supervisor.identifiers`) before they
+  name a file: an exec's process spec and pid file are named after its id.
 * The bundle keeps the shim's settings (``supervisor-options.json``) and the
   init pid (``init.pid``) so ``delete`` can clean up after a dead shim.
 """

@@ -2,9 +2,13 @@
 
 Design
 ------
-Each rpc decodes its request, finds the container (and process) by id, asks
-:class:`~supervisor.container.Container` to do the work, publishes the event
-that says what happened, and encodes the answer.  This is the one boundary
+Each rpc decodes its request, finds the container (and process) by id (an id
+that is not a containerd identifier is INVALID_ARGUMENT, see
+:mod:`supervisor.identifiers`), asks :class:`~supervisor.container.Container`
+to do the work, publishes the event that says what happened, and encodes the
+answer.  Delete may be cancelled (a dropped connection, a deadline) and
+repeated: the process changes state only when the work is done, and the next
+Delete finishes it (see :mod:`supervisor.process`).  This is the one boundary
 where the shim's errors become ttrpc status codes (:func:`status_of`).
 
 Exits arrive from the reaper (:meth:`TaskService.run_exits`, one subscription
