@@ -15,6 +15,10 @@ Invariants
   happens before the pid file is read is still seen (:attr:`Started.early_exit`).
 * A failed create leaves nothing behind: the runtime's container is
   force-deleted, stdio closed and the rootfs unmounted.
+* Delete may be repeated: each of its steps is, and the process is deleted
+  only once all are done, so a cancelled Delete is finished by the next.
+* Ids are containerd identifiers (:mod:`supervisor.identifiers`) before they
+  name a file: an exec's process spec and pid file are named after its id.
 * The bundle keeps the shim's settings (``supervisor-options.json``) and the
   init pid (``init.pid``) so ``delete`` can clean up after a dead shim.
 """
@@ -31,7 +35,7 @@ from typing import Any
 
 import trio
 
-from supervisor import errors, metrics, mount
+from supervisor import errors, identifiers, metrics, mount
 from supervisor.console import Console, ConsoleError, ConsoleSocket
 from supervisor.errors import AlreadyExists, InvalidArgument, NotFound
 from supervisor.io import Opened, Owner, ProcessIO, Stdio, Streams, open_stdio
@@ -116,6 +120,7 @@ class Container:
     def process(self, exec_id: str) -> Process:
         if not exec_id:
             return self.init
+        identifiers.check(exec_id, "exec id")
         try:
             return self.execs[exec_id]
         except KeyError:
@@ -290,8 +295,7 @@ class Container:
             self.init.transition("start")
 
     def add_exec(self, exec_id: str, stdio: Stdio, spec: bytes) -> Process:
-        if not exec_id:
-            raise InvalidArgument("exec id must not be empty")
+        identifiers.check(exec_id, "exec id")  # it names files in the bundle
         if exec_id in self.execs:
             raise AlreadyExists(f"id {exec_id}: exec already exists")
         self.init.check("exec")
@@ -372,15 +376,27 @@ class Container:
         return await self.runtime.ps(self.id)
 
     async def delete_exec(self, process: Process) -> None:
+        """Deliver the exec's output, close its stdio, forget it.
+
+        Every step may be repeated, and the state changes last: a Delete
+        cancelled half-way leaves the exec stopped and listed, and the next
+        Delete finishes the job (the caller holds :attr:`Process.deleting`).
+        """
         process.check("delete")
-        process.transition("delete")
         if process.io is not None:
             # As containerd's shim does: Delete returns once the output was delivered.
             await process.io.wait_output(DRAIN_TIMEOUT)
             process.io.close()
         self.execs.pop(process.exec_id, None)
+        process.deleted()
 
     async def delete_init(self) -> None:
+        """``runtime delete``, deliver and close every process's stdio, unmount the rootfs.
+
+        As :meth:`delete_exec`: every step may be repeated (a container the
+        runtime no longer knows, a closed stdio, an unmounted rootfs are fine),
+        and the init is deleted only once all are done.
+        """
         self.init.check("delete")
         if self.running_execs():
             # The pid namespace is gone with init: make sure nothing is left.
@@ -390,7 +406,6 @@ class Container:
         except OCIRuntimeError as e:
             if not e.not_found:
                 raise
-        self.init.transition("delete")
         self.background.cancel()
         for p in self.all_processes():
             if p.io is not None:
@@ -403,6 +418,7 @@ class Container:
                 )
             except OSError as e:
                 log.warning("container %s: unmounting rootfs: %s", self.id, e)
+        self.init.deleted()
 
     def resize(self, process: Process, width: int, height: int) -> None:
         process.check("resize")

@@ -45,7 +45,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -56,6 +55,7 @@ import trio
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError, Message
 
+from supervisor import identifiers
 from supervisor.api import typeurls
 from supervisor.api.events import task_pb2 as ev
 from supervisor.launch import spool as spoolfile
@@ -123,10 +123,8 @@ _MAX_INT = 2**63 - 1
 # The previous release wrote bare msgpack arrays: [1, ...] (7 fields) or [2, seq].
 _V1_FIRST_BYTES = (0x97, 0x92)
 # containerd refuses an envelope whose namespace or topic components are not
-# identifiers (events/exchange.go validateEnvelope): such an event could never
-# be delivered, and would block every later one.
-_IDENTIFIER = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*\Z")
-_MAX_IDENTIFIER = 76
+# identifiers (events/exchange.go validateEnvelope, supervisor.identifiers): such
+# an event could never be delivered, and would block every later one.
 _LOGGED_SKIPS = 20
 
 
@@ -171,7 +169,7 @@ def _name(name: str, value: object, *, topic: bool = False) -> str:
     if type(value) is not str:
         raise _Bad(f"{name} is {type(value).__name__}, not a string")
     parts = value[1:].split("/") if topic and value.startswith("/") else [value]
-    if not all(len(p) <= _MAX_IDENTIFIER and _IDENTIFIER.match(p) for p in parts):
+    if not all(identifiers.is_valid(p) for p in parts):
         raise _Bad(f"{name} {value!r:.80} is not one containerd accepts")
     return value
 

@@ -12,6 +12,14 @@ before the runtime is asked to do anything, and an illegal call gets a
 :class:`~supervisor.errors.FailedPrecondition` that names the state, e.g.
 ``cannot pause exec "e1" in stopped state``.
 
+Delete is the one operation that is not a single step: it waits (the runtime,
+the process's output) before the process is gone.  It checks the table when
+it begins and changes the state only once its work is done
+(:meth:`Process.deleted`), so a Delete cancelled half-way (a dropped
+connection, a deadline) leaves the process as it was, and a repeated Delete
+does the job again from the start (every step of it may be repeated).
+:attr:`Process.deleting` lets one Delete at a time work on a process.
+
 Invariants
 ----------
 * ``exited`` is set exactly once, after the exit status is stored and the
@@ -80,6 +88,8 @@ class Process:
         self.exited_at_ns = 0
         self.exited = trio.Event()
         self.io: Streams | None = None
+        #: Held by the Delete at work on this process; a concurrent one waits for it.
+        self.deleting = trio.Lock()
 
     @property
     def is_init(self) -> bool:
@@ -107,6 +117,15 @@ class Process:
 
     def transition(self, operation: str) -> None:
         self.state = self.check(operation)
+
+    def deleted(self) -> None:
+        """Delete's work is done: the process is deleted.
+
+        Not :meth:`transition`: Delete checked ``"delete"`` when it began, and
+        an operation that finished meanwhile (a Start that raced it) does not
+        undo a deletion already done.
+        """
+        self.state = State.DELETED
 
     def set_exited(self, status: int, when: float | None = None) -> None:
         """Record the exit (idempotent; the first status wins)."""

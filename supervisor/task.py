@@ -2,9 +2,13 @@
 
 Design
 ------
-Each rpc decodes its request, finds the container (and process) by id, asks
-:class:`~supervisor.container.Container` to do the work, publishes the event
-that says what happened, and encodes the answer.  This is the one boundary
+Each rpc decodes its request, finds the container (and process) by id (an id
+that is not a containerd identifier is INVALID_ARGUMENT, see
+:mod:`supervisor.identifiers`), asks :class:`~supervisor.container.Container`
+to do the work, publishes the event that says what happened, and encodes the
+answer.  Delete may be cancelled (a dropped connection, a deadline) and
+repeated: the process changes state only when the work is done, and the next
+Delete finishes it (see :mod:`supervisor.process`).  This is the one boundary
 where the shim's errors become ttrpc status codes (:func:`status_of`).
 
 Exits arrive from the reaper (:meth:`TaskService.run_exits`, one subscription
@@ -43,7 +47,7 @@ import trio
 from google.protobuf import empty_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 
-from supervisor import _unary, errors, metrics
+from supervisor import _unary, errors, identifiers, metrics
 from supervisor._unary import Handler
 from supervisor.api import typeurls
 from supervisor.api.events import task_pb2 as ev
@@ -202,6 +206,7 @@ class TaskService:
 
     async def _container(self, container_id: str) -> Container:
         """The container, once its Create has finished (as if Create held a lock)."""
+        identifiers.check(container_id, "container id")
         container = self.containers.get(container_id)
         if container is not None and not container.created.is_set():
             await container.created.wait()
@@ -265,8 +270,7 @@ class TaskService:
     # --- rpcs -------------------------------------------------------------
 
     async def create(self, r: api.CreateTaskRequest) -> api.CreateTaskResponse:
-        if not r.id:
-            raise errors.InvalidArgument("container id must not be empty")
+        identifiers.check(r.id, "container id")  # before it names anything on disk
         self.group.release(r.id)
         if r.id in self.containers:
             raise errors.AlreadyExists(f"container {r.id!r} already exists")
@@ -341,6 +345,16 @@ class TaskService:
             self.group.release(r.id)  # containerd gave up on it before its Create
         container = await self._container(r.id)
         process = container.process(r.exec_id)
+        async with process.deleting:
+            if process.state is State.DELETED:  # a Delete that held the lock did the job
+                raise errors.NotFound(f"{process.describe()} was deleted")
+            return await self._delete(container, process)
+
+    async def _delete(self, container: Container, process: Process) -> api.DeleteResponse:
+        """Delete's work.  Cancelled (a dropped connection, a deadline) before the
+        container's part returns, it changed nothing a repeated Delete cannot
+        finish (see :mod:`supervisor.process`); what follows that part does not
+        wait, so it is done whole, once."""
         if process.is_init:
             await container.delete_init()
             del self.containers[container.id]
@@ -489,4 +503,5 @@ class TaskService:
     # --- group --------------------------------------------------------------
 
     async def join(self, r: group_pb2.JoinRequest) -> group_pb2.JoinResponse:
+        identifiers.check(r.id, "container id")
         return group_pb2.JoinResponse(containers=self.group.join(r.id, r.limit))

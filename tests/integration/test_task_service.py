@@ -296,3 +296,61 @@ async def test_garbage_on_the_socket_costs_only_that_connection(shim: ShimDriver
     state = await shim.call("State", api.StateRequest(id="c1"), api.StateResponse)
     assert state.status == types.CREATED
     assert shim.pid() > 0
+
+
+async def test_a_delete_past_its_deadline_is_finished_by_the_next(shim: ShimDriver,
+                                                                  tmp_path: Path) -> None:
+    """Issue 15 item 2, as shown: nobody reads the output, so Delete waits for it to drain
+    (DRAIN_TIMEOUT, 2 s) and a 0.5 s deadline cancels it.  The next Delete finishes the job
+    and Shutdown then ends the shim."""
+    out = fifo(tmp_path / "out")
+    script = 'i=0; while [ $i -lt 20000 ]; do i=$((i+1)); echo "line $i"; done'
+    bundle = make_bundle(tmp_path / "b2", Path(shim.bundle / "rootfs"), ["sh", "-c", script])
+    talker = ShimDriver(shim.containerd, "talker", bundle)
+    try:
+        talker.start()
+        await talker.connect()
+        created = await talker.create(stdout=out)
+        await talker.call("Start", api.StartRequest(id="talker"), api.StartResponse)
+        waited = await talker.call("Wait", api.WaitRequest(id="talker"), api.WaitResponse)
+        assert waited.exit_status == 0
+        with pytest.raises(RPCError) as info:
+            await talker.call("Delete", api.DeleteRequest(id="talker"), api.DeleteResponse,
+                              timeout=0.5)
+        assert info.value.code is Code.DEADLINE_EXCEEDED, info.value
+        deleted = await talker.call("Delete", api.DeleteRequest(id="talker"),
+                                    api.DeleteResponse)
+        assert (deleted.pid, deleted.exit_status) == (created.pid, 0)
+        await expect_code(Code.NOT_FOUND, talker.call("State", api.StateRequest(id="talker"),
+                                                      api.StateResponse))
+        pid = talker.pid()
+        await talker.call("Shutdown", api.ShutdownRequest(id="talker"), Empty)
+        wait_for(lambda: not psutil.pid_exists(pid)
+                 or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10,
+                 message="shim exit")
+    finally:
+        talker.cleanup()
+
+
+async def test_bad_ids_are_invalid_arguments(shim: ShimDriver) -> None:
+    """Issue 15 item 9, through the real server: nothing reaches the bundle."""
+    shim.start()
+    await shim.connect()
+    def files() -> list[str]:
+        return sorted(p.name for p in shim.bundle.iterdir())
+
+    before = files()
+    await expect_code(Code.INVALID_ARGUMENT, shim.call(
+        "Create", api.CreateTaskRequest(id="../x", bundle=str(shim.bundle)),
+        api.CreateTaskResponse), "'../x'")
+    assert files() == before
+    await shim.create()
+    before = files()
+    spec = typeurls.pack(api.StartRequest())
+    spec.type_url = typeurls.OCI_PROCESS
+    spec.value = b'{"args": ["true"], "cwd": "/", "env": ["PATH=/bin"]}'
+    for bad in ("../x", "a/b", "x" * 77, "\u00e9"):
+        await expect_code(Code.INVALID_ARGUMENT, shim.call(
+            "Exec", api.ExecProcessRequest(id="c1", exec_id=bad, spec=spec), Empty), repr(bad))
+    assert files() == before
+    assert not (shim.bundle.parent / "x.process.json").exists()
