@@ -10,11 +10,14 @@ Makefile then stops before making a venv).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "best-python"
+#: The script's order (measured, so read from it rather than copied here).
+PREFERRED = re.findall(r'^PREFERRED="([^"]*)"', SCRIPT.read_text(), re.M)[0].split()
 
 
 def best_python(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -41,19 +44,22 @@ def broken(path: Path) -> Path:
 
 
 def test_the_first_preferred_on_path_wins(tmp_path: Path) -> None:
-    interpreter(tmp_path / "bin" / "python3")
-    want = interpreter(tmp_path / "bin" / "python3.13")
+    assert PREFERRED[-1] == "python3"  # the fallback of a machine with nothing else
+    for name in reversed(PREFERRED[1:]):
+        interpreter(tmp_path / "bin" / name)
+    want = interpreter(tmp_path / "bin" / PREFERRED[0])
     r = best_python(tmp_path)
     assert (r.returncode, r.stdout.strip()) == (0, str(want))
 
 
 def test_one_that_does_not_run_is_skipped_for_pyenvs_copy(tmp_path: Path) -> None:
-    broken(tmp_path / "bin" / "python3.13")
-    interpreter(tmp_path / "pyenv" / "versions" / "3.13.0" / "bin" / "python3.13")
-    want = interpreter(tmp_path / "pyenv" / "versions" / "3.13.2" / "bin" / "python3.13")
+    first = PREFERRED[0]
+    broken(tmp_path / "bin" / first)
+    interpreter(tmp_path / "pyenv" / "versions" / "3.99.0" / "bin" / first)
+    want = interpreter(tmp_path / "pyenv" / "versions" / "3.99.2" / "bin" / first)
     r = best_python(tmp_path)
     assert (r.returncode, r.stdout.strip()) == (0, str(want))  # the newest patch release
-    r = best_python(tmp_path, "python3.13")  # asked for by name: the same lookup
+    r = best_python(tmp_path, first)  # asked for by name: the same lookup
     assert (r.returncode, r.stdout.strip()) == (0, str(want))
 
 
