@@ -1,15 +1,26 @@
 # The two commands for newcomers: `make demo` and `make test`.
-PYTHON ?= python3
-VENV   := .venv
+# The venv's interpreter: PYTHON if given (a path, or a name found on PATH or among pyenv's
+# versions, e.g. `make test PYTHON=python3.13`), else the best one installed, by
+# scripts/best-python (the order and why: docs/benchmarks.md, "Which Python").  VENV may be
+# set too, for a venv per interpreter side by side.
+PYTHON ?=
+VENV   ?= .venv
+BASE_PYTHON := $(shell sh scripts/best-python $(PYTHON))
 PY     := $(VENV)/bin/python
 PROTO_SRC := $(shell find supervisor/api -name '*.proto')
 
-.PHONY: all venv bytecode deps lint test unit integration proto demo conformance bench clean
+.PHONY: FORCE all venv bytecode deps lint test unit integration proto demo conformance bench clean
 
 all: test
 
-$(VENV)/.stamp: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+# The venv is made anew when BASE_PYTHON is not the interpreter it was made from.
+$(VENV)/.python: FORCE
+	@test -n "$(BASE_PYTHON)" || { echo "no usable Python (PYTHON=$(PYTHON)), see above" >&2; exit 1; }
+	@mkdir -p $(VENV); echo '$(BASE_PYTHON)' | cmp -s - $@ || echo '$(BASE_PYTHON)' > $@
+
+$(VENV)/.stamp: pyproject.toml $(VENV)/.python
+	$(BASE_PYTHON) -m venv --clear $(VENV)
+	echo '$(BASE_PYTHON)' > $(VENV)/.python
 	$(PY) -m pip install -q --upgrade pip
 	# compat: a plain path in a .pth file; the default editable finder costs every
 	# shim start ~20 ms (importlib machinery, pathlib) before our code runs.

@@ -20,8 +20,8 @@ metric starts with ``--warmup`` unrecorded runs per runtime.  Metrics (``--only`
                 dir (with a ``log`` FIFO we read), then a ttrpc ``Task.Connect`` on the
                 address it printed; reports the ``start`` command's wall time and the time
                 until Connect is answered, then ends the shim with ``Shutdown``.
-``memory``      10 then 50 idle ``sleep`` containers per runtime; ``Pss`` and
-                ``Private_Dirty`` of the shim processes only (``smaps_rollup``), per
+``memory``      10 then 50 idle ``sleep`` containers per runtime (``--memory-counts``);
+                ``Pss`` and ``Private_Dirty`` of the shim processes only (``smaps_rollup``), per
                 container: each container counts its shim's figure divided by the number of
                 containers that shim serves (1 but with ``--shared``), reported as the
                 median over the containers; also how many shim processes there are.
@@ -690,7 +690,7 @@ class Bench:
                 self.ksm_stop()
 
     def _memory(self) -> None:
-        counts = (3, 6) if self.args.quick else (10, 50)
+        counts = self.args.memory_counts
         ids: dict[str, list[str]] = {"ours": [], "go": []}
         try:
             for count in counts:
@@ -849,6 +849,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="smoke run: 3 runs, 1 transfer, 3/6 idle containers, 5 s CPU window")
     p.add_argument("--only", default=",".join(METRICS),
                    help=f"comma-separated metrics to run (default all: {','.join(METRICS)})")
+    p.add_argument("--memory-counts", default=None,
+                   help="idle containers per runtime for memory, rising, comma-separated "
+                        "(default 10,50; --quick 3,6)")
+    p.add_argument("--venv", type=Path, default=None,
+                   help="measure the shim of this venv (default the repo's .venv): "
+                        "bench/compare runs this script with its python, e.g. one made with "
+                        "`make venv PYTHON=python3.12 VENV=.venv-3.12`")
     p.add_argument("--markdown-out", type=Path, help="also write facts and table to this file")
     p.add_argument("--runtime-ours", default=OURS_RUNTIME, help=f"default {OURS_RUNTIME}")
     p.add_argument("--runtime-go", default=GO_RUNTIME, help=f"default {GO_RUNTIME}")
@@ -869,6 +876,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.throughput_runs = 1 if args.quick else 5
     if args.cpu_seconds is None:
         args.cpu_seconds = 5.0 if args.quick else 60.0
+    try:
+        args.memory_counts = [int(n) for n in
+                              (args.memory_counts or ("3,6" if args.quick else "10,50")).split(",")]
+    except ValueError:
+        p.error(f"--memory-counts {args.memory_counts!r}: comma-separated numbers")
+    if not args.memory_counts or args.memory_counts != sorted(set(args.memory_counts)) \
+            or args.memory_counts[0] < 1:
+        p.error("--memory-counts must rise and be >= 1")
+    if args.venv is not None and Path(sys.prefix).resolve() != args.venv.resolve():
+        p.error(f"--venv {args.venv}: this is {sys.prefix}'s python; run bench/compare "
+                f"--venv, or {args.venv}/bin/python bench/compare.py")
     only = [m.strip() for m in args.only.split(",") if m.strip()]
     unknown = [m for m in only if m not in METRICS]
     if unknown:

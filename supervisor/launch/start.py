@@ -55,8 +55,13 @@ if TYPE_CHECKING:
     #: Runtime options (a serialized ``Any``) -> settings; the daemon side's decoder.
     DecodeOptions = Callable[[bytes], Settings]
 
-try:  # the builtin module: hashlib would load OpenSSL (~2 ms) for one digest
-    from _sha256 import sha256  # type: ignore[import-not-found]
+# The builtin module (_sha2 since Python 3.12, _sha256 before): hashlib would load OpenSSL
+# (~2 ms) for one digest.
+try:
+    if sys.version_info >= (3, 12):
+        from _sha2 import sha256
+    else:
+        from _sha256 import sha256  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - interpreters without it
     from hashlib import sha256
 
