@@ -21,8 +21,14 @@ reverse, and no modules import each other in a cycle
   Introspect services, the ttrpc server.
 * :mod:`supervisor.task` -- the Task service; maps errors to ttrpc codes (the
   one boundary, with :mod:`supervisor.introspect` for its own service).
+* :mod:`supervisor.exits` -- the order of exit events containerd relies on, as
+  one object with no I/O that the Task service asks.
+* :mod:`supervisor.group` -- a shared shim's reservations, and whether
+  ``Shutdown`` may end it.
 * :mod:`supervisor.container`, :mod:`supervisor.process` -- a container's work
   and one Process type whose lifecycle is a table.
+* :mod:`supervisor.identifiers` -- containerd's identifier rule for the ids a
+  client names.
 * :mod:`supervisor.reaper`, :mod:`supervisor.runtime`, :mod:`supervisor.io`,
   :mod:`supervisor.console`, :mod:`supervisor.mount`, :mod:`supervisor.metrics`,
   :mod:`supervisor.oom` -- children, the OCI runtime, stdio, terminals, rootfs,

@@ -39,6 +39,7 @@ from supervisor import errors, identifiers, metrics, mount
 from supervisor.console import Console, ConsoleError, ConsoleSocket
 from supervisor.errors import AlreadyExists, InvalidArgument, NotFound
 from supervisor.io import Opened, Owner, ProcessIO, Stdio, Streams, open_stdio
+from supervisor.launch import runcmd
 from supervisor.launch.spool import work_dir
 from supervisor.oom import OOMWatcher
 from supervisor.options import Settings
@@ -49,7 +50,6 @@ from supervisor.runtime import OCIRuntime, OCIRuntimeError, read_pid_file
 log = logging.getLogger("supervisor.container")
 
 INIT_PID_FILE = "init.pid"
-RUNTIME_LOG = "log.json"
 CLEANUP_TIMEOUT = 30.0
 #: How long output may make no progress before an exit or a delete stops waiting for it.
 DRAIN_TIMEOUT = 2.0
@@ -99,7 +99,7 @@ class Container:
             binary=settings.binary_name,
             root=settings.root,
             namespace=namespace,
-            log_path=os.path.join(bundle, RUNTIME_LOG),
+            log_path=runcmd.log_path(bundle),
             systemd_cgroup=settings.systemd_cgroup,
         )
         self.init = Process(container_id, "", stdio)

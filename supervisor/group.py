@@ -3,7 +3,7 @@
 Design
 ------
 One shim may serve many containers (a pod, a labelled group, a shared
-namespace shim: see :mod:`supervisor.shim`).  ``start`` reserves a place with
+namespace shim: see :mod:`supervisor.launch.start`).  ``start`` reserves a place with
 ``Join`` (``supervisor.group.v1.Group``, served by
 :class:`~supervisor.task.TaskService`) before it hands this shim's address to
 containerd.  :class:`Group` keeps those reservations and decides, for the
