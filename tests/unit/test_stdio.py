@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import inspect
 import os
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,15 @@ async def test_drain_rule_never_waits_past_a_period_for_a_held_source(
     assert src.moved > 0
     assert await src.wait(None)  # without a timeout: as long as it takes
 
+
+
+def test_pipes_and_terminals_wait_by_one_drain_rule() -> None:
+    """The terminal once had its own fixed 2 s wait and cut a slow reader's output short
+    (issue 15 item 8): both wait_output methods defer to :func:`wait_delivered`."""
+    for method in (ProcessIO.wait_output, Console.wait_output):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
+        called = {n.func.id for n in ast.walk(tree)
+                  if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        timers = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        assert "wait_delivered" in called, method
+        assert not timers & {"move_on_after", "fail_after", "sleep"}, method
