@@ -36,6 +36,13 @@ Invariants
   process wrote to its terminal has been written to stdout, and stdout has been
   closed (its reader sees EOF).  Before the slave is first opened, the master
   reads EAGAIN, not EIO, so receiving the master early is safe.
+* Waiting for output with a timeout follows the pipes' drain rule
+  (:func:`supervisor.io.wait_delivered`), so a slow reader never loses the
+  end of a terminal's output: the terminal's side has ended when the master
+  polls ``POLLHUP`` (the kernel sets it when the last slave fd closes, while
+  output may still sit in the pty), and progress is :attr:`Console.delivered`.
+  A daemonized child that keeps the slave open is "output still coming" only
+  until one period passes: the master never hangs up while it lives.
 * Once output has ended the stdin copy stops too: no process holds the slave.
 * Every fd is closed by exactly one party, and only after
   ``trio.lowlevel.notify_closing``; the copies re-read the fd from the object
@@ -54,6 +61,7 @@ import fcntl
 import logging
 import os
 import secrets
+import select
 import shutil
 import socket
 import struct
@@ -63,7 +71,7 @@ from types import TracebackType
 
 import trio
 
-from supervisor.io import Opened, StreamCounters, open_stdin, read_nowait
+from supervisor.io import Opened, StreamCounters, open_stdin, read_nowait, wait_delivered
 
 __all__ = ["Console", "ConsoleError", "ConsoleSocket"]
 
@@ -214,6 +222,8 @@ class Console:
         os.set_blocking(master, False)
         self._master = master
         self.counters = StreamCounters(kind="terminal")
+        #: Output bytes done with: written to stdout, or dropped for want of one.
+        self.delivered = 0
         self._stdin = -1
         self._stdin_path = ""
         self._stdout = -1
@@ -292,13 +302,18 @@ class Console:
         view = memoryview(data)
         while view and (fd := self._stdout) >= 0:
             try:
-                view = view[os.write(fd, view):]
+                n = os.write(fd, view)
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(fd)
+                continue
             except OSError as e:
                 # Keep draining the master (into nothing) so the process never blocks.
                 log.warning("terminal stdout write failed, dropping output: %s", e)
                 self._close_stdout()
+                continue
+            self.delivered += n
+            view = view[n:]
+        self.delivered += len(view)  # no stdout (or it failed): dropped
 
     def _close_stdout(self) -> None:
         fd, self._stdout = self._stdout, -1
@@ -404,15 +419,32 @@ class Console:
         rows, cols, _, _ = struct.unpack(_WINSIZE, raw)
         return cols, rows
 
+    def slave_closed(self) -> bool:
+        """Whether every slave fd is closed (the master polls POLLHUP; or we closed it).
+
+        Output may still be in the pty then: the master reads EIO only once it
+        has been read too.
+        """
+        master = self._master
+        if master < 0:
+            return True
+        poller = select.poll()
+        poller.register(master, 0)  # POLLHUP is always reported
+        return any(events & select.POLLHUP for _, events in poller.poll(0))
+
     async def wait_output(self, timeout: float | None = None) -> bool:
-        """Wait until output ended (every slave closed, all copied); False on timeout."""
-        if timeout is None:
-            await self._output_done.wait()
-            return True
-        with trio.move_on_after(timeout):
-            await self._output_done.wait()
-            return True
-        return False
+        """Wait until output ended (every slave closed, all copied).
+
+        With ``timeout``, False once a period passes without the end, unless
+        the slave is closed and output moved meanwhile (the drain rule of
+        :func:`supervisor.io.wait_delivered`; see the module's Invariants).
+        """
+        return await wait_delivered(
+            self._output_done,
+            timeout,
+            ended=self.slave_closed,
+            progress=lambda: self.delivered,
+        )
 
     def close(self) -> None:
         """Stop the copies and close the master and FIFOs (idempotent)."""

@@ -57,6 +57,7 @@ import fcntl
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -144,6 +145,39 @@ class StreamCounters:
         """(bytes held, bytes dropped) of ``stream``'s backlog; (0, 0) without one."""
         b = self.backlogs.get(stream)
         return (b.held, b.dropped) if b is not None else (0, 0)
+
+
+async def wait_delivered(
+    done: trio.Event,
+    timeout: float | None,
+    *,
+    ended: Callable[[], bool],
+    progress: Callable[[], int],
+) -> bool:
+    """Wait for ``done`` (a process's output delivered to its end): the one drain rule.
+
+    Pipes (:meth:`ProcessIO.wait_output`) and terminals
+    (:meth:`supervisor.console.Console.wait_output`) both wait by it.  Without
+    ``timeout``, wait as long as it takes.  With one, give up (False) once a
+    ``timeout`` period passes without ``done`` -- unless ``ended()`` (the
+    process's side is closed: every pipe read EOF, every slave fd of the
+    terminal is closed) and ``progress()`` (a count of bytes moved) changed
+    during that period: then what is left is the process's own output on its
+    way to a slow reader, and waiting goes on, one period at a time, for as
+    long as it moves.  A source that has not ended is held by a child of the
+    process (a daemon keeping the pipe or the slave open): that is never
+    waited for beyond one period, however much it writes.
+    """
+    if timeout is None:
+        await done.wait()
+        return True
+    while True:
+        mark = progress()
+        with trio.move_on_after(timeout):
+            await done.wait()
+            return True
+        if not ended() or progress() == mark:
+            return False
 
 
 def _grow_pipe(fd: int) -> None:
@@ -695,22 +729,15 @@ class ProcessIO:
     async def wait_output(self, timeout: float | None = None) -> bool:
         """Wait until every output stream was delivered to its end.
 
-        With ``timeout``: give up (False) once ``timeout`` seconds pass without
-        the streams finishing -- unless the process's pipes all reached EOF and
-        the backlog is still being delivered, in which case waiting goes on for
-        as long as each ``timeout`` period makes progress.  (A pipe without EOF
-        means a child of the process still holds it: that is not waited for.)
+        :func:`wait_delivered`'s rule: the source has ended when every pipe
+        reached EOF; progress is :attr:`delivered`.
         """
-        if timeout is None:
-            await self._output_done.wait()
-            return True
-        while True:
-            mark = self.delivered
-            with trio.move_on_after(timeout):
-                await self._output_done.wait()
-                return True
-            if self._eofs < self._outputs_total or self.delivered == mark:
-                return False
+        return await wait_delivered(
+            self._output_done,
+            timeout,
+            ended=lambda: self._eofs >= self._outputs_total,
+            progress=lambda: self.delivered,
+        )
 
     def close(self) -> None:
         """Release every fd not owned by a running copy (idempotent)."""

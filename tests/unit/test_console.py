@@ -351,3 +351,134 @@ async def test_real_runc_terminal(nursery: trio.Nursery, reaper: Reaper, tmp_pat
             if console is not None:
                 console.close()
             await _run(sub, [*runc, "delete", "-f", cid], log)
+
+
+# --- the drain rule: a slow reader loses nothing, a daemon holds nothing ---------
+
+# Output several MB long; each record numbered, so a loss anywhere shows.
+BIG_OUTPUT = r"""
+import os
+data = memoryview(b"".join(b"%08d," % n for n in range(350_000)))
+while data:
+    data = data[os.write(1, data):]
+"""
+BIG_EXPECTED = b"".join(b"%08d," % n for n in range(350_000))
+# The reader slows down for the last SLOW_TAIL bytes, until output is done: more
+# than the FIFO (64 KiB) and the pty (~12 KiB) hold together, so when the process
+# exits its last bytes are still in the pty and the copy's hands.  A pipe frees
+# room a page at a time, so the slow reader takes a page per SLOW_STEP: the copy
+# moves in every DRAIN_PERIOD, yet the pty's few pages take it well over one.
+SLOW_TAIL = 80 * 1024
+SLOW_STEP = 0.5
+DRAIN_PERIOD = 1.0
+
+
+async def read_slowly_at_the_end(
+    fd: int, size: int, got: bytearray, console: Console
+) -> None:
+    """Read a FIFO to EOF; a page per ``SLOW_STEP`` once ``SLOW_TAIL`` bytes of ``size``
+    are left, until ``console``'s output is done."""
+    try:
+        while True:
+            left = size - len(got)
+            slow = left <= SLOW_TAIL and not console.output_done
+            try:
+                data = os.read(fd, 4096 if slow else max(4096, min(65536, left - SLOW_TAIL)))
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            if not data:
+                return
+            got += data
+            if slow:
+                await trio.sleep(SLOW_STEP)
+    finally:
+        trio.lowlevel.notify_closing(fd)
+        os.close(fd)
+
+
+async def test_a_slow_reader_gets_every_byte_before_output_is_done(
+    nursery: trio.Nursery, reaper: Reaper, tmp_path: Path
+) -> None:
+    """Issue 15 item 8: the end of a terminal's output was cut off by a fixed 2 s wait."""
+    fifo = make_fifo(tmp_path / "stdout")
+    got = bytearray()
+    with reaper.subscribe() as sub, ConsoleSocket.create(str(tmp_path)) as cs:
+        pid = start_fake_runc(cs, [sys.executable, "-c", BIG_OUTPUT])
+        console = Console(await cs.receive_master(timeout=10))
+        reader = open_reader(fifo)
+        console.start(nursery, await terminal_stdio("", fifo))
+        async with trio.open_nursery() as inner:
+            inner.start_soon(read_slowly_at_the_end, reader, len(BIG_EXPECTED), got, console)
+            assert (await sub.wait_for(pid)).status == 0
+            assert console.slave_closed()
+            # What task.py does before it reports the exit:
+            assert await console.wait_output(DRAIN_PERIOD)
+            assert console.output_done
+            assert console.delivered == console.counters.stdout == len(BIG_EXPECTED)
+        assert got == BIG_EXPECTED
+        console.close()
+
+
+def daemon_script(body: str) -> str:
+    """sh that starts ``body`` in the background holding the terminal, prints its pid, exits.
+
+    SIGHUP, which the session leader's exit sends to its group, is ignored (from
+    before the fork: a daemon would detach).
+    """
+    return f"trap '' HUP; ({body}) & echo pid=$!"
+
+
+async def start_daemonizing(
+    nursery: trio.Nursery, reaper: Reaper, tmp_path: Path, body: str
+) -> tuple[Console, int, int]:
+    """Run ``sh -c daemon_script(body)`` on a terminal; (console, stdout reader, daemon pid)
+    once sh has exited."""
+    fifo = make_fifo(tmp_path / "stdout")
+    with reaper.subscribe() as sub, ConsoleSocket.create(str(tmp_path)) as cs:
+        pid = start_fake_runc(cs, ["sh", "-c", daemon_script(body)])
+        console = Console(await cs.receive_master(timeout=10))
+        reader = open_reader(fifo)
+        console.start(nursery, await terminal_stdio("", fifo))
+        got = bytearray()
+        with trio.fail_after(10):
+            await read_until(reader, b"\r\n", got)
+            assert (await sub.wait_for(pid)).status == 0
+    match = re.search(rb"pid=(\d+)\r\n", got)
+    assert match, got
+    return console, reader, int(match[1])
+
+
+async def test_a_daemon_holding_the_slave_does_not_hold_wait_output(
+    nursery: trio.Nursery, reaper: Reaper, tmp_path: Path
+) -> None:
+    console, reader, daemon = await start_daemonizing(nursery, reaper, tmp_path, "exec sleep 1000")
+    try:
+        assert not console.slave_closed()
+        assert not await console.wait_output(0.5)
+    finally:
+        os.kill(daemon, 9)
+    # Its death closes the last slave fd: output ends on its own.
+    assert await console.wait_output(10)
+    assert console.slave_closed()
+    await read_until_eof(reader)
+    console.close()
+
+
+async def test_a_chatty_daemon_is_not_waited_for_although_output_moves(
+    nursery: trio.Nursery, reaper: Reaper, tmp_path: Path
+) -> None:
+    """Progress alone is not the rule: while the slave is held, the output is a child's."""
+    console, reader, daemon = await start_daemonizing(
+        nursery, reaper, tmp_path, "while :; do echo tick; sleep 0.02; done")
+    try:
+        with trio.fail_after(10):
+            await read_until(reader, b"tick\r\ntick\r\n", bytearray())
+        before = console.delivered
+        assert not await console.wait_output(0.5)
+        assert console.delivered > before
+    finally:
+        os.kill(daemon, 9)
+    assert await console.wait_output(10)
+    await read_until_eof(reader)
+    console.close()

@@ -1,11 +1,12 @@
 """Stdio destinations: every URI form containerd sends, opened one way for pipes and terminals;
-no fd left behind when an open fails."""
+no fd left behind when an open fails; one drain rule for both."""
 
 from __future__ import annotations
 
 import ast
 import inspect
 import os
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import trio
 
 from supervisor import console as console_module
 from supervisor.console import Console, ConsoleError
-from supervisor.io import Owner, ProcessIO, Stdio, open_stdio
+from supervisor.io import Owner, ProcessIO, Stdio, open_stdio, wait_delivered
 from supervisor.reaper import Reaper
 
 # A logging binary (containerd's protocol): ready by closing fd 5; its stderr pipe is read
@@ -221,3 +222,69 @@ def test_only_io_opens_stdio_uris() -> None:
             elif isinstance(f, ast.Name):
                 called.add(f.id)
     assert not called & {"os.open", "urlsplit", "unquote", "os.stat", "open"}
+
+
+class Source:
+    """A scripted process side for :func:`wait_delivered`: bytes moved, ended, done."""
+
+    def __init__(self, ended: bool) -> None:
+        self.done = trio.Event()
+        self.ended = ended
+        self.moved = 0
+
+    async def move(self, steps: int, every: float) -> None:
+        """Move a byte every ``every`` seconds, ``steps`` times; then output is done."""
+        for _ in range(steps):
+            await trio.sleep(every)
+            self.moved += 1
+        self.done.set()
+
+    async def wait(self, timeout: float | None) -> bool:
+        return await wait_delivered(
+            self.done, timeout, ended=lambda: self.ended, progress=lambda: self.moved)
+
+
+async def test_drain_rule_waits_while_an_ended_source_moves(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    src = Source(ended=True)
+    nursery.start_soon(src.move, 10, 1.5)  # 15 s in all, a byte every 1.5 s
+    start = trio.current_time()
+    assert await src.wait(2.0)
+    assert trio.current_time() - start == pytest.approx(15.0)
+
+
+async def test_drain_rule_gives_up_on_an_ended_source_that_stalls(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    src = Source(ended=True)
+    nursery.start_soon(src.move, 2, 3.0)  # a gap longer than the period
+    start = trio.current_time()
+    assert not await src.wait(2.0)
+    assert trio.current_time() - start == pytest.approx(2.0)
+
+
+async def test_drain_rule_never_waits_past_a_period_for_a_held_source(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A child holding the pipe or slave keeps output moving: not waited for."""
+    src = Source(ended=False)
+    nursery.start_soon(src.move, 100, 0.1)
+    start = trio.current_time()
+    assert not await src.wait(2.0)
+    assert trio.current_time() - start == pytest.approx(2.0)
+    assert src.moved > 0
+    assert await src.wait(None)  # without a timeout: as long as it takes
+
+
+
+def test_pipes_and_terminals_wait_by_one_drain_rule() -> None:
+    """The terminal once had its own fixed 2 s wait and cut a slow reader's output short
+    (issue 15 item 8): both wait_output methods defer to :func:`wait_delivered`."""
+    for method in (ProcessIO.wait_output, Console.wait_output):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
+        called = {n.func.id for n in ast.walk(tree)
+                  if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        timers = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        assert "wait_delivered" in called, method
+        assert not timers & {"move_on_after", "fail_after", "sleep"}, method
