@@ -414,7 +414,7 @@ class ForkServer:
         self.path = path
         self.code = code
         self.lock_fd = lock_fd
-        self.started = time.time()
+        self.started = int(time.time())  # whole seconds: the codec has no floats
         self.retired = False
         #: The socket file as bound (:func:`~supervisor.launch.sockfile.pin`): removed
         #: only while it is still this inode.
