@@ -9,6 +9,8 @@ wait for states (a socket answering, a process gone), bounded only to fail inste
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import shutil
 import signal
@@ -167,3 +169,29 @@ def test_the_code_identity_follows_the_files(tmp_path: Path) -> None:
     os.utime(module, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     assert identity() not in (before, changed)
     assert identity(**{forkclient.CODE_ENV: "pinned"}) == "pinned\n"
+
+
+def test_ls_shows_the_fork_server(place: str, spawned: list[int], tmp_path: Path) -> None:
+    from supervisor import cli  # noqa: PLC0415 - trio and protobuf: only this test
+
+    def ls(*extra: str) -> str:
+        out = io.StringIO()
+        assert cli.main(["ls", "--state-dir", str(tmp_path), "--forkserver", place, *extra],
+                        out, io.StringIO()) == cli.EXIT_OK
+        return out.getvalue()
+
+    assert "fork server" not in ls()  # none there: nothing to show
+    assert json.loads(ls("--json"))["forkserver"] is None
+    pid = forkclient.spawn_server(place, "1.0+ls")
+    assert pid is not None
+    spawned.append(pid)
+    wait_for(lambda: answering(place))
+    assert f"fork server pid {pid} ({place}): version {supervisor.__version__}, up " in ls()
+    assert ls().rstrip().endswith(", 0 shims forked")
+    doc = json.loads(ls("--json"))["forkserver"]
+    assert (doc["pid"], doc["code"], doc["shims_forked"], doc["error"]) == (pid, "1.0+ls", 0,
+                                                                             None)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: exited(pid))
+    spawned.clear()
+    assert "connection refused" in ls()  # its socket file stayed behind
