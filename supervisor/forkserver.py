@@ -8,12 +8,24 @@ each.  The fork server imports all of that once, runs ``gc.collect();
 gc.freeze()`` (so the collector never writes to those objects, whose pages
 then stay shared) and forks one shim per request.  A forked shim answers in a
 few milliseconds and shares the imported code and objects copy-on-write.
-``start`` asks the fork server when its socket exists and falls back to the
-cold start on any failure; its side of the protocol, and what both sides
-share (the :class:`~supervisor.launch.forkclient.Request` schema, fd passing,
-the one codec :mod:`supervisor.launch._msgpack`), is
+``start`` asks the fork server, falls back to the cold start on any failure,
+and spawns one when none serves (on demand: nothing to install); its side
+of the protocol, and what both sides share (the
+:class:`~supervisor.launch.forkclient.Request` schema, fd passing, the one
+codec :mod:`supervisor.launch._msgpack`), is
 :mod:`supervisor.launch.forkclient`.  This module is the server alone: it
 runs beside the daemon and imports it.
+
+Life
+----
+Started by the first ``start`` that finds none serving
+(:func:`~supervisor.launch.forkclient.spawn_server`, which passes it the
+socket's lock, already taken, as ``--lock-fd``), or by systemd or by hand
+(then it takes the lock itself, waiting while another server holds it).  It
+holds the lock for its whole life and writes its pid in the lock file.  It
+ends on SIGTERM or SIGINT, or by retiring (:meth:`ForkServer.retire`) when a
+client of other code asks it for a shim; either way it removes its socket
+only while the file is still the inode it bound.
 
 Protocol
 --------
@@ -21,11 +33,17 @@ One ``SOCK_SEQPACKET`` connection per shim on a 0600 unix socket
 (:data:`~supervisor.launch.forkclient.DEFAULT_SOCKET`, or
 ``$SUPERVISOR_FORKSERVER``; empty disables it)::
 
-    client -> server   msgpack map (see Request) + SCM_RIGHTS: the shim's
-                       bound, listening socket
+    client -> server   msgpack map (see Request, with the client's code
+                       identity) + SCM_RIGHTS: the shim's bound, listening socket
     server -> client   {"pid": N} + SCM_RIGHTS: write end of the shim's go pipe
                        | {"error": "why"} (no fd)
+                       | {"error": "why", "retired": true}: other code; it has
+                         released its socket and lock and ends
     client -> shim     one byte "g" on the go pipe: only now does it serve
+
+    client -> server   {"op": "status"}
+    server -> client   {"pid", "version", "code", "protocol", "started",
+                        "served", "socket"}
 
 The server forks an intermediate child that forks the shim and exits at once
 (the server reaps it), so the shim is nobody's child, like a cold shim whose
@@ -55,6 +73,9 @@ Invariants
   a refusal names what differs, never a value of the server's.  Anything else
   is copied from the client (see above), which the same credentials let it set
   itself; cgroups and the OOM score are set by ``start`` on the returned pid.
+* It never forks a shim for a request of another code identity or protocol
+  version: a client that passes the peer checks makes it retire, one that
+  does not is refused (its files are not necessarily this server's).
 * The server runs no trio, starts no threads (fork safety), handles one
   connection at a time with every read bounded by :data:`REQUEST_TIMEOUT`,
   answers a bad request with an error and keeps serving.  No child ever
