@@ -195,3 +195,46 @@ def test_ls_shows_the_fork_server(place: str, spawned: list[int], tmp_path: Path
     wait_for(lambda: exited(pid))
     spawned.clear()
     assert "connection refused" in ls()  # its socket file stayed behind
+
+
+@pytest.mark.parametrize(("env", "failure", "spawns"), [
+    ("/x/fs.sock", NoServer("nothing serves it"), True),
+    ("/x/fs.sock", Retired("the client's code is a, this fork server's b: it retires"), True),
+    ("/x/fs.sock", forkclient.ForkServerError("the client's mnt namespace is not"), False),
+    ("/x/fs.sock", TimeoutError("no answer"), False),
+    ("", None, False),  # $SUPERVISOR_FORKSERVER empty: not asked, never spawned
+])
+def test_start_spawns_a_fork_server_only_when_none_serves(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: str,
+    failure: BaseException | None, spawns: bool,
+) -> None:
+    from supervisor.launch import start  # noqa: PLC0415
+    from supervisor.launch.flags import Flags  # noqa: PLC0415
+
+    calls: list[str] = []
+
+    def request_shim(path: str, request: Request, fd: int) -> int:
+        calls.append(f"ask {path}")
+        assert failure is not None
+        raise failure
+
+    def spawn_server(path: str, code: str) -> int:
+        calls.append(f"spawn {path} {code}")
+        return 4242
+
+    def cold(argv: list[str], **kwargs: object) -> int:
+        calls.append("cold")
+        return 99
+
+    monkeypatch.setenv(forkclient.SOCKET_ENV, env)
+    monkeypatch.setenv(forkclient.CODE_ENV, "1.0+me")
+    monkeypatch.setattr(forkclient, "request_shim", request_shim)
+    monkeypatch.setattr(forkclient, "spawn_server", spawn_server)
+    monkeypatch.setattr("supervisor.launch._spawn.spawn", cold)
+    monkeypatch.chdir(tmp_path)  # the bundle: no log FIFO, notes are dropped
+    flags = Flags(namespace="ns", id="c1", address="/a.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        assert start.start_daemon(flags, listener) == (99, False)
+    expected = ([f"ask {env}"] if env else []) + (
+        [f"spawn {env} 1.0+me"] if spawns else []) + ["cold"]
+    assert calls == expected
