@@ -208,8 +208,9 @@ def start_daemon(flags: Flags, listener: _socket.socket) -> tuple[int, bool]:
     path = forkclient.socket_path()
     if path:
         spawn_server = False
-        code = forkclient.code_identity()
+        code = why = ""
         try:
+            code = forkclient.code_identity()
             request = forkclient.Request.of_this_process(
                 namespace=flags.namespace, id=flags.id, address=flags.address,
                 debug=flags.debug, argv=daemon_argv(flags), code=code)

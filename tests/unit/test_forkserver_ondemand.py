@@ -238,3 +238,25 @@ def test_start_spawns_a_fork_server_only_when_none_serves(
     expected = ([f"ask {env}"] if env else []) + (
         [f"spawn {env} 1.0+me"] if spawns else []) + ["cold"]
     assert calls == expected
+
+
+def test_start_goes_cold_when_its_code_identity_cannot_be_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    from supervisor.launch import start  # noqa: PLC0415
+    from supervisor.launch.flags import Flags  # noqa: PLC0415
+
+    def unreadable() -> str:
+        raise PermissionError(13, "Permission denied", "/pkg")
+
+    def never(*args: object, **kwargs: object) -> int:
+        raise AssertionError("neither asked nor spawned")
+
+    monkeypatch.setenv(forkclient.SOCKET_ENV, "/x/fs.sock")
+    monkeypatch.setattr(forkclient, "code_identity", unreadable)
+    monkeypatch.setattr(forkclient, "request_shim", never)
+    monkeypatch.setattr(forkclient, "spawn_server", never)
+    monkeypatch.setattr("supervisor.launch._spawn.spawn", lambda argv, **kw: 99)
+    monkeypatch.chdir(tmp_path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        assert start.start_daemon(Flags(namespace="ns", id="c1"), listener) == (99, False)
