@@ -33,6 +33,11 @@ metric starts with ``--warmup`` unrecorded runs per runtime.  Metrics (``--only`
                 precise ``se.sum_exec_runtime`` and the context switches of the threads
                 alive at the end (a thread that exits meanwhile is not counted).
 
+Without ``--forkserver`` nothing is started by hand, as for a new user: the first ``start``
+spawns a fork server on demand (on the harness's private socket, ``$SUPERVISOR_FORKSERVER``
+in containerd's environment, never the default path) and goes on cold, later ones fork from
+it; the harness's cleanup stops it by pid.  ``--cold`` disables it (``$SUPERVISOR_FORKSERVER``
+empty): every shim starts cold.
 With ``--forkserver`` a ``supervisor-forkserver`` is started first (its socket in the
 containerd's directory, passed to our shims as ``$SUPERVISOR_FORKSERVER`` through containerd's
 environment), so our shims are forked from it instead of started cold; its own memory is
@@ -83,6 +88,8 @@ import psutil
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests" / "integration"))
 import harness  # noqa: E402
+
+from supervisor.launch import forkclient  # noqa: E402
 
 OURS_RUNTIME = "io.containerd.supervisor.v2"
 GO_RUNTIME = "io.containerd.runc.v2"
@@ -314,8 +321,9 @@ class Bench:
                        check=True, stdout=subprocess.DEVNULL)
         if self.args.forkserver:
             self.start_forkserver()
-        else:
+        elif self.args.cold:
             self.c.extra_env[FORKSERVER_ENV] = ""  # cold, even if the machine runs one
+        # else: on demand, on the harness's private socket; self.c.cleanup() stops it
         self.c.extra_env[GROUP_ENV] = "namespace" if self.args.shared else "container"
         if self.args.shared_size:
             self.c.extra_env[GROUP_SIZE_ENV] = str(self.args.shared_size)
@@ -345,8 +353,18 @@ class Bench:
 
     def forkserver_facts(self) -> str:
         proc = self.forkserver
-        if proc is None:
+        if proc is None and self.args.cold:
             return f"cold start (${FORKSERVER_ENV} empty: no fork server)"
+        if proc is None:
+            try:
+                status = forkclient.status(self.c.forkserver_socket)
+                roll = smaps_rollup_kib(status["pid"])
+            except (forkclient.ForkServerError, OSError) as e:
+                return f"fork server on demand (none answering at the end: {e})"
+            return (f"fork server on demand, spawned by the first `start` (nothing started by "
+                    f"hand: what a new user gets; pid {status['pid']}, {status['served']} "
+                    f"shims forked; its own Pss {roll['Pss'] / 1024:.1f} MiB, Private_Dirty "
+                    f"{roll['Private_Dirty'] / 1024:.1f} MiB at the end)")
         if proc.poll() is not None:
             return f"fork server (exited with {proc.returncode} before the end!)"
         roll = smaps_rollup_kib(proc.pid)
@@ -859,9 +877,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--markdown-out", type=Path, help="also write facts and table to this file")
     p.add_argument("--runtime-ours", default=OURS_RUNTIME, help=f"default {OURS_RUNTIME}")
     p.add_argument("--runtime-go", default=GO_RUNTIME, help=f"default {GO_RUNTIME}")
-    p.add_argument("--forkserver", action="store_true",
-                   help="start a supervisor-forkserver and have our shims forked from it "
-                        f"(${FORKSERVER_ENV} in containerd's environment)")
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument("--forkserver", action="store_true",
+                        help="start a supervisor-forkserver and have our shims forked from it "
+                             f"(${FORKSERVER_ENV} in containerd's environment); default: the "
+                             "first start spawns one on demand, as for a new user")
+    layout.add_argument("--cold", action="store_true",
+                        help=f"no fork server at all (${FORKSERVER_ENV} empty): every shim "
+                             "starts cold")
     p.add_argument("--ksm", action="store_true",
                    help="run the host's KSM (/sys/kernel/mm/ksm/run=1) during the memory "
                         "metric and measure once it has settled; restored afterwards")

@@ -3,6 +3,7 @@
 ::
 
     supervisor ls      [--state-dir DIR] [--namespace NS] [--json] [--timeout S]
+                       [--forkserver SOCKET]
     supervisor inspect TARGET [--state-dir DIR] [--namespace NS] [--json] [--timeout S]
     supervisor events  TARGET [--state-dir DIR] [--namespace NS] [--json] [--timeout S]
 
@@ -18,7 +19,10 @@ file.  Several bundles may name one socket (a shim serving a group of
 containers); each socket is asked once.  Every shim is asked over its own
 connection, concurrently, through the ``supervisor.introspect.v1.Introspect``
 service (:mod:`supervisor.introspect`), which answers from memory -- so this
-works while containerd is down.
+works while containerd is down.  ``ls`` also asks the fork server
+(:mod:`supervisor.forkserver`) on its socket for its status (pid, version,
+uptime, shims forked): a line under the table when one answers or its socket
+is there but does not, ``forkserver`` in the JSON (null when there is none).
 
 Invariants
 ----------
@@ -50,6 +54,7 @@ from google.protobuf.message import DecodeError, Message
 from supervisor import __version__, ttrpc
 from supervisor.api.introspect import introspect_pb2 as pb
 from supervisor.introspect import SERVICE
+from supervisor.launch import forkclient
 from supervisor.launch.address import canonical, socket_path
 
 DEFAULT_STATE_DIR = "/run/containerd"
@@ -465,18 +470,54 @@ def shim_summary(report: Report, bundles: Sequence[Bundle]) -> dict[str, Any]:
     }
 
 
+def forkserver_status(path: str, timeout: float) -> dict[str, Any] | None:
+    """``ls --json``'s ``forkserver``: its status; only ``socket`` and ``error`` when its
+    socket is there but it does not answer well; None when nothing is there."""
+    if not path:
+        return None
+    found: dict[str, Any] = {"socket": path, "pid": None, "version": None, "code": None,
+                             "started": None, "shims_forked": None, "error": None}
+    try:
+        status = forkclient.status(path, timeout)
+    except forkclient.NoServer:
+        if not os.path.exists(path):
+            return None
+        found["error"] = "connection refused"
+        return found
+    except (forkclient.ForkServerError, OSError) as e:
+        found["error"] = str(e) or type(e).__name__
+        return found
+    found.update(pid=status.get("pid"), version=status.get("version"), code=status.get("code"),
+                 started=status.get("started"), shims_forked=status.get("served"))
+    return found
+
+
+def format_forkserver(status: dict[str, Any], out: TextIO, now: float) -> None:
+    if status["error"]:
+        out.write(f"\nfork server {status['socket']}: {status['error']}\n")
+        return
+    started = status["started"]
+    up = _ago(now - started) if isinstance(started, int) else "?"
+    out.write(f"\nfork server pid {status['pid']} ({status['socket']}): version "
+              f"{status['version']}, up {up}, {status['shims_forked']} shims forked\n")
+
+
 async def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     bundles = discover(args.state_dir, args.namespace)
     addresses = sorted({b.address for b in bundles if b.address})
     reports = await ask_all(addresses, args.timeout)
     rows = build_rows(bundles, reports)
+    fork_server = await trio.to_thread.run_sync(forkserver_status, args.forkserver, args.timeout)
     if args.json:
         shims = [shim_summary(reports[a], [b for b in bundles if b.address == a])
                  for a in addresses]
-        json.dump({"containers": [r.json() for r in rows], "shims": shims}, out, indent=2)
+        json.dump({"containers": [r.json() for r in rows], "shims": shims,
+                   "forkserver": fork_server}, out, indent=2)
         out.write("\n")
     else:
         format_ls(rows, out)
+        if fork_server is not None:
+            format_forkserver(fork_server, out, time.time())
     return EXIT_OK if all(r.reachable for r in rows) else EXIT_FAILED
 
 
@@ -723,8 +764,12 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT,
                        help=f"seconds for each connect and call (default {DEFAULT_TIMEOUT:g})")
 
-    ls = sub.add_parser("ls", help="every shim-served container, one line each")
+    ls = sub.add_parser("ls", help="every shim-served container, one line each, and the "
+                                   "fork server")
     common(ls)
+    ls.add_argument("--forkserver", metavar="SOCKET", default=forkclient.socket_path() or "",
+                    help=f"the fork server's socket (default ${forkclient.SOCKET_ENV}, as "
+                         f"start reads it, or {forkclient.DEFAULT_SOCKET}; empty: do not ask)")
     for name, text in (("inspect", "everything about one container (or one shim)"),
                        ("events", "a shim's event outbox: pending and recently delivered")):
         p = sub.add_parser(name, help=text)

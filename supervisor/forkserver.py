@@ -8,12 +8,24 @@ each.  The fork server imports all of that once, runs ``gc.collect();
 gc.freeze()`` (so the collector never writes to those objects, whose pages
 then stay shared) and forks one shim per request.  A forked shim answers in a
 few milliseconds and shares the imported code and objects copy-on-write.
-``start`` asks the fork server when its socket exists and falls back to the
-cold start on any failure; its side of the protocol, and what both sides
-share (the :class:`~supervisor.launch.forkclient.Request` schema, fd passing,
-the one codec :mod:`supervisor.launch._msgpack`), is
+``start`` asks the fork server, falls back to the cold start on any failure,
+and spawns one when none serves (on demand: nothing to install); its side
+of the protocol, and what both sides share (the
+:class:`~supervisor.launch.forkclient.Request` schema, fd passing, the one
+codec :mod:`supervisor.launch._msgpack`), is
 :mod:`supervisor.launch.forkclient`.  This module is the server alone: it
 runs beside the daemon and imports it.
+
+Life
+----
+Started by the first ``start`` that finds none serving
+(:func:`~supervisor.launch.forkclient.spawn_server`, which passes it the
+socket's lock, already taken, as ``--lock-fd``), or by systemd or by hand
+(then it takes the lock itself, waiting while another server holds it).  It
+holds the lock for its whole life and writes its pid in the lock file.  It
+ends on SIGTERM or SIGINT, or by retiring (:meth:`ForkServer.retire`) when a
+client of other code asks it for a shim; either way it removes its socket
+only while the file is still the inode it bound.
 
 Protocol
 --------
@@ -21,11 +33,17 @@ One ``SOCK_SEQPACKET`` connection per shim on a 0600 unix socket
 (:data:`~supervisor.launch.forkclient.DEFAULT_SOCKET`, or
 ``$SUPERVISOR_FORKSERVER``; empty disables it)::
 
-    client -> server   msgpack map (see Request) + SCM_RIGHTS: the shim's
-                       bound, listening socket
+    client -> server   msgpack map (see Request, with the client's code
+                       identity) + SCM_RIGHTS: the shim's bound, listening socket
     server -> client   {"pid": N} + SCM_RIGHTS: write end of the shim's go pipe
                        | {"error": "why"} (no fd)
+                       | {"error": "why", "retired": true}: other code; it has
+                         released its socket and lock and ends
     client -> shim     one byte "g" on the go pipe: only now does it serve
+
+    client -> server   {"op": "status"}
+    server -> client   {"pid", "version", "code", "protocol", "started",
+                        "served", "socket"}
 
 The server forks an intermediate child that forks the shim and exits at once
 (the server reaps it), so the shim is nobody's child, like a cold shim whose
@@ -55,6 +73,9 @@ Invariants
   a refusal names what differs, never a value of the server's.  Anything else
   is copied from the client (see above), which the same credentials let it set
   itself; cgroups and the OOM score are set by ``start`` on the returned pid.
+* It never forks a shim for a request of another code identity or protocol
+  version: a client that passes the peer checks makes it retire, one that
+  does not is refused (its files are not necessarily this server's).
 * The server runs no trio, starts no threads (fork safety), handles one
   connection at a time with every read bounded by :data:`REQUEST_TIMEOUT`,
   answers a bad request with an error and keeps serving.  No child ever
@@ -82,22 +103,27 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from supervisor import _ksm
+from supervisor import __version__, _ksm
 from supervisor.daemon import action_serve
-from supervisor.launch import _msgpack
+from supervisor.launch import _msgpack, sockfile
 from supervisor.launch.defaults import LISTEN_FD
 from supervisor.launch.flags import Flags
 from supervisor.launch.forkclient import (
     DEFAULT_SOCKET,
     MAX_MESSAGE,
+    PROTOCOL,
     SOCKET_ENV,
     ForkServerError,
     Request,
+    code_identity,
     recv_fds,
     send_fds,
+    sibling,
+    write_pid,
 )
 
 REQUEST_TIMEOUT = 2.0  # server: each read and write of one connection
@@ -391,17 +417,32 @@ def _become_shim(request: Request, listener_fd: int, status_fd: int, go_fd: int,
 
 
 class ForkServer:
-    """The accept loop; one connection at a time, each bounded by REQUEST_TIMEOUT."""
+    """The accept loop; one connection at a time, each bounded by REQUEST_TIMEOUT.
 
-    def __init__(self, sock: socket.socket, log: logging.Logger) -> None:
+    ``code`` is the :func:`~supervisor.launch.forkclient.code_identity` it was
+    started from; a request of another (or of another protocol) from a client
+    that passes the peer checks makes it :meth:`retire`.  ``lock_fd`` is the
+    locked lock file, held until it ends or retires.
+    """
+
+    def __init__(self, sock: socket.socket, log: logging.Logger, *, path: str = "",
+                 code: str = "", lock_fd: int = -1, pinned: int | None = None) -> None:
         self.sock = sock
         self.log = log
         self.identity = identity()
         self.native = Native()
         self.served = 0
+        self.path = path
+        self.code = code
+        self.lock_fd = lock_fd
+        self.started = int(time.time())  # whole seconds: the codec has no floats
+        self.retired = False
+        #: The socket file as bound (:func:`~supervisor.launch.sockfile.pin`): removed
+        #: only while it is still this inode.
+        self.pinned = pinned
 
     def serve_forever(self) -> None:
-        while True:
+        while not self.retired:
             conn, _ = self.sock.accept()
             try:
                 self.handle(conn)
@@ -409,6 +450,46 @@ class ForkServer:
                 self.log.exception("request failed")  # and keep serving
             finally:
                 conn.close()
+
+    def status(self) -> dict[str, Any]:
+        """The answer to ``{"op": "status"}`` (``supervisor ls``)."""
+        return {"pid": os.getpid(), "version": __version__, "code": self.code,
+                "protocol": PROTOCOL, "started": self.started, "served": self.served,
+                "socket": self.path}
+
+    def stale(self, wire: object) -> str | None:
+        """Why a request shows this server to be of other code than its client's, or None.
+
+        Only a well-formed claim counts: an int protocol version not ours, or
+        ours with a code identity not ours; anything else is a bad request.
+        """
+        if not isinstance(wire, dict):
+            return None
+        version, code = wire.get("v"), wire.get("code")
+        if isinstance(version, int) and not isinstance(version, bool) and version != PROTOCOL:
+            return f"the client speaks protocol {version}, this fork server {PROTOCOL}"
+        if version == PROTOCOL and isinstance(code, str) and code != self.code:
+            return f"the client's code is {code}, this fork server's {self.code}"
+        return None
+
+    def retire(self, why: str) -> None:
+        """Stop accepting and release the socket and the lock; :meth:`serve_forever` ends.
+
+        The socket file is removed only while it is still this server's
+        (:func:`~supervisor.launch.sockfile.remove_own`), then the listener is
+        closed (connections waiting in its backlog are reset: their clients
+        start cold) and the lock released -- all before the retiring request
+        is answered, so its client's new server can take both at once.  Shims
+        forked earlier are not this server's children and are left alone.
+        """
+        self.log.info("retiring: %s", why)
+        self.retired = True
+        if self.pinned is not None:
+            sockfile.remove_own(self.path, self.pinned)
+        self.sock.close()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
 
     def handle(self, conn: _socket.socket) -> None:
         conn.settimeout(REQUEST_TIMEOUT)
@@ -433,6 +514,15 @@ class ForkServer:
                     wire = _msgpack.unpackb(data)
                 except ValueError as e:
                     raise ForkServerError(f"undecodable request: {e}") from None
+                if isinstance(wire, dict) and wire.get("op") == "status":
+                    self.reply(conn, self.status())
+                    return
+                stale = self.stale(wire)
+                why = identity_mismatch(self.identity, peer_identity(conn)) if stale else None
+                if stale and not why:  # a peer it could serve: its code is what is on disk
+                    self.retire(stale)
+                    self.reply(conn, {"error": f"{stale}: it retires", "retired": True})
+                    return
                 request = Request.from_wire(wire)
                 if len(fds) != 1:
                     raise ForkServerError(f"want 1 fd (the shim's listener), got {len(fds)}")
@@ -543,8 +633,11 @@ def preload(log: logging.Logger) -> None:
 
 
 def bind(path: str) -> socket.socket:
-    """The server's socket at ``path``, 0600; a stale socket is replaced, a live one is not."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o711, exist_ok=True)
+    """The server's socket at ``path``, 0600; a stale socket is replaced, a live one is not.
+
+    A missing directory is made 0700 (an existing one is left as it is).
+    """
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     sock = socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
         old_umask = os.umask(0o177)
@@ -580,44 +673,86 @@ def _stop(signum: int, frame: object) -> None:
     raise _Stop(signum)
 
 
+def take_lock(path: str, lock_fd: int | None, log: logging.Logger) -> int:
+    """The locked lock file of the socket ``path`` (see :mod:`supervisor.launch.forkclient`),
+    with this process's pid in it.
+
+    ``lock_fd``: the lock its spawning ``start`` took and passed.  Else (started
+    by systemd or by hand) it is taken here, waiting while another server
+    holds it: an on-demand server of the same socket serves meanwhile.
+    """
+    if lock_fd is None:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        lock_fd = os.open(sibling(path, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for the fork server holding %s to end", sibling(path, ".lock"))
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    else:
+        os.set_inheritable(lock_fd, False)  # not for the shims it forks
+    write_pid(lock_fd, os.getpid())
+    return lock_fd
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="supervisor-forkserver",
         description="Fork pre-imported shim daemons for containerd-shim-supervisor-v2 "
-                    "(its `start` uses this socket when present, else starts shims cold).")
+                    "(its `start` uses this socket when present, and starts one like this "
+                    "when none answers).")
     parser.add_argument("--socket", default=os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET,
                         help=f"unix socket to serve (default ${SOCKET_ENV} or {DEFAULT_SOCKET};"
                              " start reads the same variable)")
     parser.add_argument("--debug", action="store_true", help="log every step")
+    parser.add_argument("--code-identity", default="",
+                        help="the code identity to serve under (default: computed at start-up; "
+                             "the spawning `start` passes the one it computed)")
+    parser.add_argument("--lock-fd", type=int, default=None,
+                        help="the socket's lock file, already locked (passed by `start`)")
     args = parser.parse_args(argv)
+    # Computed before the preload; the spawning `start` passes what it computed before
+    # this process imported anything, so a change of the files while it starts can only
+    # make it retire early, never serve old code as new.  (Started by hand or systemd,
+    # this module's own imports came first: an upgrade within those ~100 ms is missed.)
+    code = args.code_identity or code_identity()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
-                        format="supervisor-forkserver: %(levelname)s %(message)s")
+                        format="%(asctime)s supervisor-forkserver: %(levelname)s %(message)s")
     log = logging.getLogger("supervisor.forkserver")
-    preload(log)
-
-    log.info("%s", _ksm.apply())
+    os.chdir("/")  # not the bundle of the start that spawned it
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        sock = bind(args.socket)
+        lock_fd = take_lock(args.socket, args.lock_fd, log)
+    except _Stop:
+        return 0
     except OSError as e:
-        log.error("cannot serve %s: %s", args.socket, e)
+        log.error("cannot lock %s: %s", sibling(args.socket, ".lock"), e)
         return 1
-    bound = os.stat(args.socket)
-    log.info("pid %d serving %s", os.getpid(), args.socket)
+    preload(log)
+    log.info("%s", _ksm.apply())
+    sock: socket.socket | None = None
+    pinned: int | None = None
     try:
-        ForkServer(sock, log).serve_forever()
+        try:
+            sock = bind(args.socket)
+        except OSError as e:
+            log.error("cannot serve %s: %s", args.socket, e)
+            return 1
+        pinned = sockfile.pin(args.socket)
+        server = ForkServer(sock, log, path=args.socket, code=code, lock_fd=lock_fd,
+                            pinned=pinned)
+        log.info("pid %d serving %s (version %s, code %s)", os.getpid(), args.socket,
+                 __version__, code)
+        server.serve_forever()
     except _Stop as e:
         log.info("stopping on signal %s", e)
     finally:
-        sock.close()
-        try:
-            now = os.stat(args.socket)
-            if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
-                os.unlink(args.socket)  # only our own: a successor may have bound anew
-        except OSError:
-            pass  # already gone
+        if sock is not None:
+            sock.close()
+        if pinned is not None:  # only our own: a successor may have bound anew
+            sockfile.remove_own(args.socket, pinned)
     return 0
 
 

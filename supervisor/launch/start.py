@@ -19,10 +19,12 @@ than ``shim_group_size`` containers (16); then ``start`` writes ``address`` in
 the bundle and prints it.  Otherwise ``start`` claims the socket, 0600 and
 already listening when it appears (replacing one nothing listens on;
 :mod:`supervisor.launch.sockfile`), writes ``address``, and starts the daemon:
-forked by the fork server (:mod:`supervisor.launch.forkclient`) when its
-socket exists and it answers within 2 s, else (or on any failure) cold -- a
-new interpreter in a new session with the listening socket as fd 3 and no
-stdio of containerd's.  A forked shim is moved into ``start``'s own cgroups
+forked by the fork server (:mod:`supervisor.launch.forkclient`) when it
+answers within 2 s, else (or on any failure) cold -- a new interpreter in a
+new session with the listening socket as fd 3 and no stdio of containerd's;
+when no fork server serves (or the one there was of other code and retired),
+``start`` also spawns one for the next ``start`` (``$SUPERVISOR_FORKSERVER``
+empty: never).  A forked shim is moved into ``start``'s own cgroups
 (where a cold one is born); either then gets ``ShimCgroup`` and the OOM score.
 
 ``start`` prints the address -- nothing else, on stdout or stderr, since
@@ -199,21 +201,39 @@ def note(level: str, message: str) -> None:
 def start_daemon(flags: Flags, listener: _socket.socket) -> tuple[int, bool]:
     """Start the daemon serving ``listener``: (its pid, whether the fork server forked it).
 
-    The fork server is asked when its socket exists; on any failure no forked
-    shim will ever serve the listener (:mod:`supervisor.launch.forkclient`), so the
-    cold start that follows cannot race one.
+    The fork server is asked unless ``$SUPERVISOR_FORKSERVER`` is empty; when
+    none serves its socket, or the one there retired (other code), a new one
+    is spawned (:func:`supervisor.launch.forkclient.spawn_server`) for the
+    next ``start`` and this one goes on cold, without waiting for it.  On any
+    failure no forked shim will ever serve the listener
+    (:mod:`supervisor.launch.forkclient`), so the cold start cannot race one.
     """
     from supervisor.launch import forkclient
 
     path = forkclient.socket_path()
-    if path and os.path.exists(path):
+    if path:
+        spawn_server = False
+        code = why = ""
         try:
+            code = forkclient.code_identity()
             request = forkclient.Request.of_this_process(
                 namespace=flags.namespace, id=flags.id, address=flags.address,
-                debug=flags.debug, argv=daemon_argv(flags))
+                debug=flags.debug, argv=daemon_argv(flags), code=code)
             return forkclient.request_shim(path, request, listener.fileno()), True
+        except (forkclient.NoServer, forkclient.Retired) as e:
+            spawn_server = True
+            why = str(e)
         except Exception as e:  # whatever went wrong, the cold start below still works
             note("warning", f"fork server {path}: {e}; starting the shim cold")
+        if spawn_server:
+            try:
+                pid = forkclient.spawn_server(path, code)
+            except Exception as e:
+                note("warning", f"fork server {path}: {why}; cannot start one: {e}; "
+                     "starting the shim cold")
+            else:
+                started = f"started one (pid {pid})" if pid else "another start is starting one"
+                note("info", f"fork server {path}: {why}; {started}; starting the shim cold")
     from supervisor.launch._spawn import spawn
 
     return spawn(daemon_argv(flags), fds={LISTEN_FD: listener.fileno()}, setsid=True), False

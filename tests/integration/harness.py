@@ -42,7 +42,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import psutil
 
-from supervisor.launch import procfs
+from supervisor.launch import forkclient, procfs
 
 T = TypeVar("T")
 
@@ -370,6 +370,9 @@ class Containerd:
             raise HarnessError(f"socket path too long for AF_UNIX: {self.ttrpc_address}")
         self.config_path: Path = self.dir / "config.toml"
         self.log_path: Path = self.dir / "containerd.log"
+        # The shims' fork server (spawned on demand by the first start): private to this
+        # containerd, never the default path a real one may use; stopped by cleanup().
+        self.forkserver_socket: str = str(self.dir / "fs.sock")
         # ctr's default FIFO dir is the shared /run/containerd/fifo; run() uses this one.
         self.fifo_dir: Path = self.dir / "fifo"
         self.start_timeout = start_timeout
@@ -430,8 +433,22 @@ class Containerd:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONTAINERD_")}
         path = [str(d) for d in shim_bin_dirs()] + [env.get("PATH", ""), DEFAULT_PATH]
         env["PATH"] = os.pathsep.join(p for p in path if p)
+        env[forkclient.SOCKET_ENV] = self.forkserver_socket
         env.update(self.extra_env)
         return env
+
+    def forkservers(self) -> list[int]:
+        """Pids of the fork servers of this containerd: on its fork-server socket (their
+        command line names it; spawned by its shims' ``start`` or by a test), or spawned
+        by its shims on any path (they inherit its shims' ``TTRPC_ADDRESS``)."""
+        path = self.env()[forkclient.SOCKET_ENV]
+        found = set(processes_with_arg(path)) if path else set()
+        for p in psutil.process_iter(["cmdline"]):
+            if "supervisor.forkserver" in (p.info["cmdline"] or []):
+                with contextlib.suppress(psutil.Error):
+                    if p.environ().get("TTRPC_ADDRESS") == self.ttrpc_address:
+                        found.add(p.pid)
+        return sorted(found)
 
     # ---------------------------------------------------------------- lifecycle
     @property
@@ -712,7 +729,8 @@ class Containerd:
         2. stop containerd (SIGTERM, then SIGKILL after 5 s), and any daemon running on
            our config file;
         3. ``runc delete -f`` leftover containers whose bundle is in our state dir;
-        4. SIGKILL the shims whose command line holds our address;
+        4. SIGKILL the shims whose command line holds our address, and the fork servers
+           on our fork-server socket;
         5. SIGKILL what is left in our generated namespaces' cgroups (thawed first);
         6. remove the Go shim's sockets for our containers, unmount everything below our
            directory, remove it, our runc root dirs (if empty) and our empty cgroups.
@@ -734,6 +752,7 @@ class Containerd:
             kill_pids(processes_with_arg(str(self.config_path)))
             self._runc_cleanup()
             kill_pids(shims_for(self))
+            kill_pids(self.forkservers())
             for ns in self.owned_namespaces:
                 kill_cgroup_processes(ns)  # containers that runc no longer knows about
             for ns, cid in self.known_containers():
@@ -757,6 +776,8 @@ class Containerd:
         found = []
         if any(proc.poll() is None for proc in self._procs):
             found.append(f"containerd pids {self.pids_started}")
+        if self.forkservers():
+            found.append(f"fork servers {self.forkservers()}")
         shims = shims_for(self)
         if shims:
             found.append(f"shims {shims}")

@@ -21,6 +21,7 @@ from harness import Containerd, copy_rootfs, wait_for
 
 from supervisor import ttrpc
 from supervisor.api.task.v2 import shim_pb2 as api
+from supervisor.launch import forkclient
 from supervisor.launch.address import socket_path
 
 SHIM = "containerd-shim-supervisor-v2"
@@ -63,6 +64,9 @@ class ShimDriver:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["TTRPC_ADDRESS"] = self.containerd.ttrpc_address
+        # Its fork server (spawned on demand) on the containerd's private socket, never the
+        # default path; the containerd's cleanup stops it.
+        env[forkclient.SOCKET_ENV] = self.containerd.env()[forkclient.SOCKET_ENV]
         return env
 
     def argv(self, *action: str) -> list[str]:

@@ -167,11 +167,3 @@ def test_a_fork_server_that_differs_is_refused_and_start_goes_cold(
     assert "the client's mnt namespace is not the fork server's" in fs.log.read_text()
     wait_for(lambda: "starting the shim cold" in c.log_text(), 10, message="the fallback note")
     assert fs.proc.poll() is None  # and it keeps serving
-
-
-def test_no_fork_server_socket_means_a_quiet_cold_start(
-    make_containerd: Callable[..., Containerd], busybox_rootfs: Path, tmp_path: Path,
-) -> None:
-    c = make_containerd(env={ENV: str(tmp_path / "absent.sock")})
-    assert c.run("plain", "echo", "ok", rootfs=busybox_rootfs, rm=True).stdout == "ok\n"
-    assert "fork server" not in c.log_text()

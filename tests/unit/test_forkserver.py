@@ -101,7 +101,8 @@ def bundle(tmp_path: Path) -> Path:
 
 def request_for(bundle: Path, cid: str = "c1", **changes: Any) -> Request:
     req = Request.of_this_process(namespace="unit", id=cid, address="/nonexistent.sock",
-                                  debug=True, argv=[sys.executable, "shim-bin", "-id", cid])
+                                  debug=True, argv=[sys.executable, "shim-bin", "-id", cid],
+                                  code=forkclient.code_identity())
     req.cwd = str(bundle)
     for k, v in changes.items():
         setattr(req, k, v)

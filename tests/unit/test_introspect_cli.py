@@ -197,7 +197,7 @@ async def test_ls_table_and_json(short_dir: Path, nursery: trio.Nursery) -> None
     out = io.StringIO()
     code = await cli.cmd_ls(args("ls", "--state-dir", str(state), "-n", "ns1", "--json"), out)
     doc = json.loads(out.getvalue())
-    assert set(doc) == {"containers", "shims"}
+    assert set(doc) == {"containers", "shims", "forkserver"}
     assert all(set(r) == ROW_KEYS for r in doc["containers"])
     assert all(set(s) == SHIM_SUMMARY_KEYS for s in doc["shims"])
     by_id = {r["id"]: r for r in doc["containers"]}

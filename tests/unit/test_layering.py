@@ -83,8 +83,15 @@ ACTION_PATHS: dict[str, tuple[str, set[str]]] = {
         "import supervisor.launch.start, supervisor.launch.forkclient as f\n"
         "from supervisor.launch import _msgpack\n"
         "_msgpack.unpackb(_msgpack.packb(f.Request.of_this_process("
-        "namespace='n', id='i', address='a', debug=False, argv=['x']).to_wire()))",
+        "namespace='n', id='i', address='a', debug=False, argv=['x'],"
+        " code=f.code_identity()).to_wire()))",
         {"msgpack"},
+    ),
+    "start, finding no fork server (it would spawn one)": (
+        "import supervisor.launch.start, supervisor.launch.forkclient as f, fcntl\n"
+        "import supervisor.launch._spawn\n"
+        "try:\n    f.status('/nonexistent/fs.sock')\nexcept f.NoServer:\n    pass",
+        set(),
     ),
     "start, from containerd 2.3 (BootstrapParams)": (
         "import supervisor.shim, supervisor.launch.start, supervisor.launch.bootstrap as b\n"

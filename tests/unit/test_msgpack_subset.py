@@ -64,6 +64,6 @@ def test_unpackb_reads_all_packb_writes(value: object) -> None:
 
 def test_a_real_request_round_trips_through_the_servers_decoder() -> None:
     request = Request.of_this_process(namespace="ns", id="c1", address="/a", debug=False,
-                                      argv=["python", "-m", "supervisor.shim"])
+                                      argv=["python", "-m", "supervisor.shim"], code="0.1.0+x")
     wire = _msgpack.unpackb(_msgpack.packb(request.to_wire()))
     assert Request.from_wire(wire).to_wire() == request.to_wire()
