@@ -127,11 +127,7 @@ def code_identity() -> str:
     if override:
         return override
     import supervisor
-
-    try:  # the builtin module: hashlib would load OpenSSL (~2 ms) for one digest
-        from _sha256 import sha256  # type: ignore[import-not-found]
-    except ImportError:  # pragma: no cover - interpreters without it
-        from hashlib import sha256
+    from supervisor.launch.digest import sha256_hex
 
     def mtime_size(path: str) -> tuple[int, int]:
         try:
@@ -157,7 +153,7 @@ def code_identity() -> str:
                     facts += (st.st_mtime_ns, st.st_size)
                 elif "." not in name and name != "__pycache__" and entry.is_dir():
                     stack.append(entry.path)
-    digest = sha256(f"{root}\0{sys.version}\0{facts}".encode()).hexdigest()[:16]
+    digest = sha256_hex(f"{root}\0{sys.version}\0{facts}".encode())[:16]
     return f"{supervisor.__version__}+{digest}"
 
 

@@ -46,6 +46,7 @@ from supervisor.launch import address as addresses
 from supervisor.launch import procfs, sockfile
 from supervisor.launch.address import socket_path
 from supervisor.launch.defaults import LISTEN_FD, SHIM_GROUPS, SOCKET_DIR
+from supervisor.launch.digest import sha256_hex
 
 TYPE_CHECKING = False  # not typing's: importing typing costs `start` ~2 ms
 if TYPE_CHECKING:
@@ -56,16 +57,6 @@ if TYPE_CHECKING:
 
     #: Runtime options (a serialized ``Any``) -> settings; the daemon side's decoder.
     DecodeOptions = Callable[[bytes], Settings]
-
-# The builtin module (_sha2 since Python 3.12, _sha256 before): hashlib would load OpenSSL
-# (~2 ms) for one digest.
-try:
-    if sys.version_info >= (3, 12):
-        from _sha2 import sha256
-    else:
-        from _sha256 import sha256  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - interpreters without it
-    from hashlib import sha256
 
 GROUP_LABELS = (
     "io.containerd.supervisor.v2.group",
@@ -83,8 +74,8 @@ MAX_GROUP_SOCKETS = 64
 def socket_address(containerd_address: str, namespace: str, group: str,
                    socket_dir: str = "") -> str:
     """The group's socket, in ``socket_dir`` (containerd 2.3 may name one) or :data:`SOCKET_DIR`."""
-    digest = sha256(os.path.join(containerd_address, namespace, group).encode())
-    return f"unix://{socket_dir or SOCKET_DIR}/{digest.hexdigest()}"
+    digest = sha256_hex(os.path.join(containerd_address, namespace, group).encode())
+    return f"unix://{socket_dir or SOCKET_DIR}/{digest}"
 
 
 def group_of(container_id: str, bundle: str) -> str:
