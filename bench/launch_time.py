@@ -15,9 +15,9 @@ system of the binary and its children that it waited for, from ``wait4``; robust
 machine, where wall time is not).  Our shim is measured cold (``$SUPERVISOR_FORKSERVER``
 empty): what these numbers cut is the interpreter and our work, not the fork server's.
 
-Variants default to the venv's console script (``ours``), the interpreter with its default
-flags running ``-m supervisor.shim`` (``ours -m``) and the Go shim (``go``); ``--variant
-NAME=ARGV`` adds one (ARGV split on spaces).  Needs root (``/run/containerd/s``).
+Variants default to the venv's shim binary (``ours``: the entry script ``make venv`` writes,
+:mod:`supervisor.launch.launcher`) and the Go shim (``go``); ``--variant NAME=ARGV`` adds one
+(ARGV split on spaces), e.g. ``"ours -m=.venv/bin/python -m supervisor.shim"``.  Needs root (``/run/containerd/s``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ NAMESPACE = "launchbench"
 def default_variants() -> dict[str, list[str]]:
     return {
         "ours": [str(BIN / "containerd-shim-supervisor-v2")],
-        "ours -m": [str(BIN / "python"), "-m", "supervisor.shim"],
         "go": [shutil.which("containerd-shim-runc-v2") or "containerd-shim-runc-v2"],
     }
 
