@@ -17,7 +17,8 @@ empty): what these numbers cut is the interpreter and our work, not the fork ser
 
 Variants default to the venv's shim binary (``ours``: the entry script ``make venv`` writes,
 :mod:`supervisor.launch.launcher`) and the Go shim (``go``); ``--variant NAME=ARGV`` adds one
-(ARGV split on spaces), e.g. ``"ours -m=.venv/bin/python -m supervisor.shim"``.  Needs root (``/run/containerd/s``).
+(ARGV split on spaces), e.g. ``"ours -m=.venv/bin/python -m supervisor.shim"``.
+Needs root (``/run/containerd/s``).
 """
 
 from __future__ import annotations
