@@ -28,12 +28,18 @@ $(VENV)/.stamp: pyproject.toml $(VENV)/.python
 	touch $@
 	$(MAKE) --no-print-directory bytecode
 
+# The shim binary as `python -IS` (no site, no `import re`): pip's console script cannot
+# carry interpreter flags (supervisor/launch/launcher.py). Rewritten after every install.
+SHIM_ENTRY := $(VENV)/bin/containerd-shim-supervisor-v2
+$(SHIM_ENTRY): $(VENV)/.stamp supervisor/launch/launcher.py
+	$(PY) -m supervisor.launch.launcher $@ >/dev/null
+
 # Shims start often: give them bytecode even where PYTHONDONTWRITEBYTECODE is set
 # (Python still reads .pyc files; stale ones are ignored by their source mtime).
 bytecode:
 	$(PY) -m compileall -q supervisor
 
-venv: $(VENV)/.stamp
+venv: $(VENV)/.stamp $(SHIM_ENTRY)
 
 deps:
 	bash scripts/install-deps.sh

@@ -30,7 +30,10 @@ the daemon
 
 Light on purpose: ``start``, ``delete`` and ``-info`` load only :mod:`supervisor.launch`
 (standard library alone; ``tests/unit/test_layering.py`` checks it); the
-daemon side is imported only for the daemon.
+daemon side is imported only for the daemon.  The entry script ``make venv``
+writes (:mod:`supervisor.launch.launcher`) runs this module as ``python -IS``,
+without ``site``: whatever imports beyond the standard library (protobuf for
+options, the daemon) calls :func:`~supervisor.launch.launcher.full_site` first.
 """
 
 from __future__ import annotations
@@ -40,9 +43,12 @@ import sys
 
 from supervisor import __version__
 from supervisor.launch.flags import EXIT_USAGE, UsageError, parse_flags
+from supervisor.launch.launcher import full_site
 
 TYPE_CHECKING = False  # not typing's: importing typing costs `start` ~2 ms
 if TYPE_CHECKING:
+    from typing import NoReturn
+
     from supervisor.launch.settings import Settings
 
 NAME = "containerd-shim-supervisor-v2"
@@ -52,9 +58,19 @@ REVISION = "python"
 
 def decode_options(data: bytes) -> Settings:
     """``start``'s runtime options (a serialized ``Any``) -> settings, through protobuf."""
+    full_site()  # protobuf lives in site-packages
     from supervisor.options import decode_bytes
 
     return decode_bytes(data)
+
+
+def exit_now(rc: int) -> NoReturn:
+    """End ``start`` or ``delete`` with ``rc`` at once: containerd waits for the exit, and
+    the interpreter's teardown (freeing every module) costs ~1.5 ms of it.  Only stdio
+    needs flushing: the actions close their own files."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,15 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         if flags.action == "start":
             from supervisor.launch.start import action_start
 
-            return action_start(flags, decode_options)
+            exit_now(action_start(flags, decode_options))
         if flags.action == "delete":
             from supervisor.launch.delete import action_delete
 
-            rc = action_delete(flags.namespace, flags.id, flags.bundle or os.getcwd())
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(rc)  # containerd waits for us: skip the interpreter's teardown
+            exit_now(action_delete(flags.namespace, flags.id, flags.bundle or os.getcwd()))
         if flags.action == "":
+            full_site()
             from supervisor.daemon import action_serve
 
             return action_serve(flags)

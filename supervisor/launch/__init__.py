@@ -21,6 +21,8 @@ checks both in a fresh interpreter, and that no import cycle exists).
 * :mod:`~supervisor.launch._pbwire`, :mod:`~supervisor.launch._msgpack` -- the
   hand codecs for those few messages.
 * :mod:`~supervisor.launch._spawn` -- starting a child nobody registers.
+* :mod:`~supervisor.launch.launcher` -- writes the shim binary as a ``python -IS``
+  script (no ``site`` until something needs site-packages: ``full_site``).
 * The facts, once each: :mod:`~supervisor.launch.settings` (the settings file's
   one schema), :mod:`~supervisor.launch.address` (socket addresses),
   :mod:`~supervisor.launch.procfs` (mountinfo, ``/proc/PID/cgroup``),

@@ -105,7 +105,7 @@ def cleanup(namespace: str, container_id: str, bundle: str) -> int:
         except OSError as e:
             warn(f"unmount rootfs of {container_id}: {e}")
     try:
-        with open(os.path.join(bundle, "init.pid"), encoding="ascii") as f:
+        with open(os.path.join(bundle, "init.pid"), encoding="utf-8") as f:
             pid = int(f.read().strip() or 0)
     except (OSError, ValueError):
         pid = 0

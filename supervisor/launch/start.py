@@ -121,18 +121,22 @@ def join_cgroup(path: str, pid: int) -> None:
         if not targets:
             raise FileNotFoundError(errno.ENOENT, "no such cgroup", path)
     for target in targets:
-        with open(os.path.join(target, "cgroup.procs"), "w", encoding="ascii") as f:
+        with open(os.path.join(target, "cgroup.procs"), "w", encoding="utf-8") as f:
             f.write(str(pid))
 
 
 def adjust_oom_score(pid: int) -> None:
-    """The shim is a little easier to kill than containerd (its parent): parent's score + 1."""
+    """The shim is a little easier to kill than containerd (its parent): parent's score + 1.
+
+    Files of digits here are opened as UTF-8, whose codec the interpreter loaded at
+    start-up: naming ``ascii`` would import :mod:`encodings.ascii` for them.
+    """
     try:
-        with open(f"/proc/{os.getppid()}/oom_score_adj", encoding="ascii") as f:
+        with open(f"/proc/{os.getppid()}/oom_score_adj", encoding="utf-8") as f:
             score = int(f.read().strip())
     except (OSError, ValueError):
         return
-    with open(f"/proc/{pid}/oom_score_adj", "w", encoding="ascii") as f:
+    with open(f"/proc/{pid}/oom_score_adj", "w", encoding="utf-8") as f:
         f.write(str(min(score + 1, 1000)))
 
 
@@ -164,7 +168,7 @@ def join_own_cgroups(pid: int) -> None:
                     root in ("/", path) or path.startswith(root + "/")):
                 rel = path if root == "/" else path[len(root):]
                 target = os.path.join(mountpoint, rel.lstrip("/"), "cgroup.procs")
-                with open(target, "w", encoding="ascii") as f:
+                with open(target, "w", encoding="utf-8") as f:
                     f.write(str(pid))
                 break
 
