@@ -138,7 +138,10 @@ def code_identity() -> str:
 
     root = os.path.dirname(os.path.abspath(supervisor.__file__))
     parent = os.path.dirname(root)
-    venv = f"{sys.prefix}/lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+    # Not sys.prefix: without ``site`` (the entry script's ``-S``) it names the base
+    # interpreter, not the venv, and both sides must see the same directories.
+    prefix = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
+    venv = f"{prefix}/lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
     facts: list[int] = [*mtime_size(sys.executable), mtime_size(venv)[0],
                         mtime_size(parent)[0] if parent.endswith("-packages") else 0]
     stack = [root]

@@ -171,6 +171,18 @@ def test_the_code_identity_follows_the_files(tmp_path: Path) -> None:
     assert identity(**{forkclient.CODE_ENV: "pinned"}) == "pinned\n"
 
 
+def test_the_code_identity_is_the_same_with_and_without_site() -> None:
+    """``start`` runs under the entry script's ``-IS`` (no site: sys.prefix is the base
+    interpreter's), the fork server and the tests with site: all must agree."""
+    env = {k: v for k, v in os.environ.items() if k != forkclient.CODE_ENV}
+    package = os.path.dirname(os.path.dirname(os.path.abspath(supervisor.__file__)))
+    code = f"import sys; sys.path.insert(0, {package!r}); {IDENTITY}"
+    seen = {subprocess.run([sys.executable, *flags, "-c", code], env=env, check=True,
+                           capture_output=True, text=True, cwd="/").stdout
+            for flags in ([], ["-I", "-S"], ["-P"])}
+    assert len(seen) == 1, seen
+
+
 def test_ls_shows_the_fork_server(place: str, spawned: list[int], tmp_path: Path) -> None:
     from supervisor import cli  # noqa: PLC0415 - trio and protobuf: only this test
 
