@@ -20,7 +20,11 @@ Neither class does I/O, keeps time or knows about tasks; the trio transport in
   and ``buffered_bytes`` under ``max_buffered_bytes`` or nothing in flight (so
   one message larger than the byte limit still gets through).  A transport that
   reads at most ``R`` bytes at a time, and only while ``can_receive``, holds at
-  most ``max(max_buffered_bytes, 10 + max_message_size) + R`` bytes.
+  most ``max(max_buffered_bytes, 10 + max_message_size) + R`` bytes of the
+  peer's (undecoded input and unanswered requests, :attr:`peer_bytes`); the
+  responses not yet written come on top, each as large as its handler made it
+  (an error answering a rejected request charged only its 10-byte header can be
+  larger than that), and stop further reading until they are written.
 * Per-stream problems are answered, not fatal, as in Go's ttrpc v1.1.1: an
   oversized request -> ``RESOURCE_EXHAUSTED``; an even stream id (clients must
   use odd ones) or an id not above the previous request's (ids are never reused)
@@ -195,6 +199,11 @@ class ServerConnection(_Base):
     def buffered_bytes(self) -> int:
         """Bytes held: undecoded input, unanswered requests, unwritten responses."""
         return self._decoder.buffered + self._charged + self._unwritten
+
+    @property
+    def peer_bytes(self) -> int:
+        """The peer's bytes held: undecoded input and unanswered requests."""
+        return self._decoder.buffered + self._charged
 
     @property
     def can_receive(self) -> bool:
