@@ -107,8 +107,10 @@ async def _serve(listener: socket.socket, *, namespace: str, ttrpc_address: str,
         server = ttrpc.Server()
         server.register(SERVICE, service.handlers())
         server.register(GROUP_SERVICE, service.group_handlers())
+        name = listener.getsockname()  # bytes for an abstract socket: never claimed privately
+        published = sockfile.published_path(name) if isinstance(name, str) else name
         inspector = introspect.IntrospectService(service, outbox, namespace=namespace,
-                                                 address=address_of(sockfile.published_path(listener.getsockname())))
+                                                 address=address_of(published))
         server.register(introspect.SERVICE, inspector.handlers())
         trio_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
         await nursery.start(server.serve, trio_listener)

@@ -73,6 +73,7 @@ from supervisor.api import typeurls
 from supervisor.api.cgroups.v1 import metrics_pb2 as v1
 from supervisor.api.cgroups.v2 import metrics_pb2 as v2
 from supervisor.launch import procfs
+from supervisor.launch.defaults import CGROUP_ROOT
 
 __all__ = [
     "CGROUP2_SUPER_MAGIC",
@@ -94,7 +95,6 @@ CgroupMode: TypeAlias = Literal["unavailable", "v1", "hybrid", "v2"]
 _Rdma = TypeVar("_Rdma", v1.RdmaEntry, v2.RdmaEntry)
 
 #: Where the cgroup file systems are mounted (the Go library hard-codes it too).
-CGROUP_ROOT = "/sys/fs/cgroup"
 #: ``statfs.f_type`` of a cgroup2 file system.
 CGROUP2_SUPER_MAGIC = 0x63677270
 

@@ -144,7 +144,7 @@ def _unpack(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
             n = struct.unpack(fmt, raw)[0]
         raw, pos = _take(data, pos, n)
         try:
-            return raw.decode("utf-8"), pos
+            return raw.decode("utf-8", "surrogatepass"), pos
         except UnicodeDecodeError as e:
             raise ValueError(f"bad UTF-8 in a msgpack string: {e}") from None
     if b in (0xC4, 0xC5, 0xC6):  # bin 8/16/32

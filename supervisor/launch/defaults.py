@@ -16,3 +16,5 @@ SHIM_GROUPS = ("", "container", "namespace")
 LISTEN_FD = 3
 #: Where ``start`` binds shim sockets (as containerd's own shims do).
 SOCKET_DIR = "/run/containerd/s"
+#: Where the cgroup hierarchies are mounted (v2 unified, or one directory per v1 hierarchy).
+CGROUP_ROOT = "/sys/fs/cgroup"

@@ -117,7 +117,7 @@ def last_status(bundle: str, container_id: str, pid: int) -> tuple[int, int, int
     """(pid, exit status, exit time in ns) to report: the init's ``TaskExit`` from the
     event spool when the dead shim left one there, else 128+SIGKILL now."""
     try:
-        found = spool.init_exit(bundle, container_id)
+        found = spool.init_exit(bundle, container_id, pid)
     except Exception as e:  # never fail delete over a damaged spool: report the kill
         warn(f"reading the event spool of {container_id}: {e}")
         found = None

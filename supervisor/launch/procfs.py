@@ -65,7 +65,7 @@ def unescape(field: str) -> str:
 def parse_mountinfo(text: str) -> list[Mount]:
     """Every well-formed line of a ``mountinfo`` text, in order."""
     mounts = []
-    for line in text.splitlines():
+    for line in text.split("\n"):
         before, sep, after = line.partition(" - ")
         if not sep:
             continue
@@ -103,7 +103,7 @@ def cgroup_mounts(mounts: list[Mount]) -> list[tuple[set[str], str, str]]:
 def parse_cgroup(text: str) -> list[tuple[str, str, str]]:
     """(hierarchy id, controllers, path) of each well-formed ``/proc/PID/cgroup`` line."""
     entries = []
-    for line in text.splitlines():
+    for line in text.split("\n"):
         parts = line.split(":", 2)
         if len(parts) == 3:
             entries.append((parts[0], parts[1], parts[2]))

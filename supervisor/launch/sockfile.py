@@ -42,6 +42,8 @@ from supervisor.launch.address import is_abstract
 CLAIM_MARK = ".claim-"
 _TAIL = 12  # hex digits: a /run/containerd/s/<64 hex> claim name stays under 108 bytes
 BACKLOG = 128
+#: sizeof(sun_path) less its NUL: the longest path a unix socket binds to.
+MAX_PATH = 107
 PROBE_TIMEOUT = 0.5
 
 
@@ -72,6 +74,11 @@ def listen(path: str) -> _socket.socket:
             s.listen(BACKLOG)
             return s
         private = claim_name(path)
+        if len(os.fsencode(private)) > MAX_PATH:
+            limit = MAX_PATH - len(CLAIM_MARK) - _TAIL
+            raise OSError(errno.ENAMETOOLONG, f"socket path {path!r} is longer than the "
+                          f"{limit} bytes a shim socket may have (choose a shorter socket "
+                          "directory)")
         s.bind(private)
         try:
             os.chmod(private, 0o600)
@@ -81,7 +88,10 @@ def listen(path: str) -> _socket.socket:
             except FileExistsError:
                 raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE), path) from None
         finally:
-            os.unlink(private)
+            try:  # never hide the error in flight
+                os.unlink(private)
+            except FileNotFoundError:
+                pass
     except BaseException:
         s.close()
         raise

@@ -152,8 +152,11 @@ def _task_exit(payload: bytes, container_id: str) -> Exit | None:
     return Exit(pid, status, seconds * 1_000_000_000 + nanos)
 
 
-def exit_in(path: str, container_id: str) -> Exit | None:
-    """The last init ``TaskExit`` of ``container_id`` the spool at ``path`` holds, if any."""
+def exit_in(path: str, container_id: str, pid: int = 0) -> Exit | None:
+    """The last init ``TaskExit`` of ``container_id`` the spool at ``path`` holds, if any;
+    with ``pid`` (the bundle's ``init.pid``), only one of that pid: a record of an earlier
+    container that had the same id (a shared shim's spool keeps acknowledged records) is
+    not this one's exit."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -172,9 +175,11 @@ def exit_in(path: str, container_id: str) -> Exit | None:
                 and record[5].rsplit("/", 1)[-1] == EXIT_TYPE
                 and isinstance(record[6], bytes)):
             try:
-                found = _task_exit(record[6], container_id) or found
+                candidate = _task_exit(record[6], container_id)
             except WireError:
                 continue
+            if candidate is not None and (not pid or candidate.pid in (0, pid)):
+                found = candidate
     return found
 
 
@@ -186,14 +191,14 @@ def _shim_address(bundle: str) -> str:
         return ""
 
 
-def init_exit(bundle: str, container_id: str) -> Exit | None:
+def init_exit(bundle: str, container_id: str, pid: int = 0) -> Exit | None:
     """The init's exit from the spool of the shim that served ``container_id``, if it holds one.
 
     The bundle's own spool first; then (a shared shim's spool moves to a
     bundle that remains) those of the bundles beside it whose ``address``
     names the same shim.
     """
-    found = exit_in(spool_path(bundle), container_id)
+    found = exit_in(spool_path(bundle), container_id, pid)
     if found is not None:
         return found
     address = _shim_address(bundle)
@@ -207,7 +212,7 @@ def init_exit(bundle: str, container_id: str) -> Exit | None:
     for name in siblings:
         other = os.path.join(parent, name)
         if other != os.path.abspath(bundle) and _shim_address(other) == address:
-            found = exit_in(spool_path(other), container_id)
+            found = exit_in(spool_path(other), container_id, pid)
             if found is not None:
                 return found
     return None

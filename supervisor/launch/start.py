@@ -45,7 +45,7 @@ import time
 from supervisor.launch import address as addresses
 from supervisor.launch import procfs, sockfile
 from supervisor.launch.address import socket_path
-from supervisor.launch.defaults import LISTEN_FD, SHIM_GROUPS, SOCKET_DIR
+from supervisor.launch.defaults import CGROUP_ROOT, LISTEN_FD, SHIM_GROUPS, SOCKET_DIR
 from supervisor.launch.digest import sha256_hex
 
 TYPE_CHECKING = False  # not typing's: importing typing costs `start` ~2 ms
@@ -108,7 +108,7 @@ def write_file_atomic(path: str, data: str) -> None:
 
 def join_cgroup(path: str, pid: int) -> None:
     """Put ``pid`` in cgroup ``path`` (v2 unified, or every v1 hierarchy that has it)."""
-    root = "/sys/fs/cgroup"
+    root = CGROUP_ROOT
     rel = path.lstrip("/")
     if os.path.exists(os.path.join(root, "cgroup.controllers")):
         targets = [os.path.join(root, rel)]
@@ -350,7 +350,10 @@ def action_start(flags: Flags, decode_options: DecodeOptions) -> int:
             raise
     except BaseException:
         if not addresses.is_abstract(path):
-            os.unlink(path)  # still listening, so still ours (sockfile's invariants)
+            try:  # never hide the error in flight
+                os.unlink(path)  # still listening, so still ours (sockfile's invariants)
+            except FileNotFoundError:
+                pass
         listener.close()
         raise
     listener.close()

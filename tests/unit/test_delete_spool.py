@@ -64,19 +64,28 @@ def test_the_init_exit_is_found(tmp_path: Path) -> None:
     assert found is not None
     assert (found.pid, found.status, found.exited_at_ns) == (4242, 7, EXITED_AT)
     assert delete.last_status(str(tmp_path), CID, 0) == (4242, 7, EXITED_AT)
-    assert delete.last_status(str(tmp_path), CID, 99) == (99, 7, EXITED_AT)
+    assert delete.last_status(str(tmp_path), CID, 4242) == (4242, 7, EXITED_AT)
+
+
+def test_an_exit_of_an_earlier_container_with_the_same_id_is_not_this_ones(
+        tmp_path: Path) -> None:
+    # A shared shim's spool keeps acknowledged records: the id's earlier init (pid 4242)
+    # exited with 7; this container's init (pid 99, init.pid) left no exit: a kill.
+    publish(tmp_path, ev.TaskStart(container_id=CID, pid=4242), init_exit(7), ack=(1, 2))
+    pid, status, _ = delete.last_status(str(tmp_path), CID, 99)
+    assert (pid, status) == (99, delete.SIGKILL_STATUS)
 
 
 def test_in_the_work_dir(tmp_path: Path) -> None:
     (tmp_path / "work").mkdir()
     publish(tmp_path, init_exit(0))
     assert (tmp_path / "work" / spool.SPOOL_FILE).exists()
-    assert delete.last_status(str(tmp_path), CID, 1)[1] == 0
+    assert delete.last_status(str(tmp_path), CID, 4242)[1] == 0
 
 
 def test_an_acknowledged_exit_is_still_true(tmp_path: Path) -> None:
     publish(tmp_path, ev.TaskStart(container_id=CID, pid=1), init_exit(2), ack=(1,))
-    assert delete.last_status(str(tmp_path), CID, 1)[1] == 2
+    assert delete.last_status(str(tmp_path), CID, 4242)[1] == 2
 
 
 @pytest.mark.parametrize("events", [(), (ev.TaskStart(container_id=CID, pid=1),),
@@ -105,7 +114,7 @@ def test_damage_before_the_exit_costs_nothing(tmp_path: Path) -> None:
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data) + b"garbage")
     publish(tmp_path, init_exit(9))  # appended after the damaged record (a new shim rewrites)
-    assert delete.last_status(str(tmp_path), CID, 1)[1] == 9
+    assert delete.last_status(str(tmp_path), CID, 4242)[1] == 9
 
 
 def test_garbage_spool_is_a_kill(tmp_path: Path) -> None:
@@ -124,7 +133,7 @@ def test_a_shared_shims_spool_beside_the_bundle(tmp_path: Path) -> None:
     publish(stranger, init_exit(5))
     assert delete.last_status(str(mine), CID, 1)[1] == 137
     publish(other, init_exit(6, cid="c2"), init_exit(8))
-    assert delete.last_status(str(mine), CID, 1)[1] == 8
+    assert delete.last_status(str(mine), CID, 4242)[1] == 8
 
 
 def test_the_binary_answers_the_real_status(tmp_path: Path) -> None:

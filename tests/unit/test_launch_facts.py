@@ -86,6 +86,14 @@ def test_parse_mountinfo() -> None:
     ]
 
 
+def test_mountinfo_lines_end_only_at_newlines() -> None:
+    # The kernel escapes space, tab, newline and backslash in paths, not \x0c or U+2028,
+    # which str.splitlines() would also split at.
+    line = "36 35 98:0 / /mnt/a\x0cb\u2028c rw - ext3 /dev/root rw\n"
+    assert [m.mount_point for m in procfs.parse_mountinfo(line)] == ["/mnt/a\x0cb\u2028c"]
+    assert procfs.parse_cgroup("0::/a\x1cb\n") == [("0", "", "/a\x1cb")]
+
+
 def test_read_mountinfo_sees_the_root() -> None:
     assert "/" in {m.mount_point for m in procfs.read_mountinfo()}
 

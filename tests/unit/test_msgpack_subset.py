@@ -67,3 +67,9 @@ def test_a_real_request_round_trips_through_the_servers_decoder() -> None:
                                       argv=["python", "-m", "supervisor.shim"], code="0.1.0+x")
     wire = _msgpack.unpackb(_msgpack.packb(request.to_wire()))
     assert Request.from_wire(wire).to_wire() == request.to_wire()
+
+
+def test_unpackb_reads_the_surrogates_packb_writes() -> None:
+    # os.environ holds undecodable bytes as surrogates; the fork-server request carries it.
+    value = {"env": {"X": b"\xff\xfe".decode("utf-8", "surrogateescape")}}
+    assert _msgpack.unpackb(_msgpack.packb(value)) == value

@@ -189,3 +189,12 @@ def test_a_failed_start_removes_its_socket_not_a_successors(
         assert reachable(successor[0], path), "a failed start removed its successor's socket"
     finally:
         successor[0].close()
+
+
+def test_a_path_too_long_to_claim_is_a_clear_error(tmp_path: Path) -> None:
+    # containerd 2.3's socket_dir may be long: bind's "AF_UNIX path too long" said nothing.
+    path = str(tmp_path / ("d" * 60) / ("s" * 40))
+    with pytest.raises(OSError, match=r"longer than the .* bytes a shim socket may have") as e:
+        sockfile.listen(path)
+    assert e.value.errno == errno.ENAMETOOLONG
+    assert not os.path.exists(path)
