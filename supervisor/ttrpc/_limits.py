@@ -16,12 +16,16 @@ The defaults and why:
   one ``Wait`` per process on its connection and may need to send the ``Kill``
   that ends them: a connection whose parked calls fill this cap is no longer
   read and would deadlock.  Keep it far above the processes one shim serves.
-* :data:`MAX_CONNECTIONS` (64) connections at once; one more is accepted and
-  closed at once (the listener keeps accepting).  containerd keeps 1-2 per
-  shim, the CLI a few short ones.
+* :data:`MAX_CONNECTIONS` (256) connections at once; one more is accepted and
+  closed at once (the listener keeps accepting).  containerd keeps one
+  connection per *task* it runs on this shim -- a pod's containers and a
+  shared shim's group each have their own -- plus short ones from the CLI; a
+  refused connection of containerd's would make it treat that task's shim as
+  dead, so the cap sits far above any pod's container count.
 * Together: at most ``max_connections`` times the per-connection bound, about
-  260 MiB with the defaults, and only for a peer (of our uid) that fills every
-  connection on purpose; containerd's normal load holds kilobytes.
+  1 GiB with the defaults, and only for a peer (of our uid, which could as well
+  kill the shim) that fills every connection on purpose; containerd's normal
+  load holds kilobytes.
 * :data:`FIRST_REQUEST_TIMEOUT` (60 s): a connection that has not sent one
   complete request that long after it was accepted is closed.  containerd
   calls as soon as it connects; a connection that has sent a request is never
@@ -45,7 +49,7 @@ __all__ = [
 
 MAX_BUFFERED_BYTES = 4 << 20
 MAX_CALLS = 1024
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 256
 FIRST_REQUEST_TIMEOUT = 60.0
 
 
