@@ -69,7 +69,7 @@ demo:
 
 # containerd's own suites (../shared/conformance) against this shim; needs Go, ~5 min.
 conformance: venv
-	bash scripts/conformance.sh
+	SERIES=$(SERIES) bash scripts/conformance.sh
 
 # ttrpc round trips per second over one connection.
 bench: venv
