@@ -129,14 +129,6 @@ class Container:
     def all_processes(self) -> list[Process]:
         return [self.init, *self.execs.values()]
 
-    def running_execs(self) -> list[Process]:
-        """Execs started and not exited (:class:`supervisor.exits.ExitOrder` keeps the
-        count the init's TaskExit waits for)."""
-        return [
-            p for p in self.execs.values()
-            if p.state is State.RUNNING and not p.exited.is_set()
-        ]
-
     # --- create / start -------------------------------------------------
 
     async def _launch(
@@ -398,9 +390,6 @@ class Container:
         and the init is deleted only once all are done.
         """
         self.init.check("delete")
-        if self.running_execs():
-            # The pid namespace is gone with init: make sure nothing is left.
-            log.warning("container %s: deleting with execs still running", self.id)
         try:
             await self.runtime.delete(self.id, force=self.init.state is State.CREATED)
         except OCIRuntimeError as e:

@@ -42,7 +42,11 @@ Invariants
   :meth:`reported`, so an init waiting for it waits for the drain too.
 * Delete discards (:meth:`forget`, :meth:`forget_exec`): a held or waiting
   exit of a deleted process is never reported (:meth:`forget` hands back a
-  dropped init exit, so Delete can still tell its status).
+  dropped init exit, so Delete can still tell its status).  An exit already
+  handed out in a :class:`Report` is past discarding: it is *being reported*
+  (:meth:`reporting`) until :meth:`reported`, and Delete waits for that
+  before it forgets the process, so TaskDelete follows the TaskExit and
+  carries its status.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ _Key = tuple[str, str]
 class _Entry:
     announcing: bool = False
     registered: bool = False
-    seen: bool = False  # an exit was accepted (held, waiting or reported)
+    seen: bool = False  # an exit was accepted (held, waiting, or handed out in a Report)
     held: Exit | None = None  # reaped while announcing
     reported: bool = False
 
@@ -156,6 +160,15 @@ class ExitOrder:
         return self._init_if_free(container_id)
 
     # --- what it asks about -------------------------------------------------
+
+    def reporting(self, container_id: str, exec_id: str = "") -> bool:
+        """The process's exit was handed out in a :class:`Report` and its TaskExit
+        is not published yet (:meth:`reported`): Delete must wait for it."""
+        key = (container_id, exec_id)
+        entry = self._entries.get(key)
+        return (entry is not None and entry.seen and entry.held is None
+                and not entry.reported
+                and (exec_id != "" or container_id not in self._waiting))
 
     def running_execs(self, container_id: str) -> list[str]:
         """The execs of the container that the init's TaskExit must come after."""

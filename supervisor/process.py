@@ -22,9 +22,14 @@ does the job again from the start (every step of it may be repeated).
 
 Invariants
 ----------
-* ``exited`` is set exactly once, after the exit status is stored and the
-  process's output is drained; :meth:`Process.wait` answers from the stored
-  status at any time after.
+* ``exited`` is set once (:meth:`Process.set_exited`; the first status
+  wins), after the exit status is stored and the process's output is done
+  with: drained, given up on by the drain rule
+  (:func:`supervisor.io.wait_delivered`), or delivered and closed by Delete.
+  The Task service sets it as it publishes the TaskExit, or, for an init
+  whose exit is never reported (deleted before it ran, or its exit held or
+  waiting), when Delete's container part is done.  :meth:`Process.wait`
+  answers from the stored status at any time after.
 * Only the lifecycle lives here.  When an exit may be reported (TaskStart
   before TaskExit, the init's after its execs') is decided by
   :class:`supervisor.exits.ExitOrder`, which the Task service asks.
@@ -128,7 +133,8 @@ class Process:
         self.state = State.DELETED
 
     def set_exited(self, status: int, when: float | None = None) -> None:
-        """Record the exit (idempotent; the first status wins)."""
+        """Record the exit (idempotent; the first status wins); the output is done with
+        (see the module's Invariants)."""
         if self.exited.is_set():
             return
         if self.state in TRANSITIONS["exit"]:

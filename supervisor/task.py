@@ -20,6 +20,8 @@ in one place -- TaskCreate/TaskStart/TaskExecStarted before that process's
 TaskExit, the init's TaskExit after those of its running execs.  A process's
 TaskExit comes only after its output is drained (bounded by
 :data:`DRAIN_TIMEOUT`, for a process whose children keep its stdout open).
+TaskDelete comes after the process's TaskExit: Delete waits for one under
+way, and drops one not yet released (:meth:`TaskService._delete`).
 
 Groups (``supervisor.group.v1.Group``)
 --------------------------------------
@@ -353,17 +355,29 @@ class TaskService:
     async def _delete(self, container: Container, process: Process) -> api.DeleteResponse:
         """Delete's work.  Cancelled (a dropped connection, a deadline) before the
         container's part returns, it changed nothing a repeated Delete cannot
-        finish (see :mod:`supervisor.process`); what follows that part does not
-        wait, so it is done whole, once."""
+        finish (see :mod:`supervisor.process`); what follows that part is done
+        whole, once: it waits only for a TaskExit already under way
+        (:meth:`_exit_reported`, shielded and short), then does not wait.
+
+        TaskDelete comes after the process's TaskExit, if it gets one, and
+        carries its status: an exit being reported is waited for; a held or
+        waiting one is dropped (:meth:`ExitOrder.forget`, no TaskExit) and its
+        status recorded here."""
         if process.is_init:
+            running = self.order.running_execs(container.id)
+            if running:  # the pid namespace goes with the init: they are killed
+                log.warning("container %s: deleting with execs still running: %s",
+                            container.id, ", ".join(running))
             await container.delete_init()
+            await self._exit_reported(container, process)
             del self.containers[container.id]
             dropped = self.order.forget(container.id)  # never reported now: no TaskExit
             if self.bundle_leaving is not None:
                 self.bundle_leaving(container.bundle,
                                     [c.bundle for c in self.containers.values()])
             if not process.exited.is_set():
-                # Deleted before it ran (or its exit never came, or was held): no TaskExit.
+                # Deleted before it ran (or its exit never came, or was held or waiting):
+                # no TaskExit.  delete_init delivered and closed its output.
                 if dropped is not None:
                     process.set_exited(dropped.status, dropped.timestamp)
                 else:
@@ -379,12 +393,26 @@ class TaskService:
             )
         else:
             await container.delete_exec(process)
+            await self._exit_reported(container, process)
             self._apply(self.order.forget_exec(container.id, process.exec_id))
         return api.DeleteResponse(
             pid=process.pid,
             exit_status=process.exit_status,
             exited_at=timestamp(process.exited_at_ns),
         )
+
+    async def _exit_reported(self, container: Container, process: Process) -> None:
+        """Wait for the TaskExit of an exit being reported (:meth:`_finish_exit`).
+
+        Delete has delivered or closed the process's output by now, so the
+        drain that holds the TaskExit ends at once; shielded, because the
+        process is already deleted and a cancelled Delete could not be
+        repeated.  ``exited`` is set in the same step as the TaskExit is
+        published, so once it is set the TaskExit is out.
+        """
+        if self.order.reporting(container.id, process.exec_id):
+            with trio.CancelScope(shield=True):
+                await process.exited.wait()
 
     async def state(self, r: api.StateRequest) -> api.StateResponse:
         container = await self._container(r.id)

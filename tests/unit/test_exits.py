@@ -158,6 +158,42 @@ def test_delete_while_the_init_waits_discards_it() -> None:
     assert order.reported(C, "e1") == []
 
 
+def test_an_exit_handed_out_is_being_reported_until_reported() -> None:
+    """Delete asks this: an exit past discarding, whose TaskExit it must wait for."""
+    order = ExitOrder()
+    created(order)
+    assert not order.reporting(C)  # no exit yet
+    assert order.exited(INIT) == [InitExited(C), Report(C, "", INIT)]
+    assert order.reporting(C)  # draining its output; TaskExit not out
+    assert order.reported(C) == []
+    assert not order.reporting(C)
+    assert order.forget(C) is None  # reported: nothing dropped, no status to hand back
+
+
+def test_a_held_exit_is_not_being_reported() -> None:
+    order = ExitOrder()
+    created(order)
+    order.announcing(C)  # Start
+    assert order.exited(INIT) == []
+    assert not order.reporting(C)  # held: Delete drops it, no TaskExit
+    assert order.announced(C) == [InitExited(C), Report(C, "", INIT)]
+    assert order.reporting(C)
+
+
+def test_a_waiting_init_exit_is_not_being_reported_until_released() -> None:
+    order = ExitOrder()
+    created(order)
+    exec_started(order, "e1", E1.pid)
+    assert order.exited(INIT) == [InitExited(C)]
+    assert not order.reporting(C)  # waits for e1: Delete drops it, no TaskExit
+    assert order.exited(E1) == [Report(C, "e1", E1)]
+    assert order.reporting(C, "e1") and not order.reporting(C)
+    assert order.reported(C, "e1") == [Report(C, "", INIT)]
+    assert order.reporting(C) and not order.reporting(C, "e1")
+    order.forget_exec(C, "e1")
+    assert not order.reporting(C, "e1")  # forgotten
+
+
 def test_delete_of_a_container_without_an_exit_drops_nothing() -> None:
     order = ExitOrder()
     created(order)

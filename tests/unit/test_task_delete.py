@@ -19,6 +19,7 @@ import trio.testing
 from test_task_exits import EXEC_PIDS, INIT_PID, Harness
 
 from supervisor import errors
+from supervisor.api.events import task_pb2 as api_events
 from supervisor.api.task.v2 import shim_pb2 as api
 from supervisor.process import State
 
@@ -187,3 +188,108 @@ async def test_two_deletes_at_once_finish_once(harness: Harness) -> None:
         output.delivered.set()
     assert sorted(answers) == ["deleted", "not found"]
     assert _deleted(harness) == 1 and "c1" not in harness.service.containers
+
+
+# --- Delete while the exit is being reported (review finding: TaskDelete before TaskExit) ---
+
+
+def _task_delete_status(harness: Harness) -> int:
+    event = next(e for e in harness.outbox.pending if e.topic == "/tasks/delete")
+    return int(api_events.TaskDelete.FromString(event.payload).exit_status)
+
+
+async def _killed_created_init_draining(harness: Harness) -> HeldOutput:
+    """Create c1 (not started), kill its init: its exit is reported, its output held."""
+    await harness.service.create(api.CreateTaskRequest(id="c1", bundle="/nonexistent"))
+    output = HeldOutput()
+    harness.container.init.io = output
+    await _exited(harness, INIT_PID, 137)
+    assert output.waiting == 1  # the exit's drain, before its TaskExit
+    assert harness.events() == ["create"]
+    return output
+
+
+def _delete_init_without_yielding(harness: Harness) -> None:
+    """delete_init that never yields (no rootfs, runc already gone, no io to wait for)."""
+
+    async def delete_init() -> None:
+        harness.container.init.check("delete")
+        harness.container.init.deleted()
+
+    harness.container.delete_init = delete_init  # type: ignore[method-assign]
+
+
+async def test_delete_of_a_killed_created_init_comes_after_its_task_exit(
+        harness: Harness) -> None:
+    output = await _killed_created_init_draining(harness)
+    _delete_init_without_yielding(harness)
+    answers: list[api.DeleteResponse] = []
+
+    async def delete() -> None:
+        answers.append(await harness.service.delete(api.DeleteRequest(id="c1")))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(delete)
+        await trio.testing.wait_all_tasks_blocked()
+        assert _deleted(harness) == 0  # waits for the exit under way
+        output.delivered.set()
+    assert harness.events() == ["create", "exit c1/c1 137", "delete"]
+    assert _task_delete_status(harness) == 137
+    assert answers[0].exit_status == 137
+    assert "c1" not in harness.service.containers
+
+
+async def test_delete_with_runc_of_a_killed_created_init_comes_after_its_task_exit(
+        harness: Harness) -> None:
+    """The real delete_init: it waits for the same output as the exit does."""
+    output = await _killed_created_init_draining(harness)
+    harness.container.runtime.delete = ScriptedRuntimeDelete()  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(harness.service.delete, api.DeleteRequest(id="c1"))
+        await trio.testing.wait_all_tasks_blocked()
+        output.delivered.set()
+    assert harness.events() == ["create", "exit c1/c1 137", "delete"]
+    assert _task_delete_status(harness) == 137 and output.closed
+
+
+async def test_a_delete_cancelled_while_the_task_exit_is_under_way_still_finishes(
+        harness: Harness) -> None:
+    """Past delete_init the init is deleted: a cancelled Delete could not be repeated,
+    so its wait for the TaskExit under way is shielded (and short: the output is closed)."""
+    output = await _killed_created_init_draining(harness)
+    _delete_init_without_yielding(harness)
+    outcome: list[str] = []
+
+    async def delete(scope: trio.CancelScope) -> None:
+        with scope:
+            await harness.service.delete(api.DeleteRequest(id="c1"))
+            outcome.append("finished")
+
+    scope = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(delete, scope)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == []
+        output.delivered.set()
+    assert outcome == ["finished"]
+    assert harness.events() == ["create", "exit c1/c1 137", "delete"]
+    assert "c1" not in harness.service.containers
+
+
+async def test_deleting_a_created_init_warns_of_execs_the_order_counts_running(
+        harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """The running execs are the exit order's (one fact): e1 started in the created
+    container, e2 still inside runc exec."""
+    await harness.service.create(api.CreateTaskRequest(id="c1", bundle="/nonexistent"))
+    await harness.exec("e1")
+    harness.container.runtime.delete = ScriptedRuntimeDelete()  # type: ignore[method-assign]
+
+    async def delete_inside_runc_exec() -> None:
+        await harness.service.delete(api.DeleteRequest(id="c1"))
+
+    harness.container.during_exec = delete_inside_runc_exec
+    with caplog.at_level("WARNING", logger="supervisor.task"):
+        await harness.exec("e2")  # (the scripted runc exec succeeds all the same)
+    assert "deleting with execs still running: e1, e2" in caplog.text
