@@ -8,7 +8,14 @@ import time
 from pathlib import Path
 
 import psutil
-from harness import Containerd, mounts_below, shims_for, wait_for, zombies_of
+from harness import (
+    Containerd,
+    containerd_series,
+    mounts_below,
+    shims_for,
+    wait_for,
+    zombies_of,
+)
 
 
 def forwarded(c: Containerd, topic: str, since: int) -> list[str]:
@@ -47,6 +54,31 @@ def test_exit_during_30s_outage_reaches_containerd(containerd: Containerd,
     assert c.tasks()["outage"][1] == "STOPPED"
     c.ctr("task", "delete", "outage")
     wait_for(lambda: forwarded(c, "/tasks/delete", since), 10, message="/tasks/delete")
+
+
+def test_exit_status_survives_a_containerd_restart_on_every_series(
+        containerd: Containerd, busybox_rootfs: Path) -> None:
+    """The same contract on 1.6, 1.7 and 2.1 (``$SUPERVISOR_TEST_CONTAINERD``): a container
+    that exits while containerd is down keeps its task and its own status.
+
+    From 1.7 on, containerd's restart deletes a loaded task whose ``Pids`` answer is empty
+    ("cleaning leaked shim process"); our ``Pids`` keeps the exited init until Delete.
+    """
+    c = containerd
+    c.run("down7", "sh", "-c", "sleep 2; exit 7", rootfs=busybox_rootfs, detach=True)
+    pid, _ = c.tasks()["down7"]
+    c.kill9()
+    wait_for(lambda: not psutil.pid_exists(pid) or
+             psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 15, message="the exit")
+    since = c.log_offset()
+    c.start()
+    assert "cleaning leaked shim process" not in c.log_text(since), containerd_series()
+    assert c.tasks()["down7"] == (pid, "STOPPED")
+    wait_for(lambda: forwarded(c, "/tasks/exit", since), 10,
+             message="containerd to accept the /tasks/exit held during the outage")
+    r = c.ctr("task", "delete", "down7", check=False)
+    assert r.returncode == 7, (containerd_series(), r)
+    assert "down7" not in c.tasks()
 
 
 def test_restart_recovery_running_paused_exited(containerd: Containerd,
