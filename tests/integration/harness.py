@@ -116,6 +116,12 @@ def series_at_least(version: str) -> bool:
     return key(containerd_series()) >= key(version)
 
 
+def daemon_log_level() -> str:
+    """containerd's log level: tests read its ``event forwarded`` lines (topic, ns), which
+    1.6 logs at debug and 1.7 and later only at trace."""
+    return "trace" if series_at_least("1.7") else "debug"
+
+
 _BIN_DIRS: dict[str, Path | None] = {}
 
 
@@ -501,7 +507,7 @@ class Containerd:
             "\n[grpc]\n"
             f"  address = {json.dumps(self.address)}\n"
             "\n[debug]\n"
-            '  level = "debug"\n'
+            f"  level = {json.dumps(daemon_log_level())}\n"
             f"\n{extra}\n"
         )
 

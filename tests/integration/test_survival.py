@@ -76,8 +76,9 @@ def test_exit_status_survives_a_containerd_restart_on_every_series(
     assert c.tasks()["down7"] == (pid, "STOPPED")
     wait_for(lambda: forwarded(c, "/tasks/exit", since), 10,
              message="containerd to accept the /tasks/exit held during the outage")
-    r = c.ctr("task", "delete", "down7", check=False)
-    assert r.returncode == 7, (containerd_series(), r)
+    r = c.ctr("task", "delete", "down7")  # ctr warns of the code and exits 0 (1.6 to 2.1)
+    assert 'msg="task down7 exit with non-zero exit code 7"' in r.stderr, (
+        containerd_series(), r.stderr)
     assert "down7" not in c.tasks()
 
 
