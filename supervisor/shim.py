@@ -202,8 +202,26 @@ def can_connect(path: str) -> bool:
 
 
 def new_listener(path: str) -> _socket.socket:
-    if not path.startswith("\0"):
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    """A socket listening on ``path``; EADDRINUSE if something is there.
+
+    Bound and made to listen under the socket directory's lock (as :func:`replace_stale`
+    works): between ``bind`` and ``listen`` a connect is refused as if the socket were
+    dead, and a concurrent ``start`` must not take it for stale and replace it.
+    """
+    if path.startswith("\0"):
+        return _bind_listen(path)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    import fcntl
+
+    fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _bind_listen(path)
+    finally:
+        os.close(fd)
+
+
+def _bind_listen(path: str) -> _socket.socket:
     s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         s.bind(path)
@@ -404,10 +422,10 @@ def replace_stale(path: str) -> _socket.socket | None:
         except FileNotFoundError:
             pass  # its shim removed it meanwhile
         try:
-            return new_listener(path)
+            return _bind_listen(path)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                return None  # a start that needed no lock bound it first
+                return None  # a start bound it first
             raise
     finally:
         os.close(fd)
