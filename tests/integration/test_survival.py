@@ -12,6 +12,8 @@ from harness import (
     Containerd,
     containerd_series,
     mounts_below,
+    pid_alive,
+    series_at_least,
     shims_for,
     wait_for,
     zombies_of,
@@ -165,3 +167,37 @@ def test_file_log_keeps_flowing_while_containerd_is_down(
     assert numbers == list(range(1, len(numbers) + 1)), "a line was lost or reordered"
     [shim] = shims_for(c)
     assert zombies_of(shim) == []
+
+
+def test_a_shim_whose_create_never_happened_is_cleaned_up_as_each_series_intends(
+        containerd: Containerd, busybox_rootfs_template: Path) -> None:
+    """A shim ``start``ed for a container whose Create never came (containerd died
+    between the two). 1.7 and later delete it at restart ("cleaning leaked shim process",
+    because its ``Pids`` answers NotFound); 1.6 has no such cleanup and keeps it loaded."""
+    from shim_driver import ShimDriver  # noqa: PLC0415 - imports protobuf
+
+    c = containerd
+    c.ctr("containers", "create", "--runtime", c.runtime, "--rootfs",
+          str(busybox_rootfs_template), "leak", "sleep", "1000")
+    # As containerd leaves it before Create: config.json and an (unmounted) rootfs dir.
+    bundle = c.state / "io.containerd.runtime.v2.task" / c.namespace / "leak"
+    (bundle / "rootfs").mkdir(parents=True)
+    (bundle / "config.json").write_text("{}")
+    shim = ShimDriver(c, "leak", bundle)
+    try:
+        shim.start()
+        pid = wait_for(shim.pid, 10, message="the shim")
+        c.kill9()
+        since = c.log_offset()
+        c.start()
+        if series_at_least("1.7"):
+            wait_for(lambda: "cleaning leaked shim process" in c.log_text(since), 10,
+                     message="containerd to clean the leaked shim up")
+            wait_for(lambda: not pid_alive(pid), 15, message="the leaked shim to exit")
+            wait_for(lambda: not bundle.exists(), 10, message="its bundle to be removed")
+        else:
+            assert "cleaning leaked shim process" not in c.log_text(since)
+            assert pid_alive(pid)
+        assert "leak" not in c.tasks()
+    finally:
+        shim.cleanup()
