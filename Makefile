@@ -9,7 +9,13 @@ BASE_PYTHON := $(shell sh scripts/best-python $(PYTHON))
 PY     := $(VENV)/bin/python
 PROTO_SRC := $(shell find supervisor/api -name '*.proto')
 
-.PHONY: FORCE all venv bytecode deps lint test unit integration proto demo conformance bench clean
+# The containerd series `make test` runs the integration tests on besides the system's (1.6);
+# each is fetched once by ../shared/conformance/fetch-containerd.sh (cached under /tmp).
+# SERIES (no default) picks one for `make test-containerd` and `make conformance`.
+TEST_SERIES ?= 2.1
+FETCH_CONTAINERD := ../shared/conformance/fetch-containerd.sh
+
+.PHONY: FORCE all venv bytecode deps lint test unit integration test-containerd proto demo conformance bench clean
 
 all: test
 
@@ -49,15 +55,25 @@ lint: venv
 	$(VENV)/bin/mypy
 
 # The whole suite: lint, types, unit tests and the integration tests against a
-# private containerd (root). Long chaos/soak runs need `PYTEST_ARGS=--long`.
+# private containerd (root), the system's (1.6); then the integration tests again on
+# containerd $(TEST_SERIES) (SUPERVISOR_TEST_CONTAINERD, see tests/integration/harness.py).
+# Long chaos/soak runs need `PYTEST_ARGS=--long`.
 test: venv bytecode deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+	bash $(FETCH_CONTAINERD) $(TEST_SERIES) >/dev/null
+	SUPERVISOR_TEST_CONTAINERD=$(TEST_SERIES) $(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 integration: venv deps
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+# Integration, CRI and chaos tests on one containerd series: `make test-containerd SERIES=1.7`.
+test-containerd: venv bytecode deps
+	@test -n "$(SERIES)" || { echo "make test-containerd SERIES=1.6|1.7|2.1" >&2; exit 2; }
+	bash $(FETCH_CONTAINERD) $(SERIES) >/dev/null
+	SUPERVISOR_TEST_CONTAINERD=$(SERIES) $(PY) -m pytest tests/integration tests/cri tests/chaos $(PYTEST_ARGS)
 
 # Regenerate the checked-in protobuf modules from our own .proto files.
 proto: venv

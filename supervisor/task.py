@@ -434,10 +434,29 @@ class TaskService:
         return response
 
     async def pids(self, r: api.PidsRequest) -> api.PidsResponse:
+        """The container's processes as the runtime lists them, and always its init.
+
+        From Create to Delete the init's pid is in the answer, also once it has exited
+        (the runtime then lists nothing): containerd 1.7 and later, when they restart,
+        delete every loaded task whose ``Pids`` answer is empty ("cleaning leaked shim
+        process", meant for shims whose Create never happened), and a container that
+        exited while containerd was down would lose its exit status with its task.  A
+        container that was never created still answers NotFound, so such a shim is
+        still cleaned up.
+        """
         container = await self._container(r.id)
+        init = container.init
+        try:
+            listed = await container.pids()
+        except OCIRuntimeError:
+            if not init.exited.is_set():
+                raise
+            listed = []  # the runtime may know nothing of a stopped container any more
+        if init.pid and init.pid not in listed:
+            listed.insert(0, init.pid)
         by_pid = {p.pid: p for p in container.execs.values() if p.pid}
         response = api.PidsResponse()
-        for pid in await container.pids():
+        for pid in listed:
             info = response.processes.add(pid=pid)
             exec_process = by_pid.get(pid)
             if exec_process is not None:

@@ -1,11 +1,17 @@
 """Suite-wide: ``--long`` runs the long chaos and soak forms; each test's phase reports are
-kept on the item, so fixtures can tell whether their test failed (:func:`test_failed`)."""
+kept on the item, so fixtures can tell whether their test failed (:func:`test_failed`);
+the header names the containerd series the real-containerd tests run on
+(``$SUPERVISOR_TEST_CONTAINERD``, see tests/integration/harness.py)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 REPORT_ATTR = "_sv_rep_"
 
@@ -15,6 +21,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     rep = yield
     setattr(item, REPORT_ATTR + rep.when, rep)
     return rep
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if str(INTEGRATION) not in sys.path:
+        sys.path.insert(0, str(INTEGRATION))
+    import harness  # noqa: PLC0415 - tests/integration is not importable before this
+
+    return harness.series_header()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

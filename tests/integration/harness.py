@@ -1,4 +1,9 @@
-"""Drive a real, private containerd 1.6 for the integration tests, the demo and scripts.
+"""Drive a real, private containerd for the integration tests, the demo and scripts.
+
+Which containerd: the system's (1.6) by default; ``$SUPERVISOR_TEST_CONTAINERD`` names
+another series (``1.7``, ``2.1``), fetched (once, cached under /tmp/peer-suite) by
+``../shared/conformance/fetch-containerd.sh`` and put first on the PATH the harness finds
+``containerd`` and ``ctr`` on (see :func:`containerd_series`, :func:`containerd_bin_dir`).
 
 Everything here is plain, blocking Python (subprocess + psutil) so that it can be used from
 pytest fixtures, from async tests (via ``Containerd.actr`` or ``trio.to_thread``) and from
@@ -50,6 +55,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RUNTIME = "io.containerd.supervisor.v2"
 GO_RUNTIME = "io.containerd.runc.v2"
 RUNTIME_ENV = "SUPERVISOR_TEST_RUNTIME"
+SERIES_ENV = "SUPERVISOR_TEST_CONTAINERD"
+SYSTEM_SERIES = "1.6"
+FETCH_SCRIPT = REPO_ROOT.parent / "shared" / "conformance" / "fetch-containerd.sh"
 RUNC_STATE_ROOT = Path("/run/containerd/runc")
 GO_SHIM_SOCKET_DIR = Path("/run/containerd/s")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -93,6 +101,63 @@ def default_runtime() -> str:
     return os.environ.get(RUNTIME_ENV) or DEFAULT_RUNTIME
 
 
+def containerd_series() -> str:
+    """The containerd series under test: ``$SUPERVISOR_TEST_CONTAINERD`` or the system's.
+
+    A test whose contract differs by series asks this (e.g. ``series_at_least("1.7")``).
+    """
+    return os.environ.get(SERIES_ENV) or SYSTEM_SERIES
+
+
+def series_at_least(version: str) -> bool:
+    """Whether the series under test is ``version`` or later (``"1.7"``, ``"2.1"``)."""
+
+    def key(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in v.split("."))
+
+    return key(containerd_series()) >= key(version)
+
+
+def daemon_log_level() -> str:
+    """containerd's log level: tests read its ``event forwarded`` lines (topic, ns), which
+    1.6 logs at debug and 1.7 and later only at trace."""
+    return "trace" if series_at_least("1.7") else "debug"
+
+
+_BIN_DIRS: dict[str, Path | None] = {}
+
+
+def containerd_bin_dir() -> Path | None:
+    """The fetched bin dir (containerd, ctr, containerd-shim-runc-v2) of the series under
+    test, or None for the system's. Fetched once per process by the fetch script (which
+    itself caches); a failure raises :class:`HarnessError`, never a silent skip."""
+    series = containerd_series()
+    if series == SYSTEM_SERIES:
+        return None
+    if series not in _BIN_DIRS:
+        if not FETCH_SCRIPT.exists():
+            raise HarnessError(f"{SERIES_ENV}={series}: no {FETCH_SCRIPT}")
+        r = subprocess.run(["bash", str(FETCH_SCRIPT), series], capture_output=True,
+                           text=True, check=False, timeout=600)
+        lines = r.stdout.split()
+        found = Path(lines[-1]) if r.returncode == 0 and lines else None
+        if found is None or not (found / "containerd").is_file():
+            raise HarnessError(f"{SERIES_ENV}={series}: {FETCH_SCRIPT} failed "
+                               f"({r.returncode}):\n{r.stderr[-2000:]}")
+        _BIN_DIRS[series] = found
+    return _BIN_DIRS[series]
+
+
+def series_header() -> str:
+    """One line for pytest's header: the series, its containerd binary and version."""
+    try:
+        binary = _which("containerd")
+    except HarnessError as e:
+        return f"containerd series {containerd_series()}: {e}"
+    r = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    return f"containerd series {containerd_series()}: {binary}: {r.stdout.strip()}"
+
+
 def shim_bin_dirs() -> list[Path]:
     """Directories to put first on containerd's PATH so it finds our shim.
 
@@ -121,6 +186,7 @@ def mark_real_containerd_tests(items: Iterable[Any], here: Path) -> None:
     skipped, with the reason, where the real containerd cannot run."""
     import pytest  # noqa: PLC0415 - harness.py is also used outside pytest
 
+    containerd_bin_dir()  # a series that cannot be fetched is an error, not a skip
     why = missing_requirements()
     for item in items:
         if not Path(item.path).resolve().is_relative_to(here):
@@ -140,7 +206,10 @@ test_failed.__test__ = False  # type: ignore[attr-defined]  # not a test: pytest
 
 
 def _search_path() -> str:
-    return os.environ.get("PATH", "") + os.pathsep + DEFAULT_PATH
+    """Where ``containerd``, ``ctr`` and ``runc`` are looked for: the series' bin dir first."""
+    fetched = containerd_bin_dir()
+    first = [str(fetched)] if fetched is not None else []
+    return os.pathsep.join([*first, os.environ.get("PATH", ""), DEFAULT_PATH])
 
 
 def _which(tool: str) -> str:
@@ -424,14 +493,15 @@ class Containerd:
             "\n[grpc]\n"
             f"  address = {json.dumps(self.address)}\n"
             "\n[debug]\n"
-            '  level = "debug"\n'
+            f"  level = {json.dumps(daemon_log_level())}\n"
             f"\n{extra}\n"
         )
 
     def env(self) -> dict[str, str]:
         """Environment for containerd (and so for the shims it starts)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONTAINERD_")}
-        path = [str(d) for d in shim_bin_dirs()] + [env.get("PATH", ""), DEFAULT_PATH]
+        # Our shim first; then the series' own bin dir (its containerd-shim-runc-v2).
+        path = [str(d) for d in shim_bin_dirs()] + [_search_path()]
         env["PATH"] = os.pathsep.join(p for p in path if p)
         env[forkclient.SOCKET_ENV] = self.forkserver_socket
         env.update(self.extra_env)

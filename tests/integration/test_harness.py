@@ -28,6 +28,8 @@ from harness import (
     OciImageTar,
     cgroup_mountpoints,
     cleanup_dir,
+    containerd_bin_dir,
+    containerd_series,
     go_shim_socket,
     mounts_below,
     pid_alive,
@@ -260,3 +262,19 @@ def test_cleanup_dir_after_crash(busybox_rootfs: Path) -> None:
     finally:
         cleanup_dir(base)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_daemon_and_ctr_are_the_series_under_test(containerd: Containerd) -> None:
+    """``$SUPERVISOR_TEST_CONTAINERD`` (or the system's 1.6) is what really runs."""
+    series = containerd_series()
+    fetched = containerd_bin_dir()
+    assert containerd.pid is not None
+    exe = Path(psutil.Process(containerd.pid).exe())
+    if fetched is not None:
+        assert exe.parent == fetched
+        assert Path(containerd.ctr_argv()[0]).parent == fetched
+    out = containerd.ctr("version").stdout
+    server = out.split("Server:", 1)[1]
+    version = next(ln.split(":", 1)[1].strip() for ln in server.splitlines()
+                   if ln.strip().startswith("Version:"))
+    assert version.startswith(series + "."), (series, out)

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
-from harness import Containerd, mounts_below, shims_for, wait_for, zombies_of
+from harness import (
+    Containerd,
+    containerd_series,
+    mounts_below,
+    pid_alive,
+    series_at_least,
+    shims_for,
+    wait_for,
+    zombies_of,
+)
 
 from supervisor.launch.address import socket_path
 
@@ -49,6 +59,32 @@ def test_exit_during_30s_outage_reaches_containerd(containerd: Containerd,
     assert c.tasks()["outage"][1] == "STOPPED"
     c.ctr("task", "delete", "outage")
     wait_for(lambda: forwarded(c, "/tasks/delete", since), 10, message="/tasks/delete")
+
+
+def test_exit_status_survives_a_containerd_restart_on_every_series(
+        containerd: Containerd, busybox_rootfs: Path) -> None:
+    """The same contract on 1.6, 1.7 and 2.1 (``$SUPERVISOR_TEST_CONTAINERD``): a container
+    that exits while containerd is down keeps its task and its own status.
+
+    From 1.7 on, containerd's restart deletes a loaded task whose ``Pids`` answer is empty
+    ("cleaning leaked shim process"); our ``Pids`` keeps the exited init until Delete.
+    """
+    c = containerd
+    c.run("down7", "sh", "-c", "sleep 2; exit 7", rootfs=busybox_rootfs, detach=True)
+    pid, _ = c.tasks()["down7"]
+    c.kill9()
+    wait_for(lambda: not psutil.pid_exists(pid) or
+             psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 15, message="the exit")
+    since = c.log_offset()
+    c.start()
+    assert "cleaning leaked shim process" not in c.log_text(since), containerd_series()
+    assert c.tasks()["down7"] == (pid, "STOPPED")
+    wait_for(lambda: forwarded(c, "/tasks/exit", since), 10,
+             message="containerd to accept the /tasks/exit held during the outage")
+    r = c.ctr("task", "delete", "down7")  # ctr warns of the code and exits 0 (1.6 to 2.1)
+    assert 'msg="task down7 exit with non-zero exit code 7"' in r.stderr, (
+        containerd_series(), r.stderr)
+    assert "down7" not in c.tasks()
 
 
 def test_restart_recovery_running_paused_exited(containerd: Containerd,
@@ -134,3 +170,42 @@ def test_file_log_keeps_flowing_while_containerd_is_down(
     assert numbers == list(range(1, len(numbers) + 1)), "a line was lost or reordered"
     [shim] = shims_for(c)
     assert zombies_of(shim) == []
+
+
+def test_a_shim_whose_create_never_happened_is_cleaned_up_as_each_series_intends(
+        containerd: Containerd, busybox_rootfs_template: Path) -> None:
+    """A shim ``start``ed for a container whose Create never came (containerd died
+    between the two). 1.7 and later delete it at restart ("cleaning leaked shim process",
+    because its ``Pids`` answers NotFound); 1.6 has no such cleanup and keeps it loaded."""
+    from shim_driver import ShimDriver  # noqa: PLC0415 - imports protobuf
+
+    c = containerd
+    c.ctr("containers", "create", "--runtime", c.runtime, "--rootfs",
+          str(busybox_rootfs_template), "leak", "sleep", "1000")
+    # As containerd leaves it before Create: config.json and an (unmounted) rootfs dir.
+    bundle = c.state / "io.containerd.runtime.v2.task" / c.namespace / "leak"
+    (bundle / "rootfs").mkdir(parents=True)
+    (bundle / "config.json").write_text("{}")
+    shim = ShimDriver(c, "leak", bundle)
+    try:
+        shim.start()
+        pid = wait_for(shim.pid, 10, message="the shim")
+        c.kill9()
+        since = c.log_offset()
+        c.start()
+        if series_at_least("1.7"):
+            wait_for(lambda: "cleaning leaked shim process" in c.log_text(since), 10,
+                     message="containerd to clean the leaked shim up")
+            wait_for(lambda: not pid_alive(pid), 15, message="the leaked shim to exit")
+            wait_for(lambda: not bundle.exists(), 10, message="its bundle to be removed")
+        else:
+            assert "cleaning leaked shim process" not in c.log_text(since)
+            assert pid_alive(pid)
+            # 1.6 loaded it: killed, it is cleaned up after as a dead shim (bundle too).
+            psutil.Process(pid).kill()
+            wait_for(lambda: not bundle.exists(), 15, message="1.6 to clean up the dead shim")
+        assert "leak" not in c.tasks()
+    finally:
+        if bundle.exists():  # a failure above; containerd may be cleaning up meanwhile
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                shim.cleanup()

@@ -43,6 +43,12 @@ SHIM_SUMMARY_KEYS = {"address", "reachable", "error", "pid", "namespaces", "cont
                      "pending_events"}
 
 
+@pytest.fixture(autouse=True)
+def _no_machine_forkserver(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``ls`` shows the fork server; not the machine's (a conformance run may leave one)."""
+    monkeypatch.setenv("SUPERVISOR_FORKSERVER", str(tmp_path / "no-forkserver.sock"))
+
+
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
     # AF_UNIX paths are limited to 108 bytes: keep sockets out of pytest's deep tmp_path.
@@ -183,7 +189,9 @@ async def test_ls_table_and_json(short_dir: Path, nursery: trio.Nursery) -> None
     bundle(state, "ns1", "dead", f"unix://{short_dir}/gone")
     bundle(state, "ns2", "new", None)
     out = io.StringIO()
-    code = await cli.cmd_ls(args("ls", "--state-dir", str(state)), out)
+    # Not the machine's fork server (a conformance run may have left one on the default path).
+    nofs = str(short_dir / "no-forkserver.sock")
+    code = await cli.cmd_ls(args("ls", "--state-dir", str(state), "--forkserver", nofs), out)
     assert code == cli.EXIT_FAILED  # some shims are unreachable
     assert calls == ["Shim"]  # the shared shim was asked once
     lines = out.getvalue().splitlines()
@@ -195,7 +203,8 @@ async def test_ls_table_and_json(short_dir: Path, nursery: trio.Nursery) -> None
     assert rows["new"][3] == "UNREACHABLE" and "no address file" in lines[4]
 
     out = io.StringIO()
-    code = await cli.cmd_ls(args("ls", "--state-dir", str(state), "-n", "ns1", "--json"), out)
+    code = await cli.cmd_ls(args("ls", "--state-dir", str(state), "-n", "ns1", "--json",
+                                 "--forkserver", nofs), out)
     doc = json.loads(out.getvalue())
     assert set(doc) == {"containers", "shims", "forkserver"}
     assert all(set(r) == ROW_KEYS for r in doc["containers"])
