@@ -633,36 +633,29 @@ def preload(log: logging.Logger) -> None:
 
 
 def bind(path: str) -> socket.socket:
-    """The server's socket at ``path``, 0600; a stale socket is replaced, a live one is not.
+    """The server's listening socket at ``path``, 0600; a stale socket is replaced, a live
+    one is not (OSError EADDRINUSE).
 
-    A missing directory is made 0700 (an existing one is left as it is).
+    Claimed as a shim's socket is (:mod:`supervisor.launch.sockfile`, with
+    ``SOCK_SEQPACKET``): bound at a private name, listening, then linked into
+    place, so a client never finds the file refusing connections while a
+    server starts.  The file there is replaced only when a connect to it is
+    refused (a probe bounded by :data:`~supervisor.launch.sockfile.PROBE_TIMEOUT`,
+    under the directory's lock): a busy server, or a socket of another kind, is
+    left alone.  A missing directory is made 0700.
     """
-    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-    sock = socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    kind = _socket.SOCK_SEQPACKET
     try:
-        old_umask = os.umask(0o177)
-        try:
-            try:
-                sock.bind(path)
-            except OSError as e:
-                probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-                try:
-                    probe.connect(path)
-                except OSError:
-                    os.unlink(path)  # nobody serves it: stale
-                else:
-                    raise OSError(e.errno, f"a fork server already serves {path}") from None
-                finally:
-                    probe.close()
-                sock.bind(path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o600)
-        sock.listen(64)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+        raw = sockfile.listen(path, kind)
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        replaced = sockfile.replace_stale(path, kind)
+        if replaced is None:
+            raise OSError(errno.EADDRINUSE, f"a fork server already serves {path} "
+                                            "(or something else listens there)") from None
+        raw = replaced
+    return socket.socket(fileno=raw.detach())
 
 
 class _Stop(BaseException):

@@ -56,8 +56,16 @@ class Server:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-c", SERVER_CODE, "--socket",
                                           self.socket, "--debug"], stdout=log, stderr=log)
-        wait_for(lambda: os.path.exists(self.socket) or self.proc.poll() is not None)
+        # Until it answers, not until its file exists: a test may connect at once.
+        wait_for(lambda: self.answers() or self.proc.poll() is not None)
         assert self.proc.poll() is None, self.log.read_text()
+
+    def answers(self) -> bool:
+        try:
+            forkclient.status(self.socket)
+        except (ForkServerError, OSError):
+            return False
+        return True
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -340,6 +348,75 @@ def test_bind_replaces_a_stale_socket_and_refuses_a_live_one(server: Server) -> 
         with forkserver.bind(path) as live:
             assert live.type == socket.SOCK_SEQPACKET
             assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_bind_publishes_the_socket_only_once_it_listens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Whenever the path exists while bind works, a connect to it must succeed: a refused
+    # one would send a client cold and let a second server take the file for stale.
+    with tempfile.TemporaryDirectory(prefix="sv-b-", dir="/tmp") as d:
+        path = os.path.join(d, "s.sock")
+        seen: list[str] = []
+
+        def check(when: str) -> None:
+            if os.path.lexists(path):
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                with probe:
+                    try:
+                        probe.connect(path)
+                    except OSError as e:
+                        seen.append(f"{when}: {e}")
+
+        def spy(name: str) -> Callable[..., Any]:
+            real = getattr(os, name)
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                check(f"before {name}")
+                result = real(*args, **kwargs)
+                check(f"after {name}")
+                return result
+            return call
+
+        for name in ("chmod", "link", "unlink", "rename"):
+            monkeypatch.setattr(os, name, spy(name))
+        with forkserver.bind(path):
+            monkeypatch.undo()
+            check("bound")
+        assert seen == []
+
+
+def test_bind_replaces_only_a_refusing_socket() -> None:
+    # Only ECONNREFUSED means stale; a listener of another kind (EPROTOTYPE) or one
+    # whose backlog is full (EAGAIN) stays, and the probe does not wait for it.
+    with tempfile.TemporaryDirectory(prefix="sv-b-", dir="/tmp") as d:
+        path = os.path.join(d, "s.sock")
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with other:
+            other.bind(path)
+            other.listen(1)
+            with pytest.raises(OSError, match="already serves"):
+                forkserver.bind(path)
+            assert os.path.exists(path)
+        os.unlink(path)
+        full = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        clients: list[socket.socket] = []
+        with full:
+            full.bind(path)
+            full.listen(0)
+            try:
+                while True:  # fill its backlog
+                    c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    clients.append(c)
+                    c.setblocking(False)
+                    c.connect(path)
+            except BlockingIOError:
+                pass
+            finally:
+                for c in clients:
+                    c.close()
+            with pytest.raises(OSError, match="already serves"):
+                forkserver.bind(path)
+            assert os.path.exists(path)
 
 
 def test_sigterm_removes_the_socket() -> None:
