@@ -77,8 +77,12 @@ Invariants
   version: a client that passes the peer checks makes it retire, one that
   does not is refused (its files are not necessarily this server's).
 * The server runs no trio, starts no threads (fork safety), handles one
-  connection at a time with every read bounded by :data:`REQUEST_TIMEOUT`,
-  answers a bad request with an error and keeps serving.  No child ever
+  connection at a time with every read and write of it bounded by
+  :data:`REQUEST_TIMEOUT` (the shim's report by :data:`SETUP_TIMEOUT`, the
+  stale-socket probe at start-up by
+  :data:`~supervisor.launch.sockfile.PROBE_TIMEOUT`), answers a bad request
+  with an error and keeps serving, and outlives a failed ``accept`` (out of
+  fds, a reset connection).  No child ever
   returns into the server's code: every child path ends in ``os._exit``.
 * Both sides speak one codec, :mod:`supervisor.launch._msgpack` (it reads
   all it writes); the msgpack package is not used.
@@ -134,6 +138,10 @@ GO_FD = 5  # transient in the shim: the go pipe
 # gc.freeze() is the point of the fork server.
 PRELOAD = ("supervisor.shimlog", "supervisor.options", "encodings.ascii")
 EXIT_SETUP_FAILED = 121
+#: errnos of a failed ``accept`` the server outlives (see :meth:`ForkServer.serve_forever`).
+ACCEPT_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                              errno.ECONNABORTED, errno.EPROTO, errno.EINTR})
+ACCEPT_PAUSE = 0.1  # seconds before accepting again after a transient failure
 
 
 # --------------------------------------------------------------------------- identity
@@ -442,8 +450,22 @@ class ForkServer:
         self.pinned = pinned
 
     def serve_forever(self) -> None:
+        """Accept and handle one connection at a time until retired.
+
+        A failed ``accept`` that can pass (:data:`ACCEPT_TRANSIENT`: out of
+        fds or memory, a connection reset in the backlog) is logged and
+        retried after :data:`ACCEPT_PAUSE`, so that the server outlives it
+        without spinning; any other error ends it.
+        """
         while not self.retired:
-            conn, _ = self.sock.accept()
+            try:
+                conn, _ = self.sock.accept()
+            except OSError as e:
+                if e.errno not in ACCEPT_TRANSIENT:
+                    raise
+                self.log.warning("accept failed: %s; retrying", e)
+                time.sleep(ACCEPT_PAUSE)
+                continue
             try:
                 self.handle(conn)
             except Exception:

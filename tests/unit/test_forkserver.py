@@ -8,7 +8,9 @@ daemons on listeners bound here; they are ended with ``Shutdown`` or by pid.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import signal
 import socket
@@ -18,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import psutil
@@ -568,3 +570,36 @@ def test_client_with_no_new_privs_alone_is_refused(server: Server, bundle: Path)
     answer = attack(server, bundle, ["setpriv", "--no-new-privs"])
     assert "pid" not in answer
     assert "NoNewPrivs" in answer["error"]
+
+
+class FailingAccepts:
+    """A listening socket whose ``accept`` fails as scripted, then retires the server."""
+
+    def __init__(self, errors: list[int]) -> None:
+        self.errors = errors
+        self.server: forkserver.ForkServer | None = None
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.errors:
+            code = self.errors.pop(0)
+            raise OSError(code, os.strerror(code))
+        assert self.server is not None
+        self.server.retired = True
+        raise OSError(errno.ECONNABORTED, "the last one")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failed_accept_does_not_end_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FailingAccepts([errno.EMFILE, errno.ENFILE, errno.ECONNABORTED])
+    server = forkserver.ForkServer(cast(socket.socket, fake), logging.getLogger("test"))
+    fake.server = server
+    pauses: list[float] = []
+    monkeypatch.setattr(forkserver.time, "sleep", pauses.append)
+    server.serve_forever()  # returns once retired: every failure was outlived
+    assert len(pauses) == 4 and all(p > 0 for p in pauses)  # paused: no busy loop
+    fake = FailingAccepts([errno.EBADF])  # not transient: the listener is gone
+    server = forkserver.ForkServer(cast(socket.socket, fake), logging.getLogger("test"))
+    with pytest.raises(OSError):
+        server.serve_forever()
