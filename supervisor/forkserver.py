@@ -124,6 +124,8 @@ from supervisor.launch.forkclient import (
     ForkServerError,
     Request,
     code_identity,
+    open_beside,
+    open_folder,
     recv_fds,
     send_fds,
     sibling,
@@ -697,8 +699,11 @@ def take_lock(path: str, lock_fd: int | None, log: logging.Logger) -> int:
     holds it: an on-demand server of the same socket serves meanwhile.
     """
     if lock_fd is None:
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        lock_fd = os.open(sibling(path, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        folder = open_folder(path)  # PermissionError for a directory others may write
+        try:
+            lock_fd = open_beside(folder, path, ".lock", os.O_RDWR | os.O_CREAT)
+        finally:
+            os.close(folder)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
