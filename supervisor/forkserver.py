@@ -69,7 +69,8 @@ Invariants
   namespaces (and those its children would be born in), root directory,
   credentials, capabilities, no_new_privs, seccomp and LSM label as the
   client.  The client's side of that comparison is what the kernel says about
-  the connected process (:func:`peer_identity`), never what the client says;
+  the connected process, every thread of it (:func:`peer_identity`), never
+  what the client says;
   a refusal names what differs, never a value of the server's.  Anything else
   is copied from the client (see above), which the same credentials let it set
   itself; cgroups and the OOM score are set by ``start`` on the returned pid.
@@ -163,14 +164,46 @@ SO_PEERPIDFD = getattr(_socket, "SO_PEERPIDFD", 77)
 _ABSENT = (errno.ENOENT, errno.EINVAL, errno.EOPNOTSUPP)
 
 
+#: The value of a key on which the threads of one process differ (never a thread's value).
+THREADS_DIFFER = "differs between threads"
+
+
 def identity(proc: str = "/proc/self") -> dict[str, object]:
     """What a forked shim cannot take from its client, of the process at ``proc``.
 
     Namespaces, root directory, credentials, capabilities, no_new_privs,
     seccomp and the LSM label; each key's value, or None where this kernel has
-    no such thing.  OSError (other than "absent") propagates: the caller
+    no such thing.  All of these are per thread (``setns``, ``unshare``, raw
+    ``setresuid``/``capset``, ``PR_SET_NO_NEW_PRIVS`` and seccomp act on the
+    calling thread), and which thread of the client connected is unknown: so
+    every thread's (``proc/task/*``) is read, and a key on which they differ
+    gets :data:`THREADS_DIFFER`, which equals no process's value.  A thread
+    that ends while it is read is left out (its creator was read, or is
+    itself gone).  OSError (other than "absent") propagates: the caller
     refuses.
     """
+    found: dict[str, object] | None = None
+    for tid in os.listdir(f"{proc}/task"):
+        task = f"{proc}/task/{tid}"
+        try:
+            one = _thread_identity(task)
+        except FileNotFoundError:
+            continue  # ended meanwhile
+        if not os.path.exists(task):
+            continue  # ended while read: its "absent" files may be None
+        if found is None:
+            found = one
+        else:
+            for key, value in one.items():
+                if found[key] != value:
+                    found[key] = THREADS_DIFFER
+    if found is None:
+        raise ProcessLookupError(errno.ESRCH, "no thread left", proc)
+    return found
+
+
+def _thread_identity(task: str) -> dict[str, object]:
+    """:func:`identity`'s keys of one thread, ``/proc/PID/task/TID``."""
     found: dict[str, object] = {}
 
     def absent(e: OSError) -> None:
@@ -179,22 +212,22 @@ def identity(proc: str = "/proc/self") -> dict[str, object]:
 
     for name in NAMESPACES:
         try:
-            st = os.stat(f"{proc}/ns/{name}")
+            st = os.stat(f"{task}/ns/{name}")
             found[f"{name} namespace"] = (st.st_dev, st.st_ino)
         except OSError as e:
             absent(e)
             found[f"{name} namespace"] = None
-    root = os.stat(f"{proc}/root")
+    root = os.stat(f"{task}/root")
     found["root directory"] = (root.st_dev, root.st_ino)
     status = dict.fromkeys(STATUS_FIELDS)
-    with open(f"{proc}/status", encoding="utf-8") as f:
+    with open(f"{task}/status", encoding="utf-8") as f:
         for line in f:
             key, _, value = line.partition(":")
             if key in status:
                 status[key] = " ".join(value.split())
     found.update(status)
     try:
-        with open(f"{proc}/attr/current", "rb") as label:
+        with open(f"{task}/attr/current", "rb") as label:
             found["LSM label"] = label.read().rstrip(b"\0\n")
     except OSError as e:
         absent(e)

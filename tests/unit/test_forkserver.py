@@ -8,6 +8,7 @@ daemons on listeners bound here; they are ended with ``Shutdown`` or by pid.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import logging
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -181,6 +183,42 @@ def test_peer_identity_is_the_kernels() -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with a, b:
         assert forkserver.peer_identity(a) == forkserver.identity()
+
+
+def test_every_thread_of_the_peer_counts() -> None:
+    # no_new_privs (like capabilities, credentials, seccomp, namespaces) is per thread,
+    # and any thread may have connected: one that differs makes the peer differ.
+    ours = forkserver.identity()
+    if ours["NoNewPrivs"] != "0":
+        pytest.skip("no_new_privs is set already")
+    libc = ctypes.CDLL(None, use_errno=True)
+    ready, done = threading.Event(), threading.Event()
+    failed: list[int] = []
+
+    def restricted() -> None:
+        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, this thread only
+            failed.append(ctypes.get_errno())
+        ready.set()
+        done.wait()
+
+    thread = threading.Thread(target=restricted)
+    thread.start()
+    try:
+        ready.wait()
+        assert not failed
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with a, b:
+            theirs = forkserver.peer_identity(a)
+        assert theirs["NoNewPrivs"] == forkserver.THREADS_DIFFER
+        assert forkserver.identity_mismatch(ours, theirs) == "NoNewPrivs"
+    finally:
+        done.set()
+        thread.join()
+    # join() returns before the thread's task ends; until then it is still there.
+    wait_for(lambda: not os.path.exists(f"/proc/self/task/{thread.native_id}"))
+    b, c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with b, c:  # the thread is gone: the peer is like us again
+        assert forkserver.peer_identity(b) == ours
 
 
 @pytest.mark.parametrize("peerpidfd", [True, False], ids=["SO_PEERPIDFD", "pidfd_open"])
