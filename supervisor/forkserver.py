@@ -69,7 +69,8 @@ Invariants
   namespaces (and those its children would be born in), root directory,
   credentials, capabilities, no_new_privs, seccomp and LSM label as the
   client.  The client's side of that comparison is what the kernel says about
-  the connected process (:func:`peer_identity`), never what the client says;
+  the connected process, every thread of it (:func:`peer_identity`), never
+  what the client says;
   a refusal names what differs, never a value of the server's.  Anything else
   is copied from the client (see above), which the same credentials let it set
   itself; cgroups and the OOM score are set by ``start`` on the returned pid.
@@ -77,8 +78,12 @@ Invariants
   version: a client that passes the peer checks makes it retire, one that
   does not is refused (its files are not necessarily this server's).
 * The server runs no trio, starts no threads (fork safety), handles one
-  connection at a time with every read bounded by :data:`REQUEST_TIMEOUT`,
-  answers a bad request with an error and keeps serving.  No child ever
+  connection at a time with every read and write of it bounded by
+  :data:`REQUEST_TIMEOUT` (the shim's report by :data:`SETUP_TIMEOUT`, the
+  stale-socket probe at start-up by
+  :data:`~supervisor.launch.sockfile.PROBE_TIMEOUT`), answers a bad request
+  with an error and keeps serving, and outlives a failed ``accept`` (out of
+  fds, a reset connection).  No child ever
   returns into the server's code: every child path ends in ``os._exit``.
 * Both sides speak one codec, :mod:`supervisor.launch._msgpack` (it reads
   all it writes); the msgpack package is not used.
@@ -120,6 +125,8 @@ from supervisor.launch.forkclient import (
     ForkServerError,
     Request,
     code_identity,
+    open_beside,
+    open_folder,
     recv_fds,
     send_fds,
     sibling,
@@ -134,6 +141,10 @@ GO_FD = 5  # transient in the shim: the go pipe
 # gc.freeze() is the point of the fork server.
 PRELOAD = ("supervisor.shimlog", "supervisor.options", "encodings.ascii")
 EXIT_SETUP_FAILED = 121
+#: errnos of a failed ``accept`` the server outlives (see :meth:`ForkServer.serve_forever`).
+ACCEPT_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                              errno.ECONNABORTED, errno.EPROTO, errno.EINTR})
+ACCEPT_PAUSE = 0.1  # seconds before accepting again after a transient failure
 
 
 # --------------------------------------------------------------------------- identity
@@ -153,14 +164,46 @@ SO_PEERPIDFD = getattr(_socket, "SO_PEERPIDFD", 77)
 _ABSENT = (errno.ENOENT, errno.EINVAL, errno.EOPNOTSUPP)
 
 
+#: The value of a key on which the threads of one process differ (never a thread's value).
+THREADS_DIFFER = "differs between threads"
+
+
 def identity(proc: str = "/proc/self") -> dict[str, object]:
     """What a forked shim cannot take from its client, of the process at ``proc``.
 
     Namespaces, root directory, credentials, capabilities, no_new_privs,
     seccomp and the LSM label; each key's value, or None where this kernel has
-    no such thing.  OSError (other than "absent") propagates: the caller
+    no such thing.  All of these are per thread (``setns``, ``unshare``, raw
+    ``setresuid``/``capset``, ``PR_SET_NO_NEW_PRIVS`` and seccomp act on the
+    calling thread), and which thread of the client connected is unknown: so
+    every thread's (``proc/task/*``) is read, and a key on which they differ
+    gets :data:`THREADS_DIFFER`, which equals no process's value.  A thread
+    that ends while it is read is left out (its creator was read, or is
+    itself gone).  OSError (other than "absent") propagates: the caller
     refuses.
     """
+    found: dict[str, object] | None = None
+    for tid in os.listdir(f"{proc}/task"):
+        task = f"{proc}/task/{tid}"
+        try:
+            one = _thread_identity(task)
+        except FileNotFoundError:
+            continue  # ended meanwhile
+        if not os.path.exists(task):
+            continue  # ended while read: its "absent" files may be None
+        if found is None:
+            found = one
+        else:
+            for key, value in one.items():
+                if found[key] != value:
+                    found[key] = THREADS_DIFFER
+    if found is None:
+        raise ProcessLookupError(errno.ESRCH, "no thread left", proc)
+    return found
+
+
+def _thread_identity(task: str) -> dict[str, object]:
+    """:func:`identity`'s keys of one thread, ``/proc/PID/task/TID``."""
     found: dict[str, object] = {}
 
     def absent(e: OSError) -> None:
@@ -169,22 +212,22 @@ def identity(proc: str = "/proc/self") -> dict[str, object]:
 
     for name in NAMESPACES:
         try:
-            st = os.stat(f"{proc}/ns/{name}")
+            st = os.stat(f"{task}/ns/{name}")
             found[f"{name} namespace"] = (st.st_dev, st.st_ino)
         except OSError as e:
             absent(e)
             found[f"{name} namespace"] = None
-    root = os.stat(f"{proc}/root")
+    root = os.stat(f"{task}/root")
     found["root directory"] = (root.st_dev, root.st_ino)
     status = dict.fromkeys(STATUS_FIELDS)
-    with open(f"{proc}/status", encoding="utf-8") as f:
+    with open(f"{task}/status", encoding="utf-8") as f:
         for line in f:
             key, _, value = line.partition(":")
             if key in status:
                 status[key] = " ".join(value.split())
     found.update(status)
     try:
-        with open(f"{proc}/attr/current", "rb") as label:
+        with open(f"{task}/attr/current", "rb") as label:
             found["LSM label"] = label.read().rstrip(b"\0\n")
     except OSError as e:
         absent(e)
@@ -442,8 +485,22 @@ class ForkServer:
         self.pinned = pinned
 
     def serve_forever(self) -> None:
+        """Accept and handle one connection at a time until retired.
+
+        A failed ``accept`` that can pass (:data:`ACCEPT_TRANSIENT`: out of
+        fds or memory, a connection reset in the backlog) is logged and
+        retried after :data:`ACCEPT_PAUSE`, so that the server outlives it
+        without spinning; any other error ends it.
+        """
         while not self.retired:
-            conn, _ = self.sock.accept()
+            try:
+                conn, _ = self.sock.accept()
+            except OSError as e:
+                if e.errno not in ACCEPT_TRANSIENT:
+                    raise
+                self.log.warning("accept failed: %s; retrying", e)
+                time.sleep(ACCEPT_PAUSE)
+                continue
             try:
                 self.handle(conn)
             except Exception:
@@ -633,36 +690,29 @@ def preload(log: logging.Logger) -> None:
 
 
 def bind(path: str) -> socket.socket:
-    """The server's socket at ``path``, 0600; a stale socket is replaced, a live one is not.
+    """The server's listening socket at ``path``, 0600; a stale socket is replaced, a live
+    one is not (OSError EADDRINUSE).
 
-    A missing directory is made 0700 (an existing one is left as it is).
+    Claimed as a shim's socket is (:mod:`supervisor.launch.sockfile`, with
+    ``SOCK_SEQPACKET``): bound at a private name, listening, then linked into
+    place, so a client never finds the file refusing connections while a
+    server starts.  The file there is replaced only when a connect to it is
+    refused (a probe bounded by :data:`~supervisor.launch.sockfile.PROBE_TIMEOUT`,
+    under the directory's lock): a busy server, or a socket of another kind, is
+    left alone.  A missing directory is made 0700.
     """
-    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-    sock = socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    kind = _socket.SOCK_SEQPACKET
     try:
-        old_umask = os.umask(0o177)
-        try:
-            try:
-                sock.bind(path)
-            except OSError as e:
-                probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-                try:
-                    probe.connect(path)
-                except OSError:
-                    os.unlink(path)  # nobody serves it: stale
-                else:
-                    raise OSError(e.errno, f"a fork server already serves {path}") from None
-                finally:
-                    probe.close()
-                sock.bind(path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o600)
-        sock.listen(64)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+        raw = sockfile.listen(path, kind)
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        replaced = sockfile.replace_stale(path, kind)
+        if replaced is None:
+            raise OSError(errno.EADDRINUSE, f"a fork server already serves {path} "
+                                            "(or something else listens there)") from None
+        raw = replaced
+    return socket.socket(fileno=raw.detach())
 
 
 class _Stop(BaseException):
@@ -682,8 +732,11 @@ def take_lock(path: str, lock_fd: int | None, log: logging.Logger) -> int:
     holds it: an on-demand server of the same socket serves meanwhile.
     """
     if lock_fd is None:
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        lock_fd = os.open(sibling(path, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        folder = open_folder(path)  # PermissionError for a directory others may write
+        try:
+            lock_fd = open_beside(folder, path, ".lock", os.O_RDWR | os.O_CREAT)
+        finally:
+            os.close(folder)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

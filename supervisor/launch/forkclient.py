@@ -57,7 +57,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from typing import Any
 
-#: In a directory of its own (0700, made by the first server), with its lock and log.
+#: In a directory of its own (0700, made by the first server; refused if others may write
+#: it: :func:`open_folder`), with its lock and log.
 DEFAULT_SOCKET = "/run/containerd/supervisor/forkserver.sock"
 SOCKET_ENV = "SUPERVISOR_FORKSERVER"
 #: Replaces :func:`code_identity`'s digest (tests simulate "other code" with it).
@@ -354,7 +355,9 @@ def spawn_server(path: str, code: str) -> int | None:
     (see "On demand").  The server is detached: a new session, the working
     directory ``/`` (it changes there), stdin ``/dev/null``, stdout and stderr
     its log file (truncated: one server's life), this interpreter with ``-P``
-    (not the bundle on ``sys.path``).  ``code`` is this client's
+    (not the bundle on ``sys.path``).  Both files are created only in a
+    directory no one else may write (:func:`open_folder`, PermissionError
+    otherwise) and never through a symlink.  ``code`` is this client's
     :func:`code_identity`, computed before the server imports anything, so a
     change of the files while it starts can only make it retire early.
     """
@@ -362,31 +365,67 @@ def spawn_server(path: str, code: str) -> int | None:
 
     from supervisor.launch._spawn import spawn
 
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-    lock = os.open(sibling(path, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    folder = open_folder(path)
     try:
+        lock = open_beside(folder, path, ".lock", os.O_RDWR | os.O_CREAT)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return None  # a fork server holds it: running, starting or retiring
-        log = os.open(sibling(path, ".log"),
-                      os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            pid = spawn([sys.executable, "-P", "-m", "supervisor.forkserver", "--socket", path,
-                         "--code-identity", code, "--lock-fd", str(LOCK_FD)],
-                        fds={1: log, 2: log, LOCK_FD: lock}, setsid=True)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None  # a fork server holds it: running, starting or retiring
+            log = open_beside(folder, path, ".log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                              | os.O_APPEND)
+            try:
+                pid = spawn([sys.executable, "-P", "-m", "supervisor.forkserver", "--socket",
+                             path, "--code-identity", code, "--lock-fd", str(LOCK_FD)],
+                            fds={1: log, 2: log, LOCK_FD: lock}, setsid=True)
+            finally:
+                os.close(log)
+            write_pid(lock, pid)
+            return pid
         finally:
-            os.close(log)
-        write_pid(lock, pid)
-        return pid
+            os.close(lock)  # the server's copy keeps the lock
     finally:
-        os.close(lock)  # the server's copy keeps the lock
+        os.close(folder)
 
 
 #: Where a spawned fork server finds its lock file, locked.
 LOCK_FD = 3
+
+
+def open_folder(path: str) -> int:
+    """An fd of the directory of the socket ``path``, made 0700 if missing, and safe to
+    create the lock and log files in; else PermissionError saying why.
+
+    Safe: owned by this euid and writable by nobody else.  In a directory others
+    may write (``$SUPERVISOR_FORKSERVER`` under /tmp), they could plant a symlink
+    or a hard link where root creates and truncates its files; such a directory
+    is refused, and ``start`` goes on cold with a note.  Checked on the open
+    directory (``fstat``) and used through its fd (:func:`open_beside`): a rename
+    of the path after the check does not redirect the files.
+    """
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise PermissionError(f"the fork server's directory {folder} is owned by uid "
+                                  f"{st.st_uid}, not {os.geteuid()}: refusing it")
+        if st.st_mode & 0o022:
+            raise PermissionError(f"the fork server's directory {folder} is writable by "
+                                  f"group or others (mode {st.st_mode & 0o7777:o}): refusing it")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_beside(folder_fd: int, path: str, suffix: str, flags: int) -> int:
+    """Open the :func:`sibling` ``suffix`` of ``path`` in the directory ``folder_fd``
+    (:func:`open_folder`), never through a symlink (ELOOP), 0600 if created."""
+    name = os.path.basename(sibling(path, suffix))
+    return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=folder_fd)
 
 
 def write_pid(lock_fd: int, pid: int) -> None:
@@ -400,7 +439,7 @@ def read_pid(path: str) -> int | None:
     import fcntl
 
     try:
-        fd = os.open(sibling(path, ".lock"), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(sibling(path, ".lock"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
     try:

@@ -11,6 +11,9 @@ path bound but not yet listening, which another ``start`` would take for a
 dead shim's socket and replace (issue 15).  The private name is unlinked at
 once; the socket keeps reporting it (``getsockname``), and
 :func:`published_path` maps it back to the path, for the daemon.
+The fork server (:func:`supervisor.forkserver.bind`) claims and replaces its
+``SOCK_SEQPACKET`` socket with the same functions (``kind``): one way to
+claim a socket.
 
 Invariants
 ----------
@@ -60,14 +63,15 @@ def published_path(name: str) -> str:
     return name
 
 
-def listen(path: str) -> _socket.socket:
-    """A listening unix stream socket published at ``path`` (0600), or EADDRINUSE.
+def listen(path: str, kind: int = _socket.SOCK_STREAM) -> _socket.socket:
+    """A listening unix socket of ``kind`` published at ``path`` (0600), or EADDRINUSE.
 
-    The claim is atomic: ``path`` appears only once the socket listens.
+    The claim is atomic: ``path`` appears only once the socket listens.  (Stream
+    for shims; the fork server's is ``SOCK_SEQPACKET``.)
     """
     if not is_abstract(path):
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    s = _socket.socket(_socket.AF_UNIX, kind)
     try:
         if is_abstract(path):
             s.bind(path)
@@ -98,9 +102,13 @@ def listen(path: str) -> _socket.socket:
     return s
 
 
-def is_dead(path: str) -> bool:
-    """Whether ``path`` names a socket nothing listens on (refused; a timeout is not)."""
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+def is_dead(path: str, kind: int = _socket.SOCK_STREAM) -> bool:
+    """Whether ``path`` names a socket nothing listens on (refused; a timeout is not).
+
+    Probed with a socket of ``kind``: a listener of another kind answers
+    EPROTOTYPE, which is not "dead" either.
+    """
+    s = _socket.socket(_socket.AF_UNIX, kind)
     s.settimeout(PROBE_TIMEOUT)
     try:
         s.connect(path)
@@ -126,7 +134,7 @@ def lock(path: str) -> int:
     return fd
 
 
-def replace_stale(path: str) -> _socket.socket | None:
+def replace_stale(path: str, kind: int = _socket.SOCK_STREAM) -> _socket.socket | None:
     """A new listener on ``path`` if nothing listens there (None if something does now).
 
     Under the directory's lock, so two ``start`` runs that both found the
@@ -135,14 +143,14 @@ def replace_stale(path: str) -> _socket.socket | None:
     fd = lock(path)
     try:
         if os.path.lexists(path):
-            if not is_dead(path):
+            if not is_dead(path, kind):
                 return None
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass  # its shim removed it meanwhile
         try:
-            return listen(path)
+            return listen(path, kind)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 return None  # a start that needed no lock claimed it first

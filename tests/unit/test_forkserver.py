@@ -8,17 +8,21 @@ daemons on listeners bound here; they are ended with ``Shutdown`` or by pid.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import psutil
@@ -56,8 +60,16 @@ class Server:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-c", SERVER_CODE, "--socket",
                                           self.socket, "--debug"], stdout=log, stderr=log)
-        wait_for(lambda: os.path.exists(self.socket) or self.proc.poll() is not None)
+        # Until it answers, not until its file exists: a test may connect at once.
+        wait_for(lambda: self.answers() or self.proc.poll() is not None)
         assert self.proc.poll() is None, self.log.read_text()
+
+    def answers(self) -> bool:
+        try:
+            forkclient.status(self.socket)
+        except (ForkServerError, OSError):
+            return False
+        return True
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -171,6 +183,42 @@ def test_peer_identity_is_the_kernels() -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with a, b:
         assert forkserver.peer_identity(a) == forkserver.identity()
+
+
+def test_every_thread_of_the_peer_counts() -> None:
+    # no_new_privs (like capabilities, credentials, seccomp, namespaces) is per thread,
+    # and any thread may have connected: one that differs makes the peer differ.
+    ours = forkserver.identity()
+    if ours["NoNewPrivs"] != "0":
+        pytest.skip("no_new_privs is set already")
+    libc = ctypes.CDLL(None, use_errno=True)
+    ready, done = threading.Event(), threading.Event()
+    failed: list[int] = []
+
+    def restricted() -> None:
+        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, this thread only
+            failed.append(ctypes.get_errno())
+        ready.set()
+        done.wait()
+
+    thread = threading.Thread(target=restricted)
+    thread.start()
+    try:
+        ready.wait()
+        assert not failed
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with a, b:
+            theirs = forkserver.peer_identity(a)
+        assert theirs["NoNewPrivs"] == forkserver.THREADS_DIFFER
+        assert forkserver.identity_mismatch(ours, theirs) == "NoNewPrivs"
+    finally:
+        done.set()
+        thread.join()
+    # join() returns before the thread's task ends; until then it is still there.
+    wait_for(lambda: not os.path.exists(f"/proc/self/task/{thread.native_id}"))
+    b, c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with b, c:  # the thread is gone: the peer is like us again
+        assert forkserver.peer_identity(b) == ours
 
 
 @pytest.mark.parametrize("peerpidfd", [True, False], ids=["SO_PEERPIDFD", "pidfd_open"])
@@ -342,6 +390,75 @@ def test_bind_replaces_a_stale_socket_and_refuses_a_live_one(server: Server) -> 
             assert os.stat(path).st_mode & 0o777 == 0o600
 
 
+def test_bind_publishes_the_socket_only_once_it_listens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Whenever the path exists while bind works, a connect to it must succeed: a refused
+    # one would send a client cold and let a second server take the file for stale.
+    with tempfile.TemporaryDirectory(prefix="sv-b-", dir="/tmp") as d:
+        path = os.path.join(d, "s.sock")
+        seen: list[str] = []
+
+        def check(when: str) -> None:
+            if os.path.lexists(path):
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                with probe:
+                    try:
+                        probe.connect(path)
+                    except OSError as e:
+                        seen.append(f"{when}: {e}")
+
+        def spy(name: str) -> Callable[..., Any]:
+            real = getattr(os, name)
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                check(f"before {name}")
+                result = real(*args, **kwargs)
+                check(f"after {name}")
+                return result
+            return call
+
+        for name in ("chmod", "link", "unlink", "rename"):
+            monkeypatch.setattr(os, name, spy(name))
+        with forkserver.bind(path):
+            monkeypatch.undo()
+            check("bound")
+        assert seen == []
+
+
+def test_bind_replaces_only_a_refusing_socket() -> None:
+    # Only ECONNREFUSED means stale; a listener of another kind (EPROTOTYPE) or one
+    # whose backlog is full (EAGAIN) stays, and the probe does not wait for it.
+    with tempfile.TemporaryDirectory(prefix="sv-b-", dir="/tmp") as d:
+        path = os.path.join(d, "s.sock")
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with other:
+            other.bind(path)
+            other.listen(1)
+            with pytest.raises(OSError, match="already serves"):
+                forkserver.bind(path)
+            assert os.path.exists(path)
+        os.unlink(path)
+        full = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        clients: list[socket.socket] = []
+        with full:
+            full.bind(path)
+            full.listen(0)
+            try:
+                while True:  # fill its backlog
+                    c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    clients.append(c)
+                    c.setblocking(False)
+                    c.connect(path)
+            except BlockingIOError:
+                pass
+            finally:
+                for c in clients:
+                    c.close()
+            with pytest.raises(OSError, match="already serves"):
+                forkserver.bind(path)
+            assert os.path.exists(path)
+
+
 def test_sigterm_removes_the_socket() -> None:
     s = Server()
     try:
@@ -491,3 +608,36 @@ def test_client_with_no_new_privs_alone_is_refused(server: Server, bundle: Path)
     answer = attack(server, bundle, ["setpriv", "--no-new-privs"])
     assert "pid" not in answer
     assert "NoNewPrivs" in answer["error"]
+
+
+class FailingAccepts:
+    """A listening socket whose ``accept`` fails as scripted, then retires the server."""
+
+    def __init__(self, errors: list[int]) -> None:
+        self.errors = errors
+        self.server: forkserver.ForkServer | None = None
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.errors:
+            code = self.errors.pop(0)
+            raise OSError(code, os.strerror(code))
+        assert self.server is not None
+        self.server.retired = True
+        raise OSError(errno.ECONNABORTED, "the last one")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failed_accept_does_not_end_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FailingAccepts([errno.EMFILE, errno.ENFILE, errno.ECONNABORTED])
+    server = forkserver.ForkServer(cast(socket.socket, fake), logging.getLogger("test"))
+    fake.server = server
+    pauses: list[float] = []
+    monkeypatch.setattr(forkserver.time, "sleep", pauses.append)
+    server.serve_forever()  # returns once retired: every failure was outlived
+    assert len(pauses) == 4 and all(p > 0 for p in pauses)  # paused: no busy loop
+    fake = FailingAccepts([errno.EBADF])  # not transient: the listener is gone
+    server = forkserver.ForkServer(cast(socket.socket, fake), logging.getLogger("test"))
+    with pytest.raises(OSError):
+        server.serve_forever()

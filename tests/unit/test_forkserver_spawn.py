@@ -9,6 +9,7 @@ wait for states (a socket answering, a process gone), bounded only to fail inste
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -141,6 +142,70 @@ def test_no_server_is_told_apart_from_a_failing_one(place: str, tmp_path: Path) 
     dead.close()  # a killed server's file: connections refused
     with pytest.raises(NoServer):
         forkclient.request_shim(place, request("x", str(tmp_path)), 0)
+
+
+@pytest.mark.parametrize("unsafe", ["mode", "owner"])
+def test_a_directory_others_may_write_is_refused(place: str, spawned: list[int],
+                                                 unsafe: str) -> None:
+    # Others could plant links there where root creates and truncates its files.
+    folder = os.path.dirname(place)
+    os.makedirs(folder, mode=0o700)
+    if unsafe == "mode":
+        os.chmod(folder, 0o1777)  # like /tmp: sticky does not keep new names out
+        why = "writable by group or others"
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give the directory away")
+        os.chown(folder, 65534, 65534)
+        why = "owned by uid 65534"
+    try:
+        with pytest.raises(PermissionError, match=why):
+            pid = forkclient.spawn_server(place, "x")
+            if pid:
+                spawned.append(pid)
+        assert os.listdir(folder) == []
+    finally:
+        os.chown(folder, os.geteuid(), os.getegid())
+
+
+@pytest.mark.parametrize("name", [".lock", ".log"])
+def test_the_lock_and_log_files_are_not_followed(place: str, spawned: list[int],
+                                                 tmp_path: Path, name: str) -> None:
+    folder = os.path.dirname(place)
+    os.makedirs(folder, mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, forkclient.sibling(place, name))
+    with pytest.raises(OSError) as refused:
+        pid = forkclient.spawn_server(place, "x")
+        if pid:
+            spawned.append(pid)
+    assert refused.value.errno == errno.ELOOP
+    assert victim.read_text() == "precious\n"
+    if name == ".lock":
+        assert forkclient.read_pid(place) is None  # not the symlink's target either
+
+
+def test_start_goes_cold_with_a_note_when_the_directory_is_unsafe(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    from supervisor.launch import start  # noqa: PLC0415
+    from supervisor.launch.flags import Flags  # noqa: PLC0415
+
+    folder = tmp_path / "open"
+    folder.mkdir()
+    folder.chmod(0o777)
+    notes: list[str] = []
+    monkeypatch.setenv(forkclient.SOCKET_ENV, str(folder / "fs.sock"))
+    monkeypatch.setenv(forkclient.CODE_ENV, "1.0+me")
+    monkeypatch.setattr(start, "note", lambda level, text: notes.append(f"{level}: {text}"))
+    monkeypatch.setattr("supervisor.launch._spawn.spawn", lambda argv, **kw: 99)
+    monkeypatch.chdir(tmp_path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        assert start.start_daemon(Flags(namespace="ns", id="c1"), listener) == (99, False)
+    assert os.listdir(folder) == []
+    assert len(notes) == 1 and "writable by group or others" in notes[0], notes
+    assert "starting the shim cold" in notes[0]
 
 
 IDENTITY = "from supervisor.launch.forkclient import code_identity; print(code_identity())"
