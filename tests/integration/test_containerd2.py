@@ -9,13 +9,13 @@
 * A shim SIGKILLed while containerd could not take its container's exit:
   containerd runs our ``delete``, whose answer it publishes as the
   ``TaskExit`` -- the container's own status (7), from the event spool, on
-  1.6 and on 2.1.  (containerd is frozen rather than stopped: a restarted
+  1.6, 1.7 and 2.1.  (containerd is frozen rather than stopped: a restarted
   containerd runs ``delete`` for a dead shim while loading, before the task
   exists again, and publishes nothing.)
 
-containerd 2.1 is the one ``../shared/conformance/fetch-containerd.sh 2.1``
-prints (cached under /tmp); its bin dir goes first on PATH for the harness,
-``ctr`` and the shims.
+containerd 1.7 and 2.1 are chosen through the harness's own switch
+(``$SUPERVISOR_TEST_CONTAINERD``, see ``harness.containerd_series``): the ones
+``../shared/conformance/fetch-containerd.sh`` prints (cached under /tmp).
 """
 
 from __future__ import annotations
@@ -31,41 +31,35 @@ from pathlib import Path
 
 import psutil
 import pytest
-from harness import REPO_ROOT, Containerd, shim_bin_dirs, shims_for, wait_for
+from harness import (
+    SERIES_ENV,
+    Containerd,
+    containerd_bin_dir,
+    shim_bin_dirs,
+    shims_for,
+    wait_for,
+)
 
 from supervisor import __version__
 from supervisor.launch import spool
 
-FETCH = REPO_ROOT.parent / "shared" / "conformance" / "fetch-containerd.sh"
 SHIM = "containerd-shim-supervisor-v2"
 
 
-def containerd_bin(series: str) -> str:
-    """The bin dir of containerd ``series`` (fetched once, cached), or skip saying why."""
-    if series == "1.6":
-        return ""  # the system's
-    try:
-        done = subprocess.run(["bash", str(FETCH), series], capture_output=True, text=True,
-                              check=True, timeout=600)
-    except (OSError, subprocess.SubprocessError) as e:
-        pytest.skip(f"containerd {series} unavailable ({FETCH}): {e}")
-    return done.stdout.strip().splitlines()[-1]
-
-
-@pytest.fixture(params=["1.6", "2.1"])
+@pytest.fixture(params=["1.6", "1.7", "2.1"])
 def series(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """containerd ``series`` first on PATH (harness, ctr, shims) for this test."""
-    bin_dir = containerd_bin(request.param)
-    if bin_dir:
-        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    """containerd ``series`` for this test, through the harness's own switch (its daemon,
+    ctr and Go shim; fetched once, a failure to fetch an error, never a skip)."""
+    monkeypatch.setenv(SERIES_ENV, request.param)
     return str(request.param)
 
 
 @pytest.fixture
 def containerd21(monkeypatch: pytest.MonkeyPatch) -> str:
-    bin_dir = containerd_bin("2.1")
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
-    return bin_dir
+    monkeypatch.setenv(SERIES_ENV, "2.1")
+    bin_dir = containerd_bin_dir()
+    assert bin_dir is not None
+    return str(bin_dir)
 
 
 def real_shim() -> str:
