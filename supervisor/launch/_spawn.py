@@ -30,11 +30,15 @@ def spawn(
     """Start ``argv`` (``argv[0]`` looked up on PATH) and return its pid.
 
     ``fds`` maps child fd numbers to our fds (``{0: r, 1: w, 2: w, 3: sock}``);
-    child fds not named are ``/dev/null`` for 0-2 and closed above.  The child
+    child fds not named are ``/dev/null`` for 0-2 and closed above: every fd of
+    ours above 2 is made close-on-exec first, so that nothing we inherited
+    (``start`` inherits whatever containerd's parent leaked to containerd, e.g.
+    a test runner's lock) outlives us in a shim or a fork server.  The child
     gets default dispositions for the signals Python ignores (SIGPIPE, SIGXFSZ)
     and an empty signal mask.  Nobody waits for it but the :class:`Reaper`.
     """
     mapping = dict(fds or {})
+    _close_on_exec_all()
     devnull = -1
     if any(n not in mapping for n in (0, 1, 2)):
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -66,3 +70,17 @@ def spawn(
             os.close(fd)
         if devnull >= 0:
             os.close(devnull)
+
+
+def _close_on_exec_all() -> None:
+    """Mark every open fd above 2 close-on-exec (Python's own already are, PEP 446)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2:
+            continue
+        try:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+            if not flags & fcntl.FD_CLOEXEC:
+                fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+        except OSError:
+            continue  # the listing's own fd, or one closed meanwhile

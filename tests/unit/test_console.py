@@ -424,7 +424,8 @@ def daemon_script(body: str) -> str:
     """sh that starts ``body`` in the background holding the terminal, prints its pid, exits.
 
     SIGHUP, which the session leader's exit sends to its group, is ignored (from
-    before the fork: a daemon would detach).
+    before the fork: a daemon would detach).  ``body`` ends by itself within minutes,
+    so a test that fails before it learns the pid leaves nothing running for long.
     """
     return f"trap '' HUP; ({body}) & echo pid=$!"
 
@@ -452,7 +453,7 @@ async def start_daemonizing(
 async def test_a_daemon_holding_the_slave_does_not_hold_wait_output(
     nursery: trio.Nursery, reaper: Reaper, tmp_path: Path
 ) -> None:
-    console, reader, daemon = await start_daemonizing(nursery, reaper, tmp_path, "exec sleep 1000")
+    console, reader, daemon = await start_daemonizing(nursery, reaper, tmp_path, "exec sleep 120")
     try:
         assert not console.slave_closed()
         assert not await console.wait_output(0.5)
@@ -470,7 +471,8 @@ async def test_a_chatty_daemon_is_not_waited_for_although_output_moves(
 ) -> None:
     """Progress alone is not the rule: while the slave is held, the output is a child's."""
     console, reader, daemon = await start_daemonizing(
-        nursery, reaper, tmp_path, "while :; do echo tick; sleep 0.02; done")
+        nursery, reaper, tmp_path,
+        "i=0; while [ $i -lt 3000 ]; do echo tick; sleep 0.02; i=$((i+1)); done")
     try:
         with trio.fail_after(10):
             await read_until(reader, b"tick\r\ntick\r\n", bytearray())
