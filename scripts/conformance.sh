@@ -67,6 +67,19 @@ T1=$(date +%s)
 
 mkdir -p "$LOGDIR"
 export PEER_SHIM_DIR=$SHIM_DIR
+# The shims' on-demand fork server: a private socket for the suites' containerds, stopped
+# (by the pid in its lock file) when the suites end -- never the machine's default one.
+FORKSERVER_DIR=$(mktemp -d /tmp/supervisor-conformance-fs.XXXXXX)
+export SUPERVISOR_FORKSERVER=$FORKSERVER_DIR/forkserver.sock
+stop_forkserver() {
+	local pid
+	pid=$(cat "$FORKSERVER_DIR/forkserver.lock" 2>/dev/null || true)
+	if [ -n "$pid" ] && grep -q supervisor.forkserver "/proc/$pid/cmdline" 2>/dev/null; then
+		kill "$pid" 2>/dev/null || true
+	fi
+	rm -rf "$FORKSERVER_DIR"
+}
+trap stop_forkserver EXIT
 SERIES=${SERIES:-1.6}
 case $SERIES in
 1.6) unset PEER_CONTAINERD ;;

@@ -383,10 +383,10 @@ class Native:
         fork server's command line and environment then show instead).
         """
         ctypes = self.ctypes
-        comm = ctypes.create_string_buffer(os.path.basename(argv[0]).encode()[:15])
+        comm = ctypes.create_string_buffer(os.fsencode(os.path.basename(argv[0]))[:15])
         self.libc.prctl(self.PR_SET_NAME, ctypes.addressof(comm), None, 0, 0)
-        args = b"".join(a.encode() + b"\0" for a in argv)
-        envs = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
+        args = b"".join(os.fsencode(a) + b"\0" for a in argv)
+        envs = b"".join(os.fsencode(f"{k}={v}") + b"\0" for k, v in env.items())
         buf = ctypes.create_string_buffer(args + envs, len(args) + len(envs))
         with open("/proc/self/stat", encoding="ascii") as f:
             stat = f.read()
@@ -595,7 +595,7 @@ class ForkServer:
             try:
                 pid = self.await_shim(status_r)
                 self.served += 1
-                self.log.info("shim %d for %s/%s (request %d from pid %d)", pid,
+                self.log.debug("shim %d for %s/%s (request %d from pid %d)", pid,
                               request.namespace, request.id, self.served, peer_pid)
                 self.reply(conn, {"pid": pid}, go_w)
             finally:

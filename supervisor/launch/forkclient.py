@@ -163,11 +163,15 @@ def code_identity() -> str:
 
 
 def socket_path() -> str | None:
-    """The fork server's socket: ``$SUPERVISOR_FORKSERVER`` (empty: none) or the default."""
+    """The fork server's socket: ``$SUPERVISOR_FORKSERVER`` (empty: none) or the default.
+
+    A relative path names no fork server: ``start`` runs in each bundle, so every
+    start would spawn a server of its own there (and the server binds from ``/``).
+    """
     value = os.environ.get(SOCKET_ENV)
     if value is None:
         return DEFAULT_SOCKET
-    return value or None
+    return value if value.startswith("/") else None
 
 
 class Request:

@@ -14,11 +14,12 @@ writes ``PATH`` (default: ``containerd-shim-supervisor-v2`` beside this
 interpreter, over pip's console script) atomically, mode 0755: a shebang of
 this interpreter (``sys.executable``: the venv's, never the one it links to)
 with ``-IS`` (one word: Linux passes the rest of a shebang line as a single
-argument), the directory holding the ``supervisor`` package put first on
-``sys.path``, then :func:`supervisor.shim.main`.  ``make venv`` runs it; an
-installed copy runs it once per install (README), instead of linking the
-console script.  The console script and ``python -m supervisor.shim`` keep
-working as before, only slower.
+argument), the directory holding the ``supervisor`` package put on
+``sys.path`` after the standard library (so nothing there shadows it), then
+:func:`supervisor.shim.main`.  ``make venv`` runs it; an installed copy runs it
+once per install (README), instead of linking the console script.  The
+console script and ``python -m supervisor.shim`` keep working as before, only
+slower.
 
 Design.  ``-S``: no ``site`` at start-up, so only the ``supervisor`` package
 is importable until :func:`full_site` runs ``site.main()`` -- which the shim
@@ -70,7 +71,7 @@ def script_text(python: str, packages: str) -> str:
             f"# {NAME}: written by `python -m supervisor.launch.launcher`; runs the shim\n"
             "# without site and isolated (see that module). Write it again if this moves.\n"
             "import sys\n"
-            f"sys.path.insert(0, {packages!r})\n"
+            f"sys.path.append({packages!r})  # after the standard library: never shadows it\n"
             "from supervisor.shim import main\n"
             "sys.exit(main())\n")
 

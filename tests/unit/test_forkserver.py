@@ -515,6 +515,30 @@ async def test_forked_shim_is_a_cold_lookalike_and_serves(
             os.kill(pid, signal.SIGKILL)
 
 
+def test_an_environment_that_is_not_utf8_still_forks(
+    server: Server, bundle: Path, listener: socket.socket
+) -> None:
+    # containerd's environment may hold any bytes (surrogates in os.environ): the forked
+    # shim's /proc/PID/environ must show them, not refuse the shim.
+    req = request_for(bundle)
+    req.env["SV_FORKSERVER_RAW"] = b"\xff\xfe".decode("utf-8", "surrogateescape")
+    pid = forkclient.request_shim(server.socket, req, listener.fileno())
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            assert b"SV_FORKSERVER_RAW=\xff\xfe\0" in f.read()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_relative_socket_names_no_fork_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    # start runs in each bundle: a relative path would spawn a server per bundle.
+    monkeypatch.setenv(forkclient.SOCKET_ENV, "fs.sock")
+    assert forkclient.socket_path() is None
+    monkeypatch.setenv(forkclient.SOCKET_ENV, "/run/x/fs.sock")
+    assert forkclient.socket_path() == "/run/x/fs.sock"
+
+
 def test_client_gives_up_at_its_deadline(bundle: Path, listener: socket.socket) -> None:
     # A server that accepts into its backlog but never answers: the client's one deadline.
     with tempfile.TemporaryDirectory(prefix="sv-m-", dir="/tmp") as d:
