@@ -251,6 +251,9 @@ def test_socket_path_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert forkclient.socket_path() == "/tmp/x.sock"
     monkeypatch.setenv(forkclient.SOCKET_ENV, "")
     assert forkclient.socket_path() is None
+    # start runs in each bundle: a relative path would spawn a server per bundle.
+    monkeypatch.setenv(forkclient.SOCKET_ENV, "fs.sock")
+    assert forkclient.socket_path() is None
 
 
 @pytest.mark.parametrize("peerpidfd", [True, False], ids=["SO_PEERPIDFD", "pidfd_open"])
@@ -529,14 +532,6 @@ def test_an_environment_that_is_not_utf8_still_forks(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-
-
-def test_a_relative_socket_names_no_fork_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    # start runs in each bundle: a relative path would spawn a server per bundle.
-    monkeypatch.setenv(forkclient.SOCKET_ENV, "fs.sock")
-    assert forkclient.socket_path() is None
-    monkeypatch.setenv(forkclient.SOCKET_ENV, "/run/x/fs.sock")
-    assert forkclient.socket_path() == "/run/x/fs.sock"
 
 
 def test_client_gives_up_at_its_deadline(bundle: Path, listener: socket.socket) -> None:
