@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from supervisor.launch.address import is_abstract, socket_path
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = REPO_ROOT / ".venv" / "bin"
 NAMESPACE = "launchbench"
@@ -109,8 +111,10 @@ class Bench:
                 os.kill(pid, signal.SIGKILL)
             os.close(reader)
         address = out.decode().strip()
-        if address.startswith("unix://"):
-            Path(address.removeprefix("unix://")).unlink(missing_ok=True)
+        if address:
+            path = socket_path(address)
+            if not is_abstract(path):
+                Path(path).unlink(missing_ok=True)
         shutil.rmtree(bundle, ignore_errors=True)
         return wall, cpu
 

@@ -42,6 +42,7 @@ from harness import (
 
 from supervisor import __version__
 from supervisor.launch import spool
+from supervisor.launch.address import socket_path
 
 SHIM = "containerd-shim-supervisor-v2"
 
@@ -133,7 +134,7 @@ def test_start_with_bootstrap_params_on_2_1(containerd21: str, tmp_path: Path,
     bundle = c.state / "io.containerd.runtime.v2.task" / c.namespace / "boot"
     address = (bundle / "address").read_text()
     assert address.startswith(f"unix://{socket_dir}/")
-    assert Path(address.removeprefix("unix://")).exists()
+    assert Path(socket_path(address)).exists()
     assert c.tasks()["boot"][1] == "RUNNING"
     r = c.ctr("task", "exec", "--exec-id", "x", "boot", "sh", "-c", "exit 3", check=False)
     assert r.returncode == 3
