@@ -595,7 +595,7 @@ class ForkServer:
             try:
                 pid = self.await_shim(status_r)
                 self.served += 1
-                self.log.debug("shim %d for %s/%s (request %d from pid %d)", pid,
+                self.log.info("shim %d for %s/%s (request %d from pid %d)", pid,
                               request.namespace, request.id, self.served, peer_pid)
                 self.reply(conn, {"pid": pid}, go_w)
             finally:
