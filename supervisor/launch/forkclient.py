@@ -358,10 +358,12 @@ def spawn_server(path: str, code: str) -> int | None:
     the server as fd 3, so it is held from here on for the server's whole life
     (see "On demand").  The server is detached: a new session, the working
     directory ``/`` (it changes there), stdin ``/dev/null``, stdout and stderr
-    its log file (truncated: one server's life), this interpreter with ``-P``
-    (not the bundle on ``sys.path``).  Both files are created only in a
-    directory no one else may write (:func:`open_folder`, PermissionError
-    otherwise) and never through a symlink.  ``code`` is this client's
+    its log file (truncated: one server's life), this interpreter with ``-I``
+    (isolated: neither the bundle nor containerd's ``$PYTHONPATH`` on
+    ``sys.path``, so it runs the installed code its identity names).  Both
+    files are created only in a directory no one else may write
+    (:func:`open_folder`, PermissionError otherwise) and never through a
+    symlink.  ``code`` is this client's
     :func:`code_identity`, computed before the server imports anything, so a
     change of the files while it starts can only make it retire early.
     """
@@ -380,7 +382,7 @@ def spawn_server(path: str, code: str) -> int | None:
             log = open_beside(folder, path, ".log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC
                               | os.O_APPEND)
             try:
-                pid = spawn([sys.executable, "-P", "-m", "supervisor.forkserver", "--socket",
+                pid = spawn([sys.executable, "-I", "-m", "supervisor.forkserver", "--socket",
                              path, "--code-identity", code, "--lock-fd", str(LOCK_FD)],
                             fds={1: log, 2: log, LOCK_FD: lock}, setsid=True)
             finally:

@@ -102,6 +102,21 @@ def test_a_second_spawn_finds_the_lock_taken(place: str, spawned: list[int]) -> 
     assert forkclient.read_pid(place) is None
 
 
+def test_a_spawned_server_ignores_pythonpath(place: str, spawned: list[int], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # containerd's environment reaches start; a PYTHONPATH there must not decide what the
+    # long-lived, root fork server imports (here: a trio that cannot be imported).
+    poison = tmp_path / "poison" / "trio"
+    poison.mkdir(parents=True)
+    (poison / "__init__.py").write_text("raise ImportError('PYTHONPATH reached the server')\n")
+    monkeypatch.setenv("PYTHONPATH", str(poison.parent))
+    pid = forkclient.spawn_server(place, forkclient.code_identity())
+    assert pid is not None
+    spawned.append(pid)
+    wait_for(lambda: answering(place) or exited(pid))
+    assert answering(place), open(forkclient.sibling(place, ".log")).read()
+
+
 def test_a_request_of_other_code_retires_it(place: str, spawned: list[int],
                                             tmp_path: Path) -> None:
     pid = forkclient.spawn_server(place, "1.0+old")
