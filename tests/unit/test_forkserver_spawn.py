@@ -114,7 +114,7 @@ def test_a_spawned_server_ignores_pythonpath(place: str, spawned: list[int], tmp
     assert pid is not None
     spawned.append(pid)
     wait_for(lambda: answering(place) or exited(pid))
-    assert answering(place), open(forkclient.sibling(place, ".log")).read()
+    assert answering(place), Path(forkclient.sibling(place, ".log")).read_text()
 
 
 def test_a_request_of_other_code_retires_it(place: str, spawned: list[int],
