@@ -221,12 +221,10 @@ def test_every_thread_of_the_peer_counts() -> None:
         assert forkserver.peer_identity(b) == ours
 
 
-@pytest.mark.parametrize("peerpidfd", [True, False], ids=["SO_PEERPIDFD", "pidfd_open"])
-def test_a_peer_that_is_gone_is_not_identified(monkeypatch: pytest.MonkeyPatch,
-                                               peerpidfd: bool) -> None:
-    # A client that exited before the server looked: its pid may be another process's now.
-    if not peerpidfd:
-        monkeypatch.setattr(forkserver, "SO_PEERPIDFD", -1)  # ENOPROTOOPT: an older kernel
+@contextlib.contextmanager
+def forked_peer(*, stays: bool) -> Iterator[tuple[socket.socket, int]]:
+    """(the server's end of a connection, the peer's pid): a forked child connects, then
+    exits at once or (``stays``) waits to be killed; killed and reaped afterwards."""
     with tempfile.TemporaryDirectory(prefix="sv-p-", dir="/tmp") as d:
         path = os.path.join(d, "s")
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -234,14 +232,33 @@ def test_a_peer_that_is_gone_is_not_identified(monkeypatch: pytest.MonkeyPatch,
             srv.bind(path)
             srv.listen(1)
             pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child connects and is gone
+            if pid == 0:  # pragma: no cover - the child connects (and waits, or is gone)
                 c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 c.connect(path)
+                if stays:
+                    c.recv(1)
                 os._exit(0)
-            os.waitpid(pid, 0)
-            conn, _ = srv.accept()
-            with conn, pytest.raises(ForkServerError, match="cannot identify the client"):
-                forkserver.peer_identity(conn)
+            try:
+                if not stays:
+                    os.waitpid(pid, 0)
+                conn, _ = srv.accept()
+                with conn:
+                    yield conn, pid
+            finally:
+                with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize("peerpidfd", [True, False], ids=["SO_PEERPIDFD", "pidfd_open"])
+def test_a_peer_that_is_gone_is_not_identified(monkeypatch: pytest.MonkeyPatch,
+                                               peerpidfd: bool) -> None:
+    # A client that exited before the server looked: its pid may be another process's now.
+    if not peerpidfd:
+        monkeypatch.setattr(forkserver, "SO_PEERPIDFD", -1)  # ENOPROTOOPT: an older kernel
+    with forked_peer(stays=False) as (conn, _), pytest.raises(
+            ForkServerError, match="cannot identify the client"):
+        forkserver.peer_identity(conn)
 
 
 def test_socket_path_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,35 +280,18 @@ def test_a_peer_that_exits_while_read_is_not_believed(monkeypatch: pytest.Monkey
     # verdict: what was read may be another process's, so it counts for nothing.
     if not peerpidfd:
         monkeypatch.setattr(forkserver, "SO_PEERPIDFD", -1)
-    with tempfile.TemporaryDirectory(prefix="sv-p-", dir="/tmp") as d:
-        path = os.path.join(d, "s")
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with srv:
-            srv.bind(path)
-            srv.listen(1)
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child connects and waits to be killed
-                c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                c.connect(path)
-                c.recv(1)
-                os._exit(0)
-            try:
-                conn, _ = srv.accept()
-                real = forkserver.identity
+    with forked_peer(stays=True) as (conn, pid):
+        real = forkserver.identity
 
-                def read_then_lose_the_peer(proc: str = "/proc/self") -> dict[str, object]:
-                    found = real(proc)
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    return found
+        def read_then_lose_the_peer(proc: str = "/proc/self") -> dict[str, object]:
+            found = real(proc)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return found
 
-                monkeypatch.setattr(forkserver, "identity", read_then_lose_the_peer)
-                with conn, pytest.raises(ForkServerError, match="it exited"):
-                    forkserver.peer_identity(conn)
-            finally:
-                with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
+        monkeypatch.setattr(forkserver, "identity", read_then_lose_the_peer)
+        with pytest.raises(ForkServerError, match="it exited"):
+            forkserver.peer_identity(conn)
 
 
 # --------------------------------------------------------------------------- the server
