@@ -120,10 +120,10 @@ class Container:
     def process(self, exec_id: str) -> Process:
         if not exec_id:
             return self.init
-        identifiers.check(exec_id, "exec id")
         try:
             return self.execs[exec_id]
         except KeyError:
+            identifiers.check(exec_id, "exec id")  # every stored one passed it at Exec
             raise NotFound(f"exec {exec_id!r} of container {self.id!r} not found") from None
 
     def all_processes(self) -> list[Process]:

@@ -122,9 +122,6 @@ _ADD, _ACK = spoolfile.ADD, spoolfile.ACK
 _MAX_INT = 2**63 - 1
 # The previous release wrote bare msgpack arrays: [1, ...] (7 fields) or [2, seq].
 _V1_FIRST_BYTES = (0x97, 0x92)
-# containerd refuses an envelope whose namespace or topic components are not
-# identifiers (events/exchange.go validateEnvelope, supervisor.identifiers): such
-# an event could never be delivered, and would block every later one.
 _LOGGED_SKIPS = 20
 
 
@@ -166,6 +163,9 @@ def _int(name: str, value: object, low: int) -> int:
 
 
 def _name(name: str, value: object, *, topic: bool = False) -> str:
+    # containerd refuses an envelope whose namespace or topic components are not
+    # identifiers (events/exchange.go validateEnvelope, supervisor.identifiers): such
+    # an event could never be delivered, and would block every later one.
     if type(value) is not str:
         raise _Bad(f"{name} is {type(value).__name__}, not a string")
     parts = value[1:].split("/") if topic and value.startswith("/") else [value]

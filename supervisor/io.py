@@ -255,16 +255,14 @@ class Opened:
 async def open_stdio(
     stdio: Stdio,
     *,
-    uid: int = -1,
-    gid: int = -1,
     reaper: Reaper | None = None,
     owner: Owner | None = None,
 ) -> Opened:
     """Open every destination ``stdio`` names (see the module's Design); all or nothing.
 
     For a terminal only stdout is output.  A logging binary needs ``owner``
-    (its environment) and a running ``reaper`` (which reaps it);
-    ``uid``/``gid`` own its pipes (a piped process writes to them).  Raises
+    (its environment) and a running ``reaper`` (which reaps it); who owns its
+    pipes is :class:`ProcessIO`'s business (a piped process writes to them).  Raises
     ValueError for a URI this shim cannot serve, OSError if a path cannot be
     opened or the logging binary cannot start.
     """
@@ -276,7 +274,7 @@ async def open_stdio(
         if stdio.stdout.startswith("binary://"):
             if reaper is None or owner is None:
                 raise ValueError("a logging binary needs the reaper and the container's id")
-            await _start_logger(opened, stdio, uid=uid, gid=gid, reaper=reaper, owner=owner)
+            await _start_logger(opened, stdio, reaper=reaper, owner=owner)
         else:
             if stdio.stdout:
                 opened.stdout = open_output(stdio.stdout)
@@ -289,7 +287,7 @@ async def open_stdio(
 
 
 async def _start_logger(
-    opened: Opened, stdio: Stdio, *, uid: int, gid: int, reaper: Reaper, owner: Owner
+    opened: Opened, stdio: Stdio, *, reaper: Reaper, owner: Owner
 ) -> None:
     """Start the logging binary of ``stdio.stdout``; its pipes' write ends go in ``opened``."""
     argv = logger_argv(stdio.stdout)
@@ -299,9 +297,6 @@ async def _start_logger(
     try:
         for r in (out_r, err_r):
             _grow_pipe(r)
-        if uid >= 0 or gid >= 0:
-            os.fchown(opened.stdout, uid, gid)
-            os.fchown(opened.stderr, uid, gid)
         if stdio.terminal:  # one output: the binary sees EOF on its stderr pipe
             os.close(opened.stderr)
             opened.stderr = -1
@@ -473,7 +468,6 @@ class ProcessIO:
         self._stdin_scope: trio.CancelScope | None = None
         self._stdin_copying = False
         self._closed = False
-        self.logger_pid = 0
         self.spool_dir = ""
         self.backlog_limit = BACKLOG_LIMIT
         self.delivered = 0  # bytes written to the destinations
@@ -494,7 +488,7 @@ class ProcessIO:
     ) -> ProcessIO:
         io = cls(stdio)
         io.spool_dir = spool_dir
-        opened = await open_stdio(stdio, uid=uid, gid=gid, reaper=reaper, owner=owner)
+        opened = await open_stdio(stdio, reaper=reaper, owner=owner)
         try:
             io._setup(opened, uid, gid)
         except BaseException:
@@ -522,7 +516,7 @@ class ProcessIO:
             self.child_fds[0] = r
         else:
             self.child_fds[0] = null()
-        self.logger_pid = opened.logger_pid
+        to_logger = opened.logger_pid != 0  # the logging binary reads its pipes itself
         for n, name in ((1, "stdout"), (2, "stderr")):
             dest = opened.stdout if n == 1 else opened.stderr
             if dest < 0:
@@ -532,7 +526,7 @@ class ProcessIO:
                 opened.stdout = -1
             else:
                 opened.stderr = -1
-            if self.logger_pid:  # the logging binary reads its pipe itself
+            if to_logger:  # chowned with the other child ends below
                 self._child_ends.append(dest)
                 self.child_fds[n] = dest
                 continue

@@ -94,7 +94,6 @@ StrPath: TypeAlias = str | os.PathLike[str]
 CgroupMode: TypeAlias = Literal["unavailable", "v1", "hybrid", "v2"]
 _Rdma = TypeVar("_Rdma", v1.RdmaEntry, v2.RdmaEntry)
 
-#: Where the cgroup file systems are mounted (the Go library hard-codes it too).
 #: ``statfs.f_type`` of a cgroup2 file system.
 CGROUP2_SUPER_MAGIC = 0x63677270
 

@@ -140,8 +140,6 @@ MS_SHARED: Final = 1 << 20
 MS_RELATIME: Final = 1 << 21
 MS_STRICTATIME: Final = 1 << 24
 
-# umount2(2) flags.
-
 # unshare(2): give the calling thread its own cwd/root/umask.
 _CLONE_FS: Final = 0x200
 

@@ -207,13 +207,17 @@ class TaskService:
                                status_of=status_of, log=log)
 
     async def _container(self, container_id: str) -> Container:
-        """The container, once its Create has finished (as if Create held a lock)."""
-        identifiers.check(container_id, "container id")
+        """The container, once its Create has finished (as if Create held a lock).
+
+        Every id in ``containers`` passed :func:`identifiers.check` at Create: only
+        a miss is checked, so a bad id is INVALID_ARGUMENT, a good unknown one NOT_FOUND.
+        """
         container = self.containers.get(container_id)
         if container is not None and not container.created.is_set():
             await container.created.wait()
             container = self.containers.get(container_id)
         if container is None:
+            identifiers.check(container_id, "container id")
             raise errors.NotFound(f"container {container_id!r} not created")
         return container
 

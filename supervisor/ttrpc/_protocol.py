@@ -236,7 +236,7 @@ class ServerConnection(_Base):
         events: list[ServerEvent] = []
         while True:
             if self._calls >= self.max_calls:
-                self._held_back = self._decoder.buffered > 0 or not self._decoder.at_boundary
+                self._held_back = not self._decoder.at_boundary
                 break
             item = self._next_frame()
             if item is None:
