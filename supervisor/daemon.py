@@ -167,9 +167,8 @@ class OwnSocket:
             name = listener.getsockname()
         except OSError:
             name = ""
-        # Empty for an abstract or unnamed socket: nothing to remove.
-        self.path = (sockfile.published_path(name)
-                     if isinstance(name, str) and name.startswith("/") else "")
+        # Empty for an abstract (bytes) or unnamed ("") socket: nothing to remove.
+        self.path = sockfile.published_path(name) if isinstance(name, str) and name else ""
         self._pinned = sockfile.pin(self.path) if self.path else None
 
     def remove(self) -> None:

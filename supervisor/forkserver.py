@@ -113,7 +113,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from supervisor import __version__, _ksm
-from supervisor.daemon import action_serve
+from supervisor.daemon import OwnSocket, action_serve
 from supervisor.launch import _msgpack, sockfile
 from supervisor.launch.defaults import LISTEN_FD
 from supervisor.launch.flags import Flags
@@ -469,7 +469,7 @@ class ForkServer:
     """
 
     def __init__(self, sock: socket.socket, log: logging.Logger, *, path: str = "",
-                 code: str = "", lock_fd: int = -1, pinned: int | None = None) -> None:
+                 code: str = "", lock_fd: int = -1, own: OwnSocket | None = None) -> None:
         self.sock = sock
         self.log = log
         self.identity = identity()
@@ -480,9 +480,8 @@ class ForkServer:
         self.lock_fd = lock_fd
         self.started = int(time.time())  # whole seconds: the codec has no floats
         self.retired = False
-        #: The socket file as bound (:func:`~supervisor.launch.sockfile.pin`): removed
-        #: only while it is still this inode.
-        self.pinned = pinned
+        #: The socket file as bound, removed at most once and only while still ours.
+        self.own = own
 
     def serve_forever(self) -> None:
         """Accept and handle one connection at a time until retired.
@@ -533,7 +532,7 @@ class ForkServer:
         """Stop accepting and release the socket and the lock; :meth:`serve_forever` ends.
 
         The socket file is removed only while it is still this server's
-        (:func:`~supervisor.launch.sockfile.remove_own`), then the listener is
+        (:class:`~supervisor.daemon.OwnSocket`), then the listener is
         closed (connections waiting in its backlog are reset: their clients
         start cold) and the lock released -- all before the retiring request
         is answered, so its client's new server can take both at once.  Shims
@@ -541,8 +540,8 @@ class ForkServer:
         """
         self.log.info("retiring: %s", why)
         self.retired = True
-        if self.pinned is not None:
-            sockfile.remove_own(self.path, self.pinned)
+        if self.own is not None:
+            self.own.remove()
         self.sock.close()
         if self.lock_fd >= 0:
             os.close(self.lock_fd)
@@ -584,7 +583,8 @@ class ForkServer:
                 if len(fds) != 1:
                     raise ForkServerError(f"want 1 fd (the shim's listener), got {len(fds)}")
                 check_listener(fds[0])
-                why = identity_mismatch(self.identity, peer_identity(conn))
+                if not stale:  # a stale request's peer was read above
+                    why = identity_mismatch(self.identity, peer_identity(conn))
                 if why:
                     raise ForkServerError("a forked shim would differ from a cold one: "
                                           f"the client's {why} is not the fork server's")
@@ -786,26 +786,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     preload(log)
     log.info("%s", _ksm.apply())
     sock: socket.socket | None = None
-    pinned: int | None = None
+    own: OwnSocket | None = None
     try:
         try:
             sock = bind(args.socket)
         except OSError as e:
             log.error("cannot serve %s: %s", args.socket, e)
             return 1
-        pinned = sockfile.pin(args.socket)
-        server = ForkServer(sock, log, path=args.socket, code=code, lock_fd=lock_fd,
-                            pinned=pinned)
+        own = OwnSocket(sock)
+        server = ForkServer(sock, log, path=args.socket, code=code, lock_fd=lock_fd, own=own)
         log.info("pid %d serving %s (version %s, code %s)", os.getpid(), args.socket,
                  __version__, code)
         server.serve_forever()
     except _Stop as e:
         log.info("stopping on signal %s", e)
     finally:
+        if own is not None:  # at most once (retire may have), and only our own
+            own.remove()
         if sock is not None:
             sock.close()
-        if pinned is not None:  # only our own: a successor may have bound anew
-            sockfile.remove_own(args.socket, pinned)
     return 0
 
 

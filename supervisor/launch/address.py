@@ -20,7 +20,6 @@ takes socket paths only: its callers parse addresses here.
 
 from __future__ import annotations
 
-import _socket
 import os
 
 UNIX = "unix://"
@@ -63,15 +62,3 @@ def canonical(address: str) -> str:
         return address_of(path)
     return UNIX + os.path.abspath(path)
 
-
-def can_connect(path: str) -> bool:
-    """Whether something accepts connections on socket path ``path`` now (0.5 s at most)."""
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    s.settimeout(0.5)
-    try:
-        s.connect(path)
-    except OSError:
-        return False
-    finally:
-        s.close()
-    return True
