@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*supervisor/api/introspect/introspect.proto\x12\x18supervisor.introspect.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\r\n\x0bShimRequest\"\x82\x03\n\x0cShimResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0euptime_seconds\x18\x06 \x01(\x01\x12\x18\n\x10memory_rss_bytes\x18\x07 \x01(\x04\x12\x18\n\x10memory_pss_bytes\x18\x08 \x01(\x04\x12\x10\n\x08open_fds\x18\t \x01(\r\x12\x16\n\x0eruntime_binary\x18\n \x01(\t\x12\x17\n\x0fruntime_version\x18\x0b \x01(\t\x12\x1d\n\x15runtime_version_error\x18\x0c \x01(\t\x12\x17\n\x0f\x63ontainer_count\x18\r \x01(\r\x12\x16\n\x0epython_version\x18\x0e \x01(\t\x12\x10\n\x08reserved\x18\x0f \x03(\t\x12\x0f\n\x07\x63losing\x18\x10 \x01(\x08\"\x1f\n\x11\x43ontainersRequest\x12\n\n\x02id\x18\x01 \x01(\t\"M\n\x12\x43ontainersResponse\x12\x37\n\ncontainers\x18\x01 \x03(\x0b\x32#.supervisor.introspect.v1.Container\"\xc6\x01\n\tContainer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0e\n\x06\x62undle\x18\x03 \x01(\t\x12\x16\n\x0eruntime_binary\x18\x04 \x01(\t\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x08\x12/\n\x04init\x18\x06 \x01(\x0b\x32!.supervisor.introspect.v1.Process\x12\x30\n\x05\x65xecs\x18\x07 \x03(\x0b\x32!.supervisor.introspect.v1.Process\"\xed\x01\n\x07Process\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x13\n\x0b\x65xit_status\x18\x04 \x01(\r\x12\x0e\n\x06\x65xited\x18\x05 \x01(\x08\x12-\n\texited_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x05stdio\x18\x07 \x01(\x0b\x32\x1f.supervisor.introspect.v1.Stdio\x12\x30\n\x02io\x18\x08 \x01(\x0b\x32$.supervisor.introspect.v1.IOCounters\"H\n\x05Stdio\x12\r\n\x05stdin\x18\x01 \x01(\t\x12\x0e\n\x06stdout\x18\x02 \x01(\t\x12\x0e\n\x06stderr\x18\x03 \x01(\t\x12\x10\n\x08terminal\x18\x04 \x01(\x08\"\xd3\x01\n\nIOCounters\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x13\n\x0bstdin_bytes\x18\x02 \x01(\x04\x12\x14\n\x0cstdout_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cstderr_bytes\x18\x04 \x01(\x04\x12\x1c\n\x14stdout_backlog_bytes\x18\x05 \x01(\x04\x12\x1c\n\x14stderr_backlog_bytes\x18\x06 \x01(\x04\x12\x1c\n\x14stdout_dropped_bytes\x18\x07 \x01(\x04\x12\x1c\n\x14stderr_dropped_bytes\x18\x08 \x01(\x04\"\x1e\n\rEventsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"\xd9\x02\n\x0e\x45ventsResponse\x12\x11\n\tpublished\x18\x01 \x01(\x04\x12\x11\n\tdelivered\x18\x02 \x01(\x04\x12\x10\n\x08replayed\x18\x03 \x01(\x04\x12\x15\n\rpending_count\x18\x04 \x01(\r\x12\"\n\x1aoldest_pending_age_seconds\x18\x05 \x01(\x01\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x31\n\rlast_error_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bspool_error\x18\x08 \x01(\t\x12\x30\n\x07pending\x18\t \x03(\x0b\x32\x1f.supervisor.introspect.v1.Event\x12/\n\x06recent\x18\n \x03(\x0b\x32\x1f.supervisor.introspect.v1.Event\x12\x15\n\rspool_skipped\x18\x0b \x01(\x04\"\xc8\x01\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05topic\x18\x02 \x01(\t\x12-\n\ttimestamp\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tnamespace\x18\x04 \x01(\t\x12\x10\n\x08type_url\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\x13\n\x0b\x66irst_error\x18\x07 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x08 \x01(\t\x12\x12\n\nprocess_id\x18\t \x01(\t2\xa9\x02\n\nIntrospect\x12U\n\x04Shim\x12%.supervisor.introspect.v1.ShimRequest\x1a&.supervisor.introspect.v1.ShimResponse\x12g\n\nContainers\x12+.supervisor.introspect.v1.ContainersRequest\x1a,.supervisor.introspect.v1.ContainersResponse\x12[\n\x06\x45vents\x12\'.supervisor.introspect.v1.EventsRequest\x1a(.supervisor.introspect.v1.EventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*supervisor/api/introspect/introspect.proto\x12\x18supervisor.introspect.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\r\n\x0bShimRequest\"\x89\x04\n\x0cShimResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0euptime_seconds\x18\x06 \x01(\x01\x12\x18\n\x10memory_rss_bytes\x18\x07 \x01(\x04\x12\x18\n\x10memory_pss_bytes\x18\x08 \x01(\x04\x12\x10\n\x08open_fds\x18\t \x01(\r\x12\x16\n\x0eruntime_binary\x18\n \x01(\t\x12\x17\n\x0fruntime_version\x18\x0b \x01(\t\x12\x1d\n\x15runtime_version_error\x18\x0c \x01(\t\x12\x17\n\x0f\x63ontainer_count\x18\r \x01(\r\x12\x16\n\x0epython_version\x18\x0e \x01(\t\x12\x10\n\x08reserved\x18\x0f \x03(\t\x12\x0f\n\x07\x63losing\x18\x10 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x11 \x01(\t\x12\x10\n\x08upgrades\x18\x12 \x01(\r\x12\x18\n\x10upgrade_attempts\x18\x13 \x01(\r\x12\x1a\n\x12last_upgrade_error\x18\x14 \x01(\t\x12/\n\x0bupgraded_at\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1f\n\x11\x43ontainersRequest\x12\n\n\x02id\x18\x01 \x01(\t\"M\n\x12\x43ontainersResponse\x12\x37\n\ncontainers\x18\x01 \x03(\x0b\x32#.supervisor.introspect.v1.Container\"\xc6\x01\n\tContainer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0e\n\x06\x62undle\x18\x03 \x01(\t\x12\x16\n\x0eruntime_binary\x18\x04 \x01(\t\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x08\x12/\n\x04init\x18\x06 \x01(\x0b\x32!.supervisor.introspect.v1.Process\x12\x30\n\x05\x65xecs\x18\x07 \x03(\x0b\x32!.supervisor.introspect.v1.Process\"\xed\x01\n\x07Process\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x13\n\x0b\x65xit_status\x18\x04 \x01(\r\x12\x0e\n\x06\x65xited\x18\x05 \x01(\x08\x12-\n\texited_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x05stdio\x18\x07 \x01(\x0b\x32\x1f.supervisor.introspect.v1.Stdio\x12\x30\n\x02io\x18\x08 \x01(\x0b\x32$.supervisor.introspect.v1.IOCounters\"H\n\x05Stdio\x12\r\n\x05stdin\x18\x01 \x01(\t\x12\x0e\n\x06stdout\x18\x02 \x01(\t\x12\x0e\n\x06stderr\x18\x03 \x01(\t\x12\x10\n\x08terminal\x18\x04 \x01(\x08\"\xd3\x01\n\nIOCounters\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x13\n\x0bstdin_bytes\x18\x02 \x01(\x04\x12\x14\n\x0cstdout_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cstderr_bytes\x18\x04 \x01(\x04\x12\x1c\n\x14stdout_backlog_bytes\x18\x05 \x01(\x04\x12\x1c\n\x14stderr_backlog_bytes\x18\x06 \x01(\x04\x12\x1c\n\x14stdout_dropped_bytes\x18\x07 \x01(\x04\x12\x1c\n\x14stderr_dropped_bytes\x18\x08 \x01(\x04\"\x1e\n\rEventsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"\xd9\x02\n\x0e\x45ventsResponse\x12\x11\n\tpublished\x18\x01 \x01(\x04\x12\x11\n\tdelivered\x18\x02 \x01(\x04\x12\x10\n\x08replayed\x18\x03 \x01(\x04\x12\x15\n\rpending_count\x18\x04 \x01(\r\x12\"\n\x1aoldest_pending_age_seconds\x18\x05 \x01(\x01\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x31\n\rlast_error_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bspool_error\x18\x08 \x01(\t\x12\x30\n\x07pending\x18\t \x03(\x0b\x32\x1f.supervisor.introspect.v1.Event\x12/\n\x06recent\x18\n \x03(\x0b\x32\x1f.supervisor.introspect.v1.Event\x12\x15\n\rspool_skipped\x18\x0b \x01(\x04\"\xc8\x01\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05topic\x18\x02 \x01(\t\x12-\n\ttimestamp\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tnamespace\x18\x04 \x01(\t\x12\x10\n\x08type_url\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\x13\n\x0b\x66irst_error\x18\x07 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x08 \x01(\t\x12\x12\n\nprocess_id\x18\t \x01(\t2\xa9\x02\n\nIntrospect\x12U\n\x04Shim\x12%.supervisor.introspect.v1.ShimRequest\x1a&.supervisor.introspect.v1.ShimResponse\x12g\n\nContainers\x12+.supervisor.introspect.v1.ContainersRequest\x1a,.supervisor.introspect.v1.ContainersResponse\x12[\n\x06\x45vents\x12\'.supervisor.introspect.v1.EventsRequest\x1a(.supervisor.introspect.v1.EventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,25 +35,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHIMREQUEST']._serialized_start=105
   _globals['_SHIMREQUEST']._serialized_end=118
   _globals['_SHIMRESPONSE']._serialized_start=121
-  _globals['_SHIMRESPONSE']._serialized_end=507
-  _globals['_CONTAINERSREQUEST']._serialized_start=509
-  _globals['_CONTAINERSREQUEST']._serialized_end=540
-  _globals['_CONTAINERSRESPONSE']._serialized_start=542
-  _globals['_CONTAINERSRESPONSE']._serialized_end=619
-  _globals['_CONTAINER']._serialized_start=622
-  _globals['_CONTAINER']._serialized_end=820
-  _globals['_PROCESS']._serialized_start=823
-  _globals['_PROCESS']._serialized_end=1060
-  _globals['_STDIO']._serialized_start=1062
-  _globals['_STDIO']._serialized_end=1134
-  _globals['_IOCOUNTERS']._serialized_start=1137
-  _globals['_IOCOUNTERS']._serialized_end=1348
-  _globals['_EVENTSREQUEST']._serialized_start=1350
-  _globals['_EVENTSREQUEST']._serialized_end=1380
-  _globals['_EVENTSRESPONSE']._serialized_start=1383
-  _globals['_EVENTSRESPONSE']._serialized_end=1728
-  _globals['_EVENT']._serialized_start=1731
-  _globals['_EVENT']._serialized_end=1931
-  _globals['_INTROSPECT']._serialized_start=1934
-  _globals['_INTROSPECT']._serialized_end=2231
+  _globals['_SHIMRESPONSE']._serialized_end=642
+  _globals['_CONTAINERSREQUEST']._serialized_start=644
+  _globals['_CONTAINERSREQUEST']._serialized_end=675
+  _globals['_CONTAINERSRESPONSE']._serialized_start=677
+  _globals['_CONTAINERSRESPONSE']._serialized_end=754
+  _globals['_CONTAINER']._serialized_start=757
+  _globals['_CONTAINER']._serialized_end=955
+  _globals['_PROCESS']._serialized_start=958
+  _globals['_PROCESS']._serialized_end=1195
+  _globals['_STDIO']._serialized_start=1197
+  _globals['_STDIO']._serialized_end=1269
+  _globals['_IOCOUNTERS']._serialized_start=1272
+  _globals['_IOCOUNTERS']._serialized_end=1483
+  _globals['_EVENTSREQUEST']._serialized_start=1485
+  _globals['_EVENTSREQUEST']._serialized_end=1515
+  _globals['_EVENTSRESPONSE']._serialized_start=1518
+  _globals['_EVENTSRESPONSE']._serialized_end=1863
+  _globals['_EVENT']._serialized_start=1866
+  _globals['_EVENT']._serialized_end=2066
+  _globals['_INTROSPECT']._serialized_start=2069
+  _globals['_INTROSPECT']._serialized_end=2366
 # @@protoc_insertion_point(module_scope)

@@ -14,7 +14,7 @@ class ShimRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShimResponse(_message.Message):
-    __slots__ = ("pid", "version", "namespace", "address", "started_at", "uptime_seconds", "memory_rss_bytes", "memory_pss_bytes", "open_fds", "runtime_binary", "runtime_version", "runtime_version_error", "container_count", "python_version", "reserved", "closing")
+    __slots__ = ("pid", "version", "namespace", "address", "started_at", "uptime_seconds", "memory_rss_bytes", "memory_pss_bytes", "open_fds", "runtime_binary", "runtime_version", "runtime_version_error", "container_count", "python_version", "reserved", "closing", "code", "upgrades", "upgrade_attempts", "last_upgrade_error", "upgraded_at")
     PID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,11 @@ class ShimResponse(_message.Message):
     PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
     RESERVED_FIELD_NUMBER: _ClassVar[int]
     CLOSING_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    UPGRADES_FIELD_NUMBER: _ClassVar[int]
+    UPGRADE_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_UPGRADE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    UPGRADED_AT_FIELD_NUMBER: _ClassVar[int]
     pid: int
     version: str
     namespace: str
@@ -47,7 +52,12 @@ class ShimResponse(_message.Message):
     python_version: str
     reserved: _containers.RepeatedScalarFieldContainer[str]
     closing: bool
-    def __init__(self, pid: _Optional[int] = ..., version: _Optional[str] = ..., namespace: _Optional[str] = ..., address: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., memory_rss_bytes: _Optional[int] = ..., memory_pss_bytes: _Optional[int] = ..., open_fds: _Optional[int] = ..., runtime_binary: _Optional[str] = ..., runtime_version: _Optional[str] = ..., runtime_version_error: _Optional[str] = ..., container_count: _Optional[int] = ..., python_version: _Optional[str] = ..., reserved: _Optional[_Iterable[str]] = ..., closing: _Optional[bool] = ...) -> None: ...
+    code: str
+    upgrades: int
+    upgrade_attempts: int
+    last_upgrade_error: str
+    upgraded_at: _timestamp_pb2.Timestamp
+    def __init__(self, pid: _Optional[int] = ..., version: _Optional[str] = ..., namespace: _Optional[str] = ..., address: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., memory_rss_bytes: _Optional[int] = ..., memory_pss_bytes: _Optional[int] = ..., open_fds: _Optional[int] = ..., runtime_binary: _Optional[str] = ..., runtime_version: _Optional[str] = ..., runtime_version_error: _Optional[str] = ..., container_count: _Optional[int] = ..., python_version: _Optional[str] = ..., reserved: _Optional[_Iterable[str]] = ..., closing: _Optional[bool] = ..., code: _Optional[str] = ..., upgrades: _Optional[int] = ..., upgrade_attempts: _Optional[int] = ..., last_upgrade_error: _Optional[str] = ..., upgraded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ContainersRequest(_message.Message):
     __slots__ = ("id",)
