@@ -30,6 +30,13 @@ Control protocol (one datagram each way)::
                  | "exited HOLDERPID INITPID STATUS"
     kill SIG  -> "ok" | "error WHY"          (signals the init)
     shutdown  -> "ok" (the holder ends) | "error running"
+    keep + SCM_RIGHTS fds -> "ok"            (the holder keeps them open, never reads them)
+    give      -> "fds N" + SCM_RIGHTS: the kept fds (the holder keeps its copies)
+
+``keep``/``give`` are how a containerd connection outlives its manager: the manager hands
+the holder a duplicate of each connection it accepts, so the kernel does not close the
+connection when the manager dies (containerd 1.6 would otherwise take the close for a
+dead shim and clean up the task), and a new manager takes the connections back.
 
 Several connections may be open at once (a manager, a new manager re-attaching, a CLI);
 none of them is needed for the container to go on: with no manager at all a holder keeps
@@ -63,6 +70,7 @@ import time
 PR_SET_CHILD_SUBREAPER = 36
 CHUNK = 65536
 PENDING_MAX = 1 << 20
+MAX_FDS = 64
 IN = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
@@ -121,6 +129,7 @@ class Holder:
         self.quit = False
         self.streams: list[Stream] = []
         self.conns: dict[int, _socket.socket] = {}
+        self.kept: list[int] = []
 
     # -- set-up -------------------------------------------------------------------
 
@@ -274,15 +283,32 @@ class Holder:
     def serve(self, fd: int) -> None:
         conn = self.conns[fd]
         try:
-            request = conn.recv(256)
+            request, ancdata, _, _ = conn.recvmsg(256, _socket.CMSG_SPACE(4 * MAX_FDS))
         except OSError:
-            request = b""
+            request, ancdata = b"", []
+        fds = [int.from_bytes(data[i:i + 4], sys.byteorder, signed=True)
+               for level, kind, data in ancdata
+               if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
+               for i in range(0, len(data) - 3, 4)]  # fmt: skip
         if not request:
+            for passed in fds:
+                os.close(passed)
             del self.conns[fd]
             conn.close()
             return
+        words = request.decode("ascii", "replace").split()
         try:
-            conn.send(self.answer(request.decode("ascii", "replace").split()).encode())
+            if words == ["keep"]:
+                self.kept += fds
+                conn.send(b"ok")
+            elif words == ["give"]:
+                payload = b"".join(k.to_bytes(4, sys.byteorder, signed=True) for k in self.kept)
+                conn.sendmsg([f"fds {len(self.kept)}".encode()],
+                             [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, payload)] if payload else [])
+            else:
+                for passed in fds:
+                    os.close(passed)
+                conn.send(self.answer(words).encode())
         except OSError:
             del self.conns[fd]
             conn.close()

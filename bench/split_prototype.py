@@ -90,15 +90,23 @@ def wait_answer(path: Path, request: str, ok: Callable[[str], bool], limit: floa
 
 
 def manager_main(ctl_path: str, ttrpc_path: str) -> None:
-    """One per namespace: a ttrpc server for containerd (empty here) and a connection per
-    holder it drives.  ``attach DIR`` on ``ctl_path`` attaches one (answers its status),
-    ``count`` answers how many are attached."""
+    """One per namespace: a ttrpc server for containerd and a connection per holder it
+    drives.  On ``ctl_path``: ``attach DIR`` attaches a holder (answers its status) and
+    takes back the containerd connections it kept for a dead manager; ``count`` answers
+    how many holders are attached.  Each connection accepted on ``ttrpc_path`` is handed
+    (a duplicate fd) to the last attached holder, which keeps it open; the ttrpc server
+    has one service, ``split.Demo`` with ``Pid`` (answers this manager's pid)."""
     import trio  # noqa: PLC0415 (only the manager carries these)
 
     import supervisor.daemon  # noqa: F401, PLC0415 (its whole import weight, as a shim daemon)
     from supervisor import ttrpc  # noqa: PLC0415
 
     holders: dict[str, trio.socket.SocketType] = {}
+    keeper: list[trio.socket.SocketType] = []  # the holder that keeps new connections
+    rights = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+
+    async def pid(ctx: ttrpc.CallContext, payload: bytes) -> bytes:
+        return str(os.getpid()).encode()
 
     async def watch(state_dir: str, conn: trio.socket.SocketType) -> None:
         with conn:
@@ -106,25 +114,57 @@ def manager_main(ctl_path: str, ttrpc_path: str) -> None:
                 pass
         holders.pop(state_dir, None)  # the holder is gone: a real manager reports the exit
 
+    async def call(h: trio.socket.SocketType, request: bytes) -> tuple[str, list[int]]:
+        await h.send(request)
+        data, ancdata, _, _ = await h.recvmsg(256, socket.CMSG_SPACE(4 * 64))
+        fds = [int.from_bytes(d[i:i + 4], sys.byteorder, signed=True)
+               for level, kind, d in ancdata if (level, kind) == rights
+               for i in range(0, len(d) - 3, 4)]  # fmt: skip
+        return data.decode(), fds
+
+    async def attach(state_dir: str, nursery: trio.Nursery, server: ttrpc.Server) -> str:
+        h = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        await h.connect(os.path.join(state_dir, "ctl"))
+        status, _ = await call(h, b"status")
+        _, fds = await call(h, b"give")  # connections kept for a dead manager
+        for fd in fds:
+            sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+            nursery.start_soon(server.serve_stream, trio.SocketStream(sock))
+        holders[state_dir] = h
+        keeper[:] = [h]
+        # A second connection for the watch: the first one stays for requests.
+        w = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        await w.connect(os.path.join(state_dir, "ctl"))
+        nursery.start_soon(watch, state_dir, w)
+        return f"{status} kept {len(fds)}"
+
+    async def accept_loop(listener: trio.SocketListener, server: ttrpc.Server,
+                          nursery: trio.Nursery) -> None:  # fmt: skip
+        while True:
+            stream = await listener.accept()
+            if keeper:
+                fd = stream.socket.fileno().to_bytes(4, sys.byteorder, signed=True)
+                await keeper[0].sendmsg([b"keep"], [(*rights, fd)])
+                await keeper[0].recv(256)
+            nursery.start_soon(server.serve_stream, stream)
+
     async def main() -> None:
         server = ttrpc.Server()
+        server.register("split.Demo", {"Pid": pid})
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ttrpc_path)  # a dead manager's
         listener = await ttrpc.open_unix_listener(ttrpc_path)
         ctl = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         await ctl.bind(ctl_path)
         ctl.listen(64)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.serve, listener)
+            nursery.start_soon(accept_loop, listener, server, nursery)
             while True:
                 conn, _ = await ctl.accept()
                 with conn:
                     words = (await conn.recv(4096)).decode().split(" ", 1)
                     if words[0] == "attach" and len(words) == 2:
-                        h = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                        await h.connect(os.path.join(words[1], "ctl"))
-                        await h.send(b"status")
-                        answer = (await h.recv(256)).decode()
-                        holders[words[1]] = h
-                        nursery.start_soon(watch, words[1], h)
+                        answer = await attach(words[1], nursery, server)
                     elif words[0] == "count":
                         answer = str(len(holders))
                     else:
@@ -132,6 +172,67 @@ def manager_main(ctl_path: str, ttrpc_path: str) -> None:
                     await conn.send(answer.encode())
 
     trio.run(main)
+
+
+def reattach_demo(work: Path) -> dict[str, int]:
+    """A ttrpc client (ours, standing in for containerd) keeps its connection through a
+    SIGKILL of the manager and is answered by a new one that re-attached to the holder.
+
+    Returns the pids: ``first`` and ``second`` manager, and who answered ``before`` and
+    ``after`` the kill on the one connection.  No root, no containerd (a ``sleep`` holder).
+    """
+    import trio  # noqa: PLC0415
+
+    from supervisor import ttrpc  # noqa: PLC0415
+
+    state = work / "holder"
+    state.mkdir(parents=True)
+    with open(state / "spec", "wb") as f:
+        marshal.dump({"argv": ["sleep", "1000000"], "stdout": str(state / "out"),
+                      "stderr": str(state / "err")}, f)  # fmt: skip
+    ctl, address = work / "manager.sock", work / "manager.ttrpc"
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(argv: list[str]) -> subprocess.Popen[bytes]:
+        procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL))
+        return procs[-1]
+
+    def manager() -> subprocess.Popen[bytes]:
+        with contextlib.suppress(FileNotFoundError):
+            ctl.unlink()
+        p = start([sys.executable, str(Path(__file__).resolve()), "manager", str(ctl),
+                   str(address)])  # fmt: skip
+        wait_answer(ctl, "count", lambda a: True)
+        if not ask(ctl, f"attach {state}").startswith("running "):
+            raise RuntimeError("the manager could not attach the holder")
+        return p
+
+    start([sys.executable, "-I", "-S", "-c", HOLDER_BOOT, str(HERE), "holder", str(state)])
+    out: dict[str, int] = {}
+    try:
+        wait_answer(state / "ctl", "status", lambda a: a.startswith("running "))
+        first = manager()
+        out["first"] = first.pid
+
+        async def client_side() -> None:
+            client = await ttrpc.connect_unix(address)
+            out["before"] = int(await client.call("split.Demo", "Pid", b"", timeout=10))
+            first.kill()
+            first.wait()
+            out["second"] = (await trio.to_thread.run_sync(manager)).pid
+            out["after"] = int(await client.call("split.Demo", "Pid", b"", timeout=10))
+            await client.aclose()
+
+        trio.run(client_side)
+        out["holder_running"] = int(ask(state / "ctl", "status").startswith("running "))
+    finally:
+        with contextlib.suppress(OSError, RuntimeError):
+            ask(state / "ctl", "kill 9")  # the holder's sleep
+            wait_answer(state / "ctl", "status", lambda a: a.startswith("exited "), 10)
+        for p in procs:
+            p.kill()
+            p.wait()
+    return out
 
 
 # --------------------------------------------------------------------------- measurement
@@ -234,6 +335,7 @@ class Split:
             for state in states:
                 with contextlib.suppress(OSError, IndexError, ValueError):
                     pids.append(int(ask(state / "ctl", "status", timeout=2).split()[1]))
+                    ask(state / "ctl", "kill 9", timeout=2)  # the init, runc's or a sleep
         for cid in self.runc_ids:
             subprocess.run(["runc", "--root", str(self.runc_root), "delete", "-f", cid],
                            capture_output=True, timeout=30, check=False)  # fmt: skip
@@ -250,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["manager"] and len(args) == 3:
         manager_main(args[1], args[2])
+        return 0
+    if args[:1] == ["reattach"] and len(args) == 2:
+        print(reattach_demo(Path(args[1])))
         return 0
     p = argparse.ArgumentParser(prog="bench/split_prototype.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
-from split_prototype import HOLDER_BOOT, ask, wait_answer  # noqa: E402
+from split_prototype import HOLDER_BOOT, ask, reattach_demo, wait_answer  # noqa: E402
 
 DEADLINE = 30.0
 
@@ -136,3 +136,13 @@ def test_zygote_forks_a_holder_that_is_nobodys_child(tmp_path: Path) -> None:
                 pass
         zygote.kill()
         zygote.wait()
+
+
+def test_containerd_connection_outlives_a_killed_manager(tmp_path: Path) -> None:
+    """The failure story's claim: the holder keeps a duplicate of the connection, so a
+    client (standing in for containerd) sees no close when the manager is SIGKILLed, and
+    its next call on the same connection is answered by the manager that re-attached."""
+    pids = reattach_demo(tmp_path)
+    assert pids["before"] == pids["first"]
+    assert pids["after"] == pids["second"] != pids["first"]
+    assert pids["holder_running"] == 1
