@@ -30,8 +30,14 @@ What runs (root; one private containerd from ``tests/integration/harness.py`` th
   enough for memory, since a holder's memory does not depend on its child).
 * The manager (``split_prototype.py manager``) is a cold interpreter that imports
   ``supervisor.daemon`` (trio, protobuf, the Task service: what a shim daemon carries),
-  serves an (empty) ttrpc server and holds one connection per holder, a task each,
-  waiting for the holder's end.  It does no real containerd work: its memory is a floor.
+  serves a ttrpc server (one demo method) whose connections it hands to a holder to keep,
+  and holds connections to each holder, a task waiting for the holder's end.  It does no
+  real containerd work: its memory is a floor.
+
+``split_prototype.py reattach DIR`` (no root, no containerd) shows the failure story's
+claim: a ttrpc client's connection outlives a SIGKILL of the manager, because the holder
+keeps a duplicate of it, and a new manager that re-attaches answers the next call on it
+(:func:`reattach_demo`, run by tests/unit/test_bench_split_holder.py).
 
 Memory is ``bench/compare``'s measure (``smaps_rollup_kib``: ``Pss`` and ``Private_Dirty``
 of each process), per container: a holder's figure, plus its manager's divided by the

@@ -35,6 +35,16 @@ def wait_until(cond: Callable[[], bool], what: str) -> None:
         time.sleep(0.005)
 
 
+def stop(state: Path, proc: subprocess.Popen[bytes]) -> None:
+    """The holder's init first (a failed test must not leave a ``sleep`` behind)."""
+    try:
+        ask(state / "ctl", "kill 9", timeout=2)
+    except OSError:
+        pass
+    proc.kill()
+    proc.wait()
+
+
 def run_holder(state: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-I", "-S", "-c", HOLDER_BOOT, str(BENCH), "holder", str(state)])
@@ -57,8 +67,7 @@ def test_output_copied_and_exit_recorded(tmp_path: Path) -> None:
         assert proc.wait(DEADLINE) == 0
         assert not (state / "ctl").exists()
     finally:
-        proc.kill()
-        proc.wait()
+        stop(state, proc)
 
 
 def test_kill_reaches_the_init_and_shutdown_waits_for_its_exit(tmp_path: Path) -> None:
@@ -73,8 +82,7 @@ def test_kill_reaches_the_init_and_shutdown_waits_for_its_exit(tmp_path: Path) -
         assert answer.split()[-1] == "137"
         assert ask(state / "ctl", "kill 9") == "error not running"
     finally:
-        proc.kill()
-        proc.wait()
+        stop(state, proc)
 
 
 def test_exit_recorded_only_after_the_output_is_drained(tmp_path: Path) -> None:
@@ -104,8 +112,7 @@ def test_exit_recorded_only_after_the_output_is_drained(tmp_path: Path) -> None:
         assert (state / "out").read_text() == "late\n"
         assert (state / "exit").read_text().split()[:2] == [str(init_pid), "0"]
     finally:
-        proc.kill()
-        proc.wait()
+        stop(state, proc)
 
 
 def test_zygote_forks_a_holder_that_is_nobodys_child(tmp_path: Path) -> None:
@@ -131,6 +138,10 @@ def test_zygote_forks_a_holder_that_is_nobodys_child(tmp_path: Path) -> None:
     finally:
         if holder_pid:
             try:
+                ask(state / "ctl", "kill 9", timeout=2)
+            except OSError:
+                pass
+            try:
                 os.kill(holder_pid, 9)
             except ProcessLookupError:
                 pass
@@ -146,3 +157,15 @@ def test_containerd_connection_outlives_a_killed_manager(tmp_path: Path) -> None
     assert pids["before"] == pids["first"]
     assert pids["after"] == pids["second"] != pids["first"]
     assert pids["holder_running"] == 1
+
+
+def test_holder_imports_no_trio_no_protobuf_no_enum() -> None:
+    """What the memory figures rest on: a holder's interpreter carries the standard
+    library's small modules only (``enum`` would come with ``socket`` or ``signal``)."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import split_holder; "
+            "print(' '.join(sorted(sys.modules)))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(BENCH)],
+                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    assert "split_holder" in out
+    for heavy in ("trio", "google.protobuf", "supervisor", "enum", "socket", "signal"):
+        assert heavy not in out
