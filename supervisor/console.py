@@ -47,6 +47,10 @@ Invariants
 * Every fd is closed by exactly one party, and only after
   ``trio.lowlevel.notify_closing``; the copies re-read the fd from the object
   after every wait, so a closed (possibly reused) fd number is never touched.
+* A pause (issue 17: :meth:`Console.pause`, see :mod:`supervisor.io`) stops
+  the copies at a chunk boundary: a chunk read from the master or the stdin
+  FIFO and not yet written all the way is carried (exported with the
+  console) and written first when the copies go on.
 * The copies never raise into the caller's nursery: errors are logged and end
   the copy.  :meth:`Console.close` cancels them and closes every fd
   (idempotent); the master stays open until then, so resizing after the
@@ -537,12 +541,21 @@ class Console:
             await self._stopped.wait()
 
     def resume(self) -> None:
-        """Undo :meth:`pause` in place (also after :meth:`export`): the copies go on."""
+        """Undo :meth:`pause` in place (also after :meth:`export`): the copies go on.
+
+        A no-op if not paused or closed; copies never started stay unstarted.
+        """
         if self._closed or not self._pausing:
             return
         if self._nursery is None:
-            raise RuntimeError("resume: the copies were never started")
+            self._pausing = self._exported = False
+            return
         self.start(self._nursery)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (a closed console is not exported)."""
+        return self._closed
 
     def _state(self) -> dict[str, object]:
         return {

@@ -1,4 +1,4 @@
-"""A process's standard streams: where containerd wants them, and the pipes and copies to them.
+r"""A process's standard streams: where containerd wants them, and the pipes and copies to them.
 
 Design
 ------
@@ -35,6 +35,20 @@ terminal is the end of input: for pipes, a writer closing the stdin FIFO (or
 the process's stdin; a terminal's end of input is in-band, so it reopens the
 FIFO and waits for the next writer (see :mod:`supervisor.console`).
 
+An in-place upgrade (issue 17) hands every stream to the new code without
+losing a byte, for pipes and terminals alike (:class:`Streams`):
+``pause()`` stops the copies at a chunk boundary; ``export()`` describes the
+paused object as a small JSON-able dict whose fds are the ``*_fd`` fields
+(``fds()`` lists them: they must survive ``execve``); the new code rebuilds
+it with :func:`adopt_streams` and ``start``\ s it, and it goes on where it
+stopped (``resume()`` does that in place when the upgrade is called off).
+Output read from a pipe and not yet written is in the stream's
+:class:`Backlog` (moved from memory to a memfd at pause, so that an fd
+carries it); a chunk read for stdin (or by a terminal's copies) and not yet
+written all the way is carried in the dict.  Counters, backlog counts, a
+reader found gone, output that reached EOF, and a ``close_stdin`` not yet
+done all carry over, so :meth:`ProcessIO.wait_output` means the same after.
+
 Invariants
 ----------
 * Output is drained to EOF before the process's exit is reported
@@ -45,7 +59,10 @@ Invariants
   then call :meth:`ProcessIO.spawned`) and, for either kind,
   :attr:`Streams.counters`.
 * Every fd opened for a process has exactly one owner at every moment: a
-  failed open closes whatever was opened before it.
+  failed open closes whatever was opened before it; an exported object's fds
+  belong to the exported dict (its ``close()`` leaves them open).
+* Every await of a copy is at a chunk boundary: a chunk read is written,
+  held in the backlog, or carried before the copy can stop there.
 * A backlog never holds a byte that was not written: what the disk refuses
   (a short write, ENOSPC) is counted in :attr:`Backlog.dropped`.
 """
@@ -119,6 +136,9 @@ class Streams(Protocol):
     def fds(self) -> list[int]: ...
 
     def close(self) -> None: ...
+
+    @property
+    def closed(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -908,12 +928,21 @@ class ProcessIO:
             self._backlog(out).hold_in_file()
 
     def resume(self) -> None:
-        """Undo :meth:`pause` in place (also after :meth:`export`): the copies go on."""
+        """Undo :meth:`pause` in place (also after :meth:`export`): the copies go on.
+
+        A no-op if not paused or closed; copies never started stay unstarted.
+        """
         if self._closed or not self._pausing:
             return
         if self._nursery is None:
-            raise RuntimeError("resume: the copies were never started")
+            self._pausing = self._exported = False
+            return
         self.start(self._nursery)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (closed streams are not exported)."""
+        return self._closed
 
     def _state(self) -> dict[str, object]:
         outputs: list[dict[str, object]] = []
@@ -967,7 +996,8 @@ class ProcessIO:
         return state
 
     def fds(self) -> list[int]:
-        """Every fd :meth:`export` names: what must stay open across ``execve``."""
+        """Every fd :meth:`export` names: what must stay open across ``execve`` (ask
+        after :meth:`pause`: a backlog in memory is in a file only then)."""
         return fds_of(self._state())
 
     @classmethod

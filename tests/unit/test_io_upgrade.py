@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import tty
 from collections.abc import Iterator
@@ -256,6 +258,55 @@ async def test_a_gone_reader_stays_gone_across(tmp_path: Path,
         assert await new.wait_output()
     assert len(got) + new.counters.backlog("stdout")[1] == len(payload)
     assert payload.startswith(bytes(got))
+
+
+# The new code, as a process of its own: it adopts the state (fds inherited by number,
+# as across execve), copies until the output is delivered, and says what it counted.
+NEW_CODE = """
+import json, sys, trio
+from supervisor.io import adopt_streams
+
+async def main():
+    streams = adopt_streams(json.loads(sys.argv[1]))
+    async with trio.open_nursery() as nursery:
+        streams.start(nursery)
+        await streams.wait_output()
+    streams.close()
+    print(json.dumps([streams.counters.stdout, streams.counters.backlog("stdout")]))
+
+trio.run(main)
+"""
+
+
+async def test_a_new_process_adopts_the_streams(tmp_path: Path) -> None:
+    """The whole hand-over for real: fds() kept open into another process, export()
+    as its argument; the old side closes its copies, as exec replaces it."""
+    fifo = tmp_path / "out"
+    os.mkfifo(fifo)
+    payload = numbered(700_000)
+    pio = await ProcessIO.create(Stdio(stdout=str(fifo)), spool_dir=str(tmp_path))
+    w = os.dup(pio.child_fds[1])
+    pio.spawned()
+    got = bytearray()
+    async with trio.open_nursery() as nursery:
+        pio.start(nursery)
+        await write_all(w, payload[:400_000])
+        await until(lambda: pio.counters.stdout == 400_000, "read")  # ~340K held
+        await pio.pause()
+        fds = pio.fds()
+        state = json.dumps(pio.export())
+        new = subprocess.Popen([sys.executable, "-c", NEW_CODE, state], pass_fds=fds,
+                               stdout=subprocess.PIPE)
+        for fd in fds:  # exec leaves one holder: the new code
+            os.close(fd)
+        pio.close()  # exported: closes nothing
+        nursery.start_soon(read_to_eof, os.open(fifo, os.O_RDONLY | os.O_NONBLOCK), got)
+        await write_all(w, payload[400_000:])
+        os.close(w)
+        out, _ = await trio.to_thread.run_sync(new.communicate)
+    assert new.returncode == 0
+    assert bytes(got) == payload
+    assert json.loads(out) == [len(payload), [0, 0]]
 
 
 # --- pipes: stdin ----------------------------------------------------------------------
