@@ -544,9 +544,13 @@ class Console:
         """Undo :meth:`pause` in place (also after :meth:`export`): the copies go on.
 
         A no-op if not paused or closed; copies never started stay unstarted.
+        The fds are marked close-on-exec again (see :meth:`ProcessIO.resume
+        <supervisor.io.ProcessIO.resume>`).
         """
         if self._closed or not self._pausing:
             return
+        for fd in self.fds():
+            os.set_inheritable(fd, False)
         if self._nursery is None:
             self._pausing = self._exported = False
             return
@@ -625,6 +629,7 @@ class Console:
             return
         self._closed = True
         if self._exported:
+            self._output_done.set()
             return
         self._in_scope.cancel()
         self._out_scope.cancel()

@@ -931,9 +931,13 @@ class ProcessIO:
         """Undo :meth:`pause` in place (also after :meth:`export`): the copies go on.
 
         A no-op if not paused or closed; copies never started stay unstarted.
+        The fds are marked close-on-exec again (an upgrade clears the mark
+        just before ``execve``; if that failed, no child may inherit them).
         """
         if self._closed or not self._pausing:
             return
+        for fd in self.fds():
+            os.set_inheritable(fd, False)
         if self._nursery is None:
             self._pausing = self._exported = False
             return
@@ -1049,6 +1053,7 @@ class ProcessIO:
             return
         self._closed = True
         if self._exported:
+            self._output_done.set()
             return
         for fd in self._child_ends:
             os.close(fd)

@@ -374,6 +374,39 @@ async def test_pause_and_resume_in_place_again_and_again(tmp_path: Path) -> None
     pio.close()
 
 
+async def test_resume_after_a_failed_exec_takes_the_fds_back(tmp_path: Path) -> None:
+    """Exported, close-on-exec cleared for an execve that failed: resume() owns the fds
+    again, marks them close-on-exec (no child inherits them) and loses nothing."""
+    fifo, inp = tmp_path / "out", tmp_path / "in"
+    os.mkfifo(fifo)
+    os.mkfifo(inp)
+    before = open_fds()
+    payload = numbered(500_000)
+    pio = await ProcessIO.create(Stdio(stdin=str(inp), stdout=str(fifo)),
+                                 spool_dir=str(tmp_path))
+    w = os.dup(pio.child_fds[1])
+    pio.spawned()
+    got = bytearray()
+    async with trio.open_nursery() as nursery:
+        pio.start(nursery)
+        await write_all(w, payload[:300_000])
+        await until(lambda: pio.counters.stdout == 300_000, "read")
+        await pio.pause()
+        pio.export()
+        for fd in pio.fds():
+            os.set_inheritable(fd, True)  # what the upgrade does just before execve
+        pio.resume()
+        assert [os.get_inheritable(fd) for fd in pio.fds()] == [False] * len(pio.fds())
+        nursery.start_soon(read_to_eof, os.open(fifo, os.O_RDONLY | os.O_NONBLOCK), got)
+        await write_all(w, payload[300_000:])
+        os.close(w)
+        assert await pio.wait_output()
+        pio.close_stdin()
+    assert bytes(got) == payload
+    pio.close()
+    assert open_fds() == before
+
+
 # --- the other states ------------------------------------------------------------------
 
 
