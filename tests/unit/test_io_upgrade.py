@@ -648,3 +648,35 @@ async def test_adopt_checks_what_kind_of_fd_each_is(tmp_path: Path) -> None:
     assert isinstance(new, Console) and new.master == master
     new.close()
     os.close(slave)
+
+
+async def test_a_console_whose_output_ended_is_done_after_adoption(tmp_path: Path) -> None:
+    """Every slave closed and all output delivered before the pause: the adopted console
+    is done at once (wait_output), holds no stdin, and the master still resizes."""
+    out_fifo, in_fifo = tmp_path / "out", tmp_path / "in"
+    os.mkfifo(out_fifo)
+    os.mkfifo(in_fifo)
+    before = open_fds()
+    master, slave = raw_pty()
+    console = Console(master)
+    opened = await open_stdio(Stdio(stdin=str(in_fifo), stdout=str(out_fifo), terminal=True))
+    got = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_to_eof, os.open(out_fifo, os.O_RDONLY | os.O_NONBLOCK), got)
+        console.start(nursery, opened)
+        await write_all(slave, b"bye\n")
+        os.close(slave)
+        assert await console.wait_output()
+        await console.pause()
+        state = json.loads(json.dumps(console.export()))
+        assert state["output_done"] and state["stdout_fd"] == -1
+        new = adopt_streams(state)
+        assert await new.wait_output()
+        new.start(nursery)
+        assert isinstance(new, Console)
+        new.resize(90, 30)
+        assert new.size() == (90, 30)
+        assert new.fds() == [new.master]  # stdin stopped when output ended
+    assert bytes(got) == b"bye\n"
+    new.close()
+    assert open_fds() == before
