@@ -66,6 +66,7 @@ FLUSH_TIMEOUT = 10.0
 QUIESCE_TIMEOUT = 10.0
 #: How long the installed code's pre-flight check may take.
 CHECK_TIMEOUT = 60.0
+PR_SET_NAME = 15
 
 
 class ContainerdEvents:
@@ -113,6 +114,8 @@ class ShimFacts:
     first: str  # the container whose start started it
     bundle: str
     ttrpc_address: str
+    cmdline: tuple[str, ...] = ()  # as it first showed (/proc/self/cmdline), kept across execs
+    comm: str = ""
 
 
 async def _serve(listener: socket.socket, facts: ShimFacts, *, own_socket: OwnSocket,
@@ -261,7 +264,7 @@ def serve(
     record = UpgradeRecord(code or code_identity())
     # Known now: containerd may remove the bundle (and its address file) before we exit.
     own_socket = OwnSocket(listener)
-    facts = ShimFacts(namespace, container_id, bundle, ttrpc_address)
+    facts = ShimFacts(namespace, container_id, bundle, ttrpc_address, *_shown_as())
     return _run(functools.partial(_serve, listener, facts, own_socket=own_socket,
                                   record=record), own_socket)
 
@@ -348,7 +351,8 @@ def serve_adopted(state: handover.State, *, state_fd: int, snapshot_fd: int, err
             upgrade_attempts=shim["upgrade_attempts"] + 1,
             last_upgrade_error=error, upgraded_at=shim["upgraded_at"] if error else time.time())
         facts = ShimFacts(shim["namespace"], shim["first"], shim["bundle"],
-                          shim["ttrpc_address"])
+                          shim["ttrpc_address"], tuple(shim["cmdline"]), shim["comm"])
+        _set_comm(shim["comm"])
         adopted = Adopted(state, state_fd, snapshot_fd, error, fail)
         if error:
             adopted.snapshot = codesnap.Snapshot(snapshot_fd, "")
@@ -357,6 +361,29 @@ def serve_adopted(state: handover.State, *, state_fd: int, snapshot_fd: int, err
         raise
     return _run(functools.partial(_serve, listener, facts, own_socket=own_socket,
                                   record=record, adopted=adopted), own_socket)
+
+
+def _shown_as() -> tuple[tuple[str, ...], str]:
+    """The command line and name ``ps`` shows for this process."""
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            cmdline = tuple(os.fsdecode(a) for a in f.read().split(b"\0")[:-1])
+        with open("/proc/self/comm", "rb") as f:
+            comm = os.fsdecode(f.read().strip())
+    except OSError:
+        return tuple(sys.argv), ""
+    return cmdline, comm
+
+
+def _set_comm(name: str) -> None:
+    """Show as ``name`` again (``execve`` named us after the interpreter)."""
+    if not name:
+        return
+    import ctypes  # noqa: PLC0415 - only after an upgrade
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(os.fsencode(name)[:15])
+    libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0)
 
 
 def _adopt_logging(shim: handover.ShimState) -> None:
@@ -624,6 +651,7 @@ class Upgrader:
                 "upgraded_at": record.upgraded_at,
                 "root_log_level": logging.getLogger().level,
                 "log_fifo": handler.path if handler is not None else "",
+                "cmdline": list(self.facts.cmdline), "comm": self.facts.comm,
             },
             "server": {"listener_fd": self.listener.fileno(), "connections": connections},
             "tasks": self.service.export(),
@@ -637,7 +665,7 @@ class Upgrader:
         fd = handover.dump(state)
         try:
             handover.clear_cloexec([*state["fds"], fd, self.snapshot.fd])
-            argv = handover.adopt_argv(fd, self.snapshot.fd)
+            argv = handover.adopt_argv(fd, self.snapshot.fd, list(self.facts.cmdline))
             log.info("upgrading: exec %s", " ".join(argv))
             for handler in logging.getLogger().handlers:
                 handler.flush()

@@ -228,6 +228,8 @@ class ShimState(TypedDict):
     upgraded_at: float  # 0: never
     root_log_level: int
     log_fifo: str  # "": logging to stderr
+    cmdline: list[str]  # as the shim first showed it (ps, and tools that find shims by it)
+    comm: str
 
 
 class State(TypedDict):
@@ -418,14 +420,19 @@ def check_argv() -> list[str]:
     return [sys.executable, "-I", "-m", ENTRY, "--check"]
 
 
-def adopt_argv(state_fd: int, snapshot_fd: int) -> list[str]:
-    """The new code (installed now) adopting the state in ``state_fd``."""
+def adopt_argv(state_fd: int, snapshot_fd: int, cmdline: list[str]) -> list[str]:
+    """The new code (installed now) adopting the state in ``state_fd``.
+
+    The shim's first command line follows ``--`` (ignored), so that ``ps`` and
+    whatever finds shims by their arguments (containerd's address) still do.
+    """
     return [sys.executable, "-I", "-m", ENTRY, "--adopt", str(state_fd),
-            "--fallback", str(snapshot_fd)]
+            "--fallback", str(snapshot_fd), "--", *cmdline]
 
 
-def fallback_argv(state_fd: int, snapshot_fd: int, error: str) -> list[str]:
+def fallback_argv(state_fd: int, snapshot_fd: int, error: str,
+                  cmdline: list[str]) -> list[str]:
     """The old code, from its snapshot (:mod:`supervisor.codesnap`), adopting the state
-    it wrote, told why the new code did not."""
+    it wrote, told why the new code did not (``cmdline`` as in :func:`adopt_argv`)."""
     return [sys.executable, "-I", f"/proc/self/fd/{snapshot_fd}", "--adopt", str(state_fd),
-            "--fallback", str(snapshot_fd), "--error", error[:2000]]
+            "--fallback", str(snapshot_fd), "--error", error[:2000], "--", *cmdline]

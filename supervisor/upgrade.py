@@ -9,7 +9,7 @@ Two ways to run it (issue 17; the old code's side is :class:`supervisor.daemon.U
     "version": <version>}``.  Any failure is a non-zero exit and a traceback
     on stderr (which the shim reports).
 
-``--adopt STATE_FD --fallback SNAPSHOT_FD [--error MESSAGE]``
+``--adopt STATE_FD --fallback SNAPSHOT_FD [--error MESSAGE] [-- CMDLINE...]``
     What the shim execs into: load the state (:mod:`supervisor.handover`),
     rebuild the shim from it and serve (:func:`supervisor.daemon.serve_adopted`).
     Anything that goes wrong before it serves -- an unloadable state, an
@@ -49,7 +49,7 @@ def check() -> int:
     return 0
 
 
-def _fallback(state_fd: int, snapshot_fd: int, error: str) -> None:
+def _fallback(state_fd: int, snapshot_fd: int, error: str, cmdline: list[str]) -> None:
     """Exec the old code from its snapshot with the same state; returns only if that fails."""
     try:
         for fd in (state_fd, snapshot_fd):
@@ -64,16 +64,16 @@ def _fallback(state_fd: int, snapshot_fd: int, error: str) -> None:
                     os.set_inheritable(fd, True)
                 except OSError:
                     pass
-        argv = fallback_argv(state_fd, snapshot_fd, error)
+        argv = fallback_argv(state_fd, snapshot_fd, error, cmdline)
     except BaseException as e:  # even the helpers failed to import: build it here
         print(f"supervisor.upgrade: preparing the fallback: {e!r}", file=sys.stderr)
         argv = [sys.executable, "-I", f"/proc/self/fd/{snapshot_fd}", "--adopt", str(state_fd),
-                "--fallback", str(snapshot_fd), "--error", error[:2000]]
+                "--fallback", str(snapshot_fd), "--error", error[:2000], "--", *cmdline]
     sys.stderr.flush()
     os.execv(argv[0], argv)
 
 
-def adopt(state_fd: int, snapshot_fd: int, error: str) -> int:
+def adopt(state_fd: int, snapshot_fd: int, error: str, cmdline: list[str]) -> int:
     """Adopt the state in ``state_fd`` and serve; on failure before serving, fall back."""
     try:
         if os.environ.get(FAIL_ENV) == "adopt" and not error:
@@ -86,13 +86,13 @@ def adopt(state_fd: int, snapshot_fd: int, error: str) -> int:
         if error:
             raise  # the old code cannot adopt its own state: nothing left to run
         _fallback(state_fd, snapshot_fd, f"the new code could not load the state: "
-                                         f"{type(e).__name__}: {e}")
+                                         f"{type(e).__name__}: {e}", cmdline)
         raise
 
     def fail(exc: BaseException) -> None:
         if not error:
             _fallback(state_fd, snapshot_fd,
-                      f"the new code could not adopt: {type(exc).__name__}: {exc}")
+                      f"the new code could not adopt: {type(exc).__name__}: {exc}", cmdline)
 
     return daemon.serve_adopted(state, state_fd=state_fd, snapshot_fd=snapshot_fd,
                                 error=error, fail=fail)
@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         return check()
     options: dict[str, str] = {}
     rest = list(args)
+    cmdline: list[str] = []
+    if "--" in rest:  # the shim's first command line, shown by ps: carried, not read
+        cut = rest.index("--")
+        rest, cmdline = rest[:cut], rest[cut + 1:]
     while rest:
         key = rest.pop(0)
         if key not in ("--adopt", "--fallback", "--error") or not rest or key in options:
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, ValueError):
         print(USAGE, file=sys.stderr)
         return 2
-    return adopt(state_fd, snapshot_fd, options.get("--error", ""))
+    return adopt(state_fd, snapshot_fd, options.get("--error", ""), cmdline)
 
 
 if __name__ == "__main__":
