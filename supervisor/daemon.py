@@ -341,6 +341,7 @@ def serve_adopted(state: handover.State, *, state_fd: int, snapshot_fd: int, err
     shim = state["shim"]
     try:
         _adopt_logging(shim)
+        log.debug("%s", _ksm.apply())  # per memory map: a new one since the exec
         if shim["pid"] != os.getpid():
             raise handover.StateError(f"the state is of pid {shim['pid']}, not this one")
         listener = socket.socket(fileno=state["server"]["listener_fd"])
