@@ -8,6 +8,7 @@
         ├── Outbox.run             events -> containerd's Events/Forward, in order, retried
         ├── TaskService.run_exits  exits -> processes -> TaskExit
         ├── copies                 stdio pipes <-> FIFOs/files (started by the service)
+        ├── Upgrader._attempt      an in-place upgrade under way (issue 17)
         └── Server.serve           ttrpc on the socket containerd connects to
 
 The shim ends when the Task service asks for it (``Shutdown`` with no
@@ -17,6 +18,13 @@ deliver what is pending, stops accepting, lets in-flight calls finish and
 exits.  Only a shim that is still listening removes the socket, and only while
 it is the inode it started with (:class:`OwnSocket`), so it can only be its
 own: ``start`` replaces a socket only when nothing listens on it.
+
+An in-place upgrade (``supervisor.upgrade.v1.Upgrade``, :class:`Upgrader`)
+quiesces all of that, writes it down (:mod:`supervisor.handover`) and execs
+the code installed now, which builds the same tree from the state
+(:func:`serve_adopted`) instead of from a fresh listener: the same pid,
+listener, connections, children and spool; the reaper, outbox, copies,
+OOM watches and the events client start anew around them.
 """
 
 from __future__ import annotations
@@ -614,7 +622,9 @@ class Upgrader:
             why = self.service.handover_refusal()
             if why is not None:
                 raise UpgradeAborted(why)
-            state = self.state()
+            if self._ending():  # a reservation lapsed meanwhile: a closing shim is never handed
+                raise UpgradeAborted("the shim began to end")
+            state = self.state()  # no checkpoint from here to the exec
             self._exec(state)
         except Exception as e:
             error = str(e) or type(e).__name__
