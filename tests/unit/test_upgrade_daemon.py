@@ -22,7 +22,7 @@ from supervisor.api.events import task_pb2 as ev
 from supervisor.api.task.v2 import shim_pb2 as api
 from supervisor.events import Event, Outbox
 from supervisor.handover import UpgradeRecord
-from supervisor.reaper import Reaper
+from supervisor.reaper import Exit, Reaper
 from supervisor.task import RESUMABLE, SERVICE, TaskService
 
 
@@ -154,3 +154,38 @@ async def test_upgrade_refusals(tmp_path: Path, prepare: Callable[[daemon.Upgrad
         assert refused.value.code is code and message in refused.value.message
         s.upgrader.snapshot = snapshot
         assert s.upgrader.record.upgrade_attempts == 0
+
+
+async def test_settle_exits_takes_what_was_reaped_and_waits_for_reports_then_pauses(
+        nursery: trio.Nursery) -> None:
+    reaper = Reaper(subreaper=False)  # not run: the test delivers exits itself
+    service = TaskService(reaper=reaper, outbox=Outbox(_never, "ns"), nursery=nursery,
+                          namespace="ns", request_shutdown=lambda: None)
+    nursery.start_soon(service.run_exits)
+    reported = trio.Event()
+
+    async def report() -> None:
+        await reported.wait()
+
+    service._track(report())  # an exit being reported (its output draining)
+    for sub in list(reaper._subscribers):
+        sub._deliver(Exit(424242, 0))  # reaped, not yet taken by run_exits
+    settled = trio.Event()
+
+    async def settle() -> None:
+        await service.settle_exits()
+        settled.set()
+
+    nursery.start_soon(settle)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not settled.is_set() and not reaper.paused  # the report is still under way
+    assert service._exits.pending == 0  # what was reaped was taken first
+    reported.set()
+    await settled.wait()
+    assert reaper.paused
+    reaper.resume()
+    assert not reaper.paused
+
+
+async def _never(event: Event) -> None:
+    raise ConnectionError("no containerd here")
