@@ -259,3 +259,32 @@ def test_a_shim_with_stdio_refuses_until_stdio_can_be_handed_over(
     wait_for(lambda: c.tasks().get("piped", (0, ""))[1] == "STOPPED", 20, message="STOPPED")
     c.ctr("task", "delete", "piped")
 
+
+
+def test_a_shared_shim_upgraded_takes_new_containers_and_ends_with_its_last(
+        make_containerd: Callable[..., Containerd], code_dir: Path,
+        busybox_rootfs: Path) -> None:
+    c = start(make_containerd, code_dir, SUPERVISOR_SHIM_GROUP="namespace",
+              SUPERVISOR_SHIM_GROUP_SIZE="5")
+    for cid in ("s1", "s2"):
+        c.run(cid, "sleep", "1000", rootfs=busybox_rootfs, detach=True, options=["--null-io"])
+        running(c, cid)
+    address = shim_address(c, "s1")
+    assert shim_address(c, "s2") == address
+    pid = shim_info(address).pid
+    upgrade(address)
+    info = attempts_over(address, 1)
+    assert (info.pid, info.upgrades, info.container_count) == (pid, 1, 2)
+    # Join (Group) after the upgrade: a new container comes to the same shim.
+    c.run("s3", "sleep", "1000", rootfs=busybox_rootfs, detach=True, options=["--null-io"])
+    running(c, "s3")
+    assert shim_address(c, "s3") == address
+    # The first container (the shim's bundle: log FIFO, spool) goes first; the rest stay.
+    for cid in ("s1", "s2", "s3"):
+        c.ctr("task", "kill", "-s", "KILL", cid)
+        wait_for(lambda cid=cid: c.tasks().get(cid, (0, ""))[1] == "STOPPED", 20,
+                 message=f"{cid} STOPPED")
+        if cid == "s1":
+            assert "shim disconnected" not in c.log_text()
+        c.ctr("task", "delete", cid)
+    wait_for(lambda: pid not in shims_for(c), 20, message="the shared shim to end")
