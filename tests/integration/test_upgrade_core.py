@@ -218,10 +218,12 @@ def test_upgrading_twice_counts_both(make_containerd: Callable[..., Containerd],
     c.ctr("task", "delete", "twice")
 
 
+@pytest.mark.parametrize("fail", ["adopt", "serve"])
 def test_new_code_that_cannot_adopt_leaves_the_old_code_running(
         make_containerd: Callable[..., Containerd], code_dir: Path,
-        busybox_rootfs: Path) -> None:
-    c = start(make_containerd, code_dir, SUPERVISOR_UPGRADE_FAIL="adopt")
+        busybox_rootfs: Path, fail: str) -> None:
+    """``adopt``: the new code refuses the state; ``serve``: it fails with all rebuilt."""
+    c = start(make_containerd, code_dir, SUPERVISOR_UPGRADE_FAIL=fail)
     c.run("kept", "sh", "-c", EXIT_ON_GO, rootfs=busybox_rootfs, detach=True,
           options=["--null-io"])
     running(c, "kept")
