@@ -6,6 +6,9 @@
                        [--forkserver SOCKET]
     supervisor inspect TARGET [--state-dir DIR] [--namespace NS] [--json] [--timeout S]
     supervisor events  TARGET [--state-dir DIR] [--namespace NS] [--json] [--timeout S]
+    supervisor upgrade TARGET... | --all [--state-dir DIR] [--namespace NS] [--json]
+                       [--timeout S] [--wait S] [--quiesce-timeout S] [--parallel N]
+                       [--forkserver SOCKET]
 
 TARGET is a container id (looked up in the state dir), a socket path or a
 ``unix://`` address.
@@ -24,6 +27,19 @@ works while containerd is down.  ``ls`` also asks the fork server
 uptime, shims forked): a line under the table when one answers or its socket
 is there but does not, ``forkserver`` in the JSON (null when there is none).
 
+``upgrade`` (issue 17) asks each shim, once per socket and at most
+``--parallel`` at a time, to re-exec itself with the installed code: it calls
+``supervisor.upgrade.v1.Upgrade/Upgrade``, which the shim answers *before* it
+quiesces and execs, then polls ``Introspect/Shim`` -- dialling again when the
+connection ends or a call times out, as the exec window or a fallback may
+make it -- until ``upgrade_attempts`` rose (:func:`await_attempt`).  The
+verdict (:func:`judge`) is the shim's own account: upgraded when the same pid
+answers with a higher ``upgrades``, else its ``last_upgrade_error``.
+``--all`` also retires the fork server if it runs other code than the
+installed one (:func:`renew_forkserver`).  "Installed" is
+:func:`~supervisor.launch.forkclient.code_identity` as this command computes
+it; ``ls`` marks the shims whose ``code`` differs from it (SHIM-CODE).
+
 Invariants
 ----------
 * Every connect and every call is bounded by ``--timeout`` (default
@@ -33,7 +49,10 @@ Invariants
 * JSON output has stable keys (documented in ``docs/inspect-json.md``);
   absent values are ``null``, never missing keys.
 * Exit status: 0 everything answered, 1 something was not found or not
-  reachable, 2 usage error.
+  reachable (``upgrade``: or a shim did not upgrade), 2 usage error.
+* ``upgrade`` never reports a shim upgraded on the strength of the call's
+  answer: only the shim's later Introspect answer counts, and each shim's
+  whole upgrade is bounded by ``--wait``.
 """
 
 from __future__ import annotations
