@@ -385,3 +385,12 @@ def test_a_forkserver_of_other_code_is_retired_and_one_of_this_code_kept(
     out = io.StringIO()
     cli.format_upgrade([], [], retired, out)
     assert f"fork server pid {pid} ({place}): retired (ran 1.0+old)" in out.getvalue()
+
+
+def test_the_documented_keys_are_the_keys() -> None:
+    """docs/inspect-json.md names every key ``upgrade --json`` and ``inspect``'s shim give."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "inspect-json.md").read_text()
+    shim = cli.shim_json(pb.ShimResponse())
+    outcome = cli.Outcome("unix:///s", []).json()
+    for key in [*shim, *outcome, *FORKSERVER_KEYS, "other_code", "skipped"]:
+        assert f"`{key}`" in doc or f'"{key}"' in doc, key
