@@ -849,11 +849,10 @@ class ShimLine:
     closes the connection, and the next :meth:`shim` dials again.
     """
 
-    def __init__(self, address: str, timeout: float, client: ttrpc.Client | None = None
-                 ) -> None:
+    def __init__(self, address: str, timeout: float) -> None:
         self.address = address
         self.timeout = timeout
-        self.client = client
+        self.client: ttrpc.Client | None = None
 
     async def shim(self) -> pb.ShimResponse:
         try:
