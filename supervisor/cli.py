@@ -646,7 +646,7 @@ def format_shim(m: pb.ShimResponse, out: TextIO) -> None:
         containers += " (ending: takes no more)"
     code = j["code"] or "? (a shim older than in-place upgrades)"
     if j["upgrade_attempts"]:
-        code += f" (upgraded {j['upgrades']} of {j['upgrade_attempts']} times"
+        code += f" ({j['upgrades']} upgrades in {j['upgrade_attempts']} attempts"
         code += f", last at {_short(j['upgraded_at'])})" if j["upgraded_at"] else ")"
     out.write("Shim\n")
     for key, value in (

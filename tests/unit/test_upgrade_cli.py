@@ -394,3 +394,46 @@ def test_the_documented_keys_are_the_keys() -> None:
     outcome = cli.Outcome("unix:///s", []).json()
     for key in [*shim, *outcome, *FORKSERVER_KEYS, "other_code", "skipped"]:
         assert f"`{key}`" in doc or f'"{key}"' in doc, key
+
+
+def test_inspect_shows_the_code_and_the_upgrades() -> None:
+    m = pb.ShimResponse(pid=1, code="1.0+new", upgrades=2, upgrade_attempts=3,
+                        last_upgrade_error="quiesce timed out after 10s")
+    m.upgraded_at.FromSeconds(1_700_000_000)
+    j = cli.shim_json(m)
+    assert (j["code"], j["upgrades"], j["upgrade_attempts"], j["upgraded_at"]) == (
+        "1.0+new", 2, 3, "2023-11-14T22:13:20.000000000Z")
+    out = io.StringIO()
+    cli.format_shim(m, out)
+    text = out.getvalue()
+    assert "Code:       1.0+new (2 upgrades in 3 attempts, last at 2023-11-14T22:13:20.000Z)" \
+        in text
+    assert "Upgrade:    the last attempt failed: quiesce timed out after 10s" in text
+    j = cli.shim_json(pb.ShimResponse())
+    assert (j["code"], j["upgraded_at"], j["last_upgrade_error"]) == (None, None, None)
+    out = io.StringIO()
+    cli.format_shim(pb.ShimResponse(), out)
+    assert "older than in-place upgrades" in out.getvalue() and "Upgrade:" not in out.getvalue()
+    assert cli.other_code(pb.ShimResponse(code="a"), "a") is False
+    assert cli.other_code(pb.ShimResponse(code="a"), "b") is True
+    assert cli.other_code(pb.ShimResponse(), "b") is True  # reports none: older code
+    assert cli.other_code(None, "b") is None
+
+
+def test_ls_marks_shims_of_other_code() -> None:
+    bundles = [cli.Bundle("ns", "new", "/b/new", "unix:///s/1"),
+               cli.Bundle("ns", "old", "/b/old", "unix:///s/2"),
+               cli.Bundle("ns", "gone", "/b/gone", "unix:///s/3")]
+    reports = {"unix:///s/1": cli.Report("unix:///s/1", shim=pb.ShimResponse(pid=1, code="b")),
+               "unix:///s/2": cli.Report("unix:///s/2", shim=pb.ShimResponse(pid=2, code="a")),
+               "unix:///s/3": cli.Report("unix:///s/3", error="no such socket")}
+    rows = cli.build_rows(bundles, reports, installed="b")
+    assert [(r.id, r.json()["other_code"]) for r in rows] == [
+        ("gone", None), ("new", False), ("old", True)]
+    out = io.StringIO()
+    cli.format_ls(rows, out)
+    header, *lines = out.getvalue().splitlines()
+    column = header.split().index("SHIM-CODE")
+    assert [ln.split()[column] for ln in lines] == ["-", "installed", "OTHER"]
+    summary = cli.shim_summary(reports["unix:///s/2"], bundles[1:2], installed="b")
+    assert (summary["code"], summary["upgrades"], summary["other_code"]) == ("a", 0, True)
