@@ -47,6 +47,10 @@ Invariants
 * Every fd is closed by exactly one party, and only after
   ``trio.lowlevel.notify_closing``; the copies re-read the fd from the object
   after every wait, so a closed (possibly reused) fd number is never touched.
+* A pause (issue 17: :meth:`Console.pause`, see :mod:`supervisor.io`) stops
+  the copies at a chunk boundary: a chunk read from the master or the stdin
+  FIFO and not yet written all the way is carried (exported with the
+  console) and written first when the copies go on.
 * The copies never raise into the caller's nursery: errors are logged and end
   the copy.  :meth:`Console.close` cancels them and closes every fd
   (idempotent); the master stays open until then, so resizing after the
@@ -71,7 +75,18 @@ from types import TracebackType
 
 import trio
 
-from supervisor.io import Opened, StreamCounters, open_stdin, read_nowait, wait_delivered
+from supervisor.io import (
+    ADOPTERS,
+    Opened,
+    StateFields,
+    StreamCounters,
+    StreamStateError,
+    b64,
+    fds_of,
+    open_stdin,
+    read_nowait,
+    wait_delivered,
+)
 
 __all__ = ["Console", "ConsoleError", "ConsoleSocket"]
 
@@ -216,25 +231,44 @@ class ConsoleSocket:
 
 
 class Console:
-    """A pty master (ours from construction) and the copies to and from it."""
+    """A pty master (ours from construction) and the copies to and from it.
+
+    Upgrade (issue 17): :meth:`pause` stops both copies at a chunk boundary
+    (a chunk read and not yet written all the way is carried: it is written
+    first when they go on), :meth:`export` describes the paused console, and
+    :meth:`adopt` (through :func:`supervisor.io.adopt_streams`) rebuilds it;
+    :meth:`start` goes on.  The window size lives in the pty itself.  Once
+    exported the fds belong to the exported state: :meth:`close` leaves them
+    open until :meth:`resume` takes them back.
+    """
+
+    #: What :attr:`counters` and an export's ``kind`` say.
+    counters_kind = "terminal"
 
     def __init__(self, master: int) -> None:
         os.set_blocking(master, False)
         self._master = master
-        self.counters = StreamCounters(kind="terminal")
+        self.counters = StreamCounters(kind=self.counters_kind)
         #: Output bytes done with: written to stdout, or dropped for want of one.
         self.delivered = 0
         self._stdin = -1
         self._stdin_path = ""
         self._stdout = -1
-        self._started = False
+        self._out_pending = memoryview(b"")  # read from the master, not yet in stdout
+        self._in_pending = memoryview(b"")  # read from the FIFO, not yet in the master
+        self._started = False  # the stdio was given (start) or adopted
         self._closed = False
         self._out_scope = trio.CancelScope()
         self._in_scope = trio.CancelScope()
         self._stdin_wait: trio.CancelScope | None = None
         self._stdin_close_requested = False
-        self._stdin_copying = False
+        self._stdin_copying = False  # the stdin copy owns the stdin fd (running or paused)
         self._output_done = trio.Event()
+        self._copies = 0  # copy tasks alive
+        self._stopped = trio.Event()
+        self._pausing = False
+        self._exported = False
+        self._nursery: trio.Nursery | None = None
 
     @property
     def master(self) -> int:
@@ -245,39 +279,69 @@ class Console:
     def output_done(self) -> bool:
         return self._output_done.is_set()
 
-    def start(self, nursery: trio.Nursery, opened: Opened) -> None:
+    def start(self, nursery: trio.Nursery, opened: Opened | None = None) -> None:
         """Start the copies in ``nursery`` between the master and ``opened``.
 
         Takes every fd of ``opened`` (what it does not use is closed, on error
-        too); its stderr is not used: a terminal has one output.
+        too); its stderr is not used: a terminal has one output.  Without
+        ``opened``, the copies go on with the fds the console holds (after
+        :meth:`pause`, or :meth:`adopt`).
         """
         try:
             if self._closed:
                 raise ConsoleError("console is closed")
-            if self._started:
+            if self._copies:
                 raise RuntimeError("console copies already started")
-            stdout, opened.stdout = opened.stdout, -1
-            stdin = -1
-            if not self._stdin_close_requested:
-                stdin, opened.stdin = opened.stdin, -1
+            if opened is not None:
+                if self._started:
+                    raise RuntimeError("console stdio already given")
+                stdout, opened.stdout = opened.stdout, -1
+                stdin = -1
+                if not self._stdin_close_requested:
+                    stdin, opened.stdin = opened.stdin, -1
+                self._stdin_path = opened.stdin_path
+                self._stdout, self._stdin = stdout, stdin
+                if stdout >= 0:
+                    os.set_blocking(stdout, False)  # a logging binary's pipe is blocking
         finally:
-            opened.close()
+            if opened is not None:
+                opened.close()
         self._started = True
-        self._stdin_path = opened.stdin_path
-        self._stdout, self._stdin = stdout, stdin
-        if stdout >= 0:
-            os.set_blocking(stdout, False)  # a logging binary's pipe is blocking
-        nursery.start_soon(self._copy_out)
-        if stdin >= 0:
-            self._stdin_copying = True
-            nursery.start_soon(self._copy_in)
+        self._nursery = nursery
+        self._pausing = self._exported = False
+        self._out_scope = trio.CancelScope()
+        self._in_scope = trio.CancelScope()
+        self._stopped = trio.Event()
+        if not self.output_done:
+            self._copies += 1
+            nursery.start_soon(self._copy_out)
+        if self._stdin >= 0:
+            if self.output_done:  # nobody reads the terminal any more
+                self._stdin_copying = False
+                self._close_stdin_fd()
+            else:
+                self._stdin_copying = True
+                self._copies += 1
+                nursery.start_soon(self._copy_in)
+
+    def _copy_stopped(self) -> None:
+        self._copies -= 1
+        if not self._copies:
+            self._stopped.set()
+
+    def _paused_by(self, scope: trio.CancelScope) -> bool:
+        """Whether a copy that ``scope`` stopped stopped for :meth:`pause` (fds kept)."""
+        return scope.cancelled_caught and self._pausing and not self._closed
 
     # --- master -> stdout -------------------------------------------------
 
     async def _copy_out(self) -> None:
+        paused = False
         try:
-            with self._out_scope:
+            with self._out_scope as scope:
+                await self._write_stdout()  # what a pause left
                 while (master := self._master) >= 0:
+                    await trio.lowlevel.checkpoint_if_cancelled()  # a pause stops here
                     try:
                         data = os.read(master, COPY_BUFFER)
                     except BlockingIOError:
@@ -290,19 +354,24 @@ class Console:
                     if not data:
                         break
                     self.counters.stdout += len(data)
-                    await self._write_stdout(data)
+                    self._out_pending = memoryview(data)
+                    await self._write_stdout()
+            paused = self._paused_by(scope)
         except trio.ClosedResourceError:
             log.debug("terminal output copy: console closed while waiting")
         finally:
-            self._close_stdout()
-            self._output_done.set()
-            self._in_scope.cancel()
+            if not paused:
+                self._out_pending = memoryview(b"")
+                self._close_stdout()
+                self._output_done.set()
+                self._in_scope.cancel()
+            self._copy_stopped()
 
-    async def _write_stdout(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view and (fd := self._stdout) >= 0:
+    async def _write_stdout(self) -> None:
+        """Write :attr:`_out_pending` (a chunk is carried across a pause until written)."""
+        while self._out_pending and (fd := self._stdout) >= 0:
             try:
-                n = os.write(fd, view)
+                n = os.write(fd, self._out_pending)
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(fd)
                 continue
@@ -312,8 +381,9 @@ class Console:
                 self._close_stdout()
                 continue
             self.delivered += n
-            view = view[n:]
-        self.delivered += len(view)  # no stdout (or it failed): dropped
+            self._out_pending = self._out_pending[n:]
+        self.delivered += len(self._out_pending)  # no stdout (or it failed): dropped
+        self._out_pending = memoryview(b"")
 
     def _close_stdout(self) -> None:
         fd, self._stdout = self._stdout, -1
@@ -323,9 +393,13 @@ class Console:
     # --- stdin -> master --------------------------------------------------
 
     async def _copy_in(self) -> None:
+        paused = False
         try:
-            with self._in_scope:
+            with self._in_scope as scope:
                 while (fifo := self._stdin) >= 0:
+                    await trio.lowlevel.checkpoint_if_cancelled()  # a pause stops here
+                    if self._in_pending and not await self._write_master():
+                        break
                     if self._stdin_close_requested:
                         # Deliver what is already in the FIFO, then stop.
                         data = read_nowait(fifo, COPY_BUFFER)
@@ -345,8 +419,8 @@ class Console:
                         if not data:
                             self._reopen_stdin()
                             continue
-                    if not await self._write_master(data):
-                        break
+                    self._in_pending = memoryview(data)
+            paused = self._paused_by(scope)
         except trio.ClosedResourceError:
             log.debug("terminal stdin copy: console closed while waiting")
         except FileNotFoundError:
@@ -355,8 +429,11 @@ class Console:
             log.warning("terminal stdin copy from %s stopped: %s", self._stdin_path, e)
         finally:
             self._stdin_wait = None
-            self._stdin_copying = False
-            self._close_stdin_fd()
+            if not paused:
+                self._in_pending = memoryview(b"")
+                self._stdin_copying = False
+                self._close_stdin_fd()
+            self._copy_stopped()
 
     def _reopen_stdin(self) -> None:
         """The writer left: read from a fresh open so poll waits for the next one."""
@@ -365,14 +442,14 @@ class Console:
         if old >= 0:
             _close_fd(old)
 
-    async def _write_master(self, data: bytes) -> bool:
-        view = memoryview(data)
-        while view:
+    async def _write_master(self) -> bool:
+        """Write :attr:`_in_pending` to the master; False if the terminal is gone."""
+        while self._in_pending:
             master = self._master
             if master < 0:
                 return False
             try:
-                n = os.write(master, view)
+                n = os.write(master, self._in_pending)
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(master)
                 continue
@@ -381,7 +458,7 @@ class Console:
                     log.warning("terminal stdin write failed: %s", e)
                 return False
             self.counters.stdin += n
-            view = view[n:]
+            self._in_pending = self._in_pending[n:]
         return True
 
     def _close_stdin_fd(self) -> None:
@@ -393,6 +470,7 @@ class Console:
         """Stop the stdin copy once what was written to the FIFO is delivered.
 
         The master stays open: a terminal's input has no EOF of its own.
+        While the copies are paused, the request waits for them to go on.
         """
         self._stdin_close_requested = True
         if self._stdin_copying:
@@ -446,11 +524,113 @@ class Console:
             progress=lambda: self.delivered,
         )
 
+    # --- across an upgrade (issue 17) -------------------------------------
+
+    async def pause(self) -> None:
+        """Stop both copies at a chunk boundary; the fds stay open and ours.
+
+        Returns once no copy runs.  A closed console is left alone (it is
+        not exported).
+        """
+        if self._closed:
+            return
+        self._pausing = True
+        if self._copies:
+            self._out_scope.cancel()
+            self._in_scope.cancel()
+            await self._stopped.wait()
+
+    def resume(self) -> None:
+        """Undo :meth:`pause` in place (also after :meth:`export`): the copies go on.
+
+        A no-op if not paused or closed; copies never started stay unstarted.
+        The fds are marked close-on-exec again (see :meth:`ProcessIO.resume
+        <supervisor.io.ProcessIO.resume>`).
+        """
+        if self._closed or not self._pausing:
+            return
+        for fd in self.fds():
+            os.set_inheritable(fd, False)
+        if self._nursery is None:
+            self._pausing = self._exported = False
+            return
+        self.start(self._nursery)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (a closed console is not exported)."""
+        return self._closed
+
+    def _state(self) -> dict[str, object]:
+        return {
+            "kind": self.counters.kind,
+            "master_fd": self._master,
+            "stdout_fd": self._stdout,
+            "stdin_fd": self._stdin,
+            "stdin_path": self._stdin_path,
+            "stdin_close": self._stdin_close_requested,
+            "stdin_bytes": self.counters.stdin,
+            "stdout_bytes": self.counters.stdout,
+            "delivered": self.delivered,
+            "output_done": self.output_done,
+            "out_pending": b64(self._out_pending),
+            "in_pending": b64(self._in_pending),
+        }
+
+    def export(self) -> dict[str, object]:
+        """The paused console as JSON-able data for :func:`supervisor.io.adopt_streams`.
+
+        From now on its fds belong to that data: :meth:`close` leaves them
+        open, until :meth:`resume` takes them back.
+        """
+        if self._closed:
+            raise RuntimeError("a closed console is not exported")
+        if self._copies or (self._started and not self._pausing and not self.output_done):
+            raise RuntimeError("pause the console before exporting it")
+        state = self._state()
+        self._exported = True
+        return state
+
+    def fds(self) -> list[int]:
+        """Every fd :meth:`export` names: what must stay open across ``execve``."""
+        return fds_of(self._state())
+
+    @classmethod
+    def adopt(cls, f: StateFields) -> Console:
+        """Rebuild a paused console from :meth:`export`'s fields (checked by ``f``);
+        :func:`supervisor.io.adopt_streams` is the way in."""
+        master = f.fd("master_fd", kind="tty")
+        if master < 0:
+            raise StreamStateError(f"{f.where}.master_fd: a terminal needs its master")
+        console = cls(master)
+        console._stdout = f.fd("stdout_fd")
+        console._stdin = f.fd("stdin_fd", kind="fifo")
+        console._stdin_path = f.text("stdin_path")
+        if console._stdin >= 0 and not console._stdin_path:
+            raise StreamStateError(f"{f.where}.stdin_path: stdin needs its FIFO's path")
+        console._stdin_copying = console._stdin >= 0
+        console._stdin_close_requested = f.flag("stdin_close")
+        console.counters.stdin = f.integer("stdin_bytes")
+        console.counters.stdout = f.integer("stdout_bytes")
+        console.delivered = f.integer("delivered")
+        console._out_pending = memoryview(f.blob("out_pending"))
+        console._in_pending = memoryview(f.blob("in_pending"))
+        if f.flag("output_done"):
+            console._output_done.set()
+        console._started = console._pausing = True
+        return console
+
     def close(self) -> None:
-        """Stop the copies and close the master and FIFOs (idempotent)."""
+        """Stop the copies and close the master and FIFOs (idempotent).
+
+        Exported fds are not ours: they are left open.
+        """
         if self._closed:
             return
         self._closed = True
+        if self._exported:
+            self._output_done.set()
+            return
         self._in_scope.cancel()
         self._out_scope.cancel()
         self._close_stdin_fd()
@@ -459,3 +639,6 @@ class Console:
         if master >= 0:
             _close_fd(master)
         self._output_done.set()
+
+
+ADOPTERS[Console.counters_kind] = Console.adopt

@@ -26,26 +26,34 @@ Invariants
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
+import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from supervisor import errors, identifiers, metrics, mount
+from supervisor import io as stdio_streams
 from supervisor.console import Console, ConsoleError, ConsoleSocket
 from supervisor.errors import AlreadyExists, InvalidArgument, NotFound
+from supervisor.handover import StateError
 from supervisor.io import Opened, Owner, ProcessIO, Stdio, Streams, open_stdio
 from supervisor.launch import runcmd
 from supervisor.launch.spool import work_dir
 from supervisor.oom import OOMWatcher
 from supervisor.options import Settings
-from supervisor.process import Process, State
+from supervisor.process import NULL_STREAMS, Process, State
 from supervisor.reaper import Exit, Reaper
 from supervisor.runtime import OCIRuntime, OCIRuntimeError, read_pid_file
+
+if TYPE_CHECKING:
+    from supervisor.handover import ContainerState
 
 log = logging.getLogger("supervisor.container")
 
@@ -332,6 +340,77 @@ class Container:
         process.io = io
         process.transition("start")
         return started
+
+    # --- an in-place upgrade ---------------------------------------------
+
+    def export(self) -> ContainerState:
+        """The container's facts (JSON-able), for :meth:`adopt` in the new code.
+
+        The OOM watcher is not carried (the new code watches anew), only the
+        count of kills reported, so none is reported twice or missed.
+        """
+        cgroup = self.cgroup
+        return {
+            "id": self.id, "bundle": self.bundle, "namespace": self.namespace,
+            "settings": self.settings.to_dict(),
+            "rootfs": [{"type": m.type, "source": m.source, "target": m.target,
+                        "options": list(m.options)} for m in self.rootfs],
+            "spec": self.spec, "kill_all_on_exit": self.kill_all_on_exit,
+            "cgroup": None if cgroup is None else {
+                "v1": {k: str(v) for k, v in cgroup.v1.items()},
+                "unified": None if cgroup.unified is None else str(cgroup.unified)},
+            "oom_seen": self.oom.seen if self.oom is not None else 0,
+            "init": self.init.export(),
+            "execs": [p.export() for p in self.execs.values()],
+        }
+
+    @classmethod
+    async def adopt(cls, state: ContainerState, *, reaper: Reaper) -> Container:
+        """The container :meth:`export` described, its processes' streams rebuilt
+        (paused: the Task service starts them) and ``created`` set."""
+        settings = Settings.from_json(json.dumps(state["settings"]))
+        init = Process.adopt(state["id"], state["init"])
+        container = cls(
+            state["id"], state["bundle"], namespace=state["namespace"], settings=settings,
+            reaper=reaper,
+            rootfs=[mount.MountSpec(m["type"], m["source"], m["target"], tuple(m["options"]))
+                    for m in state["rootfs"]],
+            stdio=init.stdio,
+        )
+        container.init = init
+        container.spec = state["spec"]
+        container.kill_all_on_exit = state["kill_all_on_exit"]
+        for p in state["execs"]:
+            container.execs[p["exec_id"]] = Process.adopt(container.id, p)
+        if state["cgroup"] is not None:
+            unified = state["cgroup"]["unified"]
+            container.cgroup = metrics.CgroupPaths(
+                {k: Path(v) for k, v in state["cgroup"]["v1"].items()},
+                None if unified is None else Path(unified))
+            try:
+                container.oom = OOMWatcher(container.cgroup)
+                container.oom.seen = state["oom_seen"]
+            except OSError as e:
+                log.warning("container %s: no OOM watch after the upgrade: %s", container.id, e)
+        for process, data in zip(container.all_processes(),
+                                 [state["init"], *state["execs"]], strict=True):
+            if data["io"] is not None:
+                process.io = await container._adopt_streams(process, data["io"])
+        container.created.set()
+        return container
+
+    async def _adopt_streams(self, process: Process, data: dict[str, object]) -> Streams:
+        if data == NULL_STREAMS:  # no stdio: nothing was carried
+            io = await self._open_io(process.stdio)
+            io.spawned()
+            return io
+        adopt = getattr(stdio_streams, "adopt_streams", None)
+        if adopt is None:
+            raise StateError(f"{process.describe()}: this code cannot adopt stdio streams")
+        streams = adopt(data, reaper=self.reaper, spool_dir=self.work_dir)
+        if inspect.isawaitable(streams):
+            streams = await streams
+        return typing.cast("Streams", streams)
 
     # --- other operations -----------------------------------------------
 

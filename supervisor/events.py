@@ -32,6 +32,15 @@ damaged or invalid record in it is skipped, logged and counted
 cannot be written (full disk, read-only file system) the outbox logs a warning
 once and goes on in memory: nothing is dropped, only durability is lost.
 
+In-place upgrade
+----------------
+:meth:`Outbox.pause` stops forwarding after the send under way (if any)
+and syncs the spool; :meth:`Outbox.export` describes the queue's position
+(sequence counter, counters, the pending events) and the new code's
+:meth:`Outbox.adopt` goes on from the spool as a restarted shim does, each
+event delivered once more at most (at-least-once, as ever), with the
+counters carried over rather than counted as replayed.
+
 Invariants
 ----------
 * The queue is FIFO and the forwarder is the only consumer.
@@ -49,6 +58,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgpack
 import trio
@@ -58,7 +68,11 @@ from google.protobuf.message import DecodeError, Message
 from supervisor import identifiers
 from supervisor.api import typeurls
 from supervisor.api.events import task_pb2 as ev
+from supervisor.handover import b64, unb64
 from supervisor.launch import spool as spoolfile
+
+if TYPE_CHECKING:
+    from supervisor.handover import EventState, OutboxState
 
 log = logging.getLogger("supervisor.events")
 
@@ -190,6 +204,18 @@ def _record(value: object) -> Event | int:
     if kind == _ACK and type(kind) is int and len(value) == 2:
         return _int("acked seq", value[1], 1)
     raise _Bad(f"kind {kind!r:.20} with {len(value)} fields is no record")
+
+
+def _event_state(event: Event) -> EventState:
+    return {"seq": event.seq, "timestamp_ns": event.timestamp_ns, "namespace": event.namespace,
+            "topic": event.topic, "type_url": event.type_url, "payload": b64(event.payload),
+            "attempts": event.attempts, "first_error": event.first_error}
+
+
+def _event_of(state: EventState) -> Event:
+    return Event(state["seq"], state["timestamp_ns"], state["namespace"], state["topic"],
+                 state["type_url"], unb64(state["payload"], "outbox event payload"),
+                 state["attempts"], state["first_error"])
 
 
 class Spool:
@@ -401,6 +427,9 @@ class Outbox:
         self.stats = OutboxStats()
         self.spool = spool
         self._next_seq = 1
+        self._paused = False
+        self._unpaused = trio.Event()
+        self._sending: trio.Event | None = None  # set when the send under way ends
         if spool is not None:
             replay = spool.load()
             self.stats.spool_skipped = spool.skipped
@@ -448,6 +477,9 @@ class Outbox:
         task_status.started()
         backoff = INITIAL_BACKOFF
         while True:
+            if self._paused:
+                await self._unpaused.wait()
+                continue
             if not self._queue:
                 self._empty.set()
                 self._wakeup = trio.Event()
@@ -457,6 +489,7 @@ class Outbox:
             if self.spool is not None and self.spool.dirty:
                 await trio.to_thread.run_sync(self.spool.sync)
             head.attempts += 1
+            sending = self._sending = trio.Event()
             try:
                 await self._send(head)
             except Exception as e:  # any failure: keep it and try again later
@@ -467,9 +500,14 @@ class Outbox:
                 head.first_error = head.first_error or reason
                 self.stats.last_error = reason
                 self.stats.last_error_at = time.time()
+                self._sending = None
+                sending.set()
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
+            finally:
+                self._sending = None
+                sending.set()
             backoff = INITIAL_BACKOFF
             self._queue.popleft()
             if self.spool is not None:
@@ -478,6 +516,63 @@ class Outbox:
             self.stats.recent.append(head)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("event forwarded %s seq %d {%s}", head.topic, head.seq, describe(head))
+
+    # --- an in-place upgrade ---------------------------------------------------------
+
+    async def pause(self) -> None:
+        """Stop forwarding once the send under way is over, and sync the spool."""
+        if not self._paused:
+            self._paused = True
+            self._unpaused = trio.Event()
+        self._wakeup.set()  # a forwarder waiting for events parks
+        while self._sending is not None:
+            await self._sending.wait()
+        if self.spool is not None and self.spool.dirty:
+            await trio.to_thread.run_sync(self.spool.sync)
+
+    def resume(self) -> None:
+        self._paused = False
+        self._unpaused.set()
+
+    def export(self) -> OutboxState:
+        """Where the queue is (after :meth:`pause`), for :meth:`adopt` in the new code."""
+        s = self.stats
+        return {
+            "spool": self.spool.path if self.spool is not None else "",
+            "next_seq": self._next_seq, "published": s.published, "replayed": s.replayed,
+            "delivered": s.delivered, "last_error": s.last_error,
+            "last_error_at": s.last_error_at, "spool_error": s.spool_error,
+            "spool_skipped": s.spool_skipped,
+            "pending": [_event_state(e) for e in self._queue],
+        }
+
+    @classmethod
+    def adopt(cls, send: Sender, namespace: str, state: OutboxState) -> Outbox:
+        """The outbox :meth:`export` described: its spool loaded (the pending events,
+        in order), or, if the old one could not write it, its events from ``state``."""
+        spool = Spool(state["spool"]) if state["spool"] else None
+        outbox = cls(send, namespace, spool=spool)
+        pending = {e["seq"]: e for e in state["pending"]}
+        if spool is None or state["spool_error"]:
+            if spool is not None:
+                spool.error = state["spool_error"]  # memory only, as the old outbox was
+            outbox._queue = deque(_event_of(e) for e in state["pending"])
+        else:
+            for event in outbox._queue:
+                old = pending.get(event.seq)
+                if old is not None:
+                    event.attempts, event.first_error = old["attempts"], old["first_error"]
+        outbox._next_seq = max(outbox._next_seq, state["next_seq"])
+        s = outbox.stats
+        s.published, s.replayed, s.delivered = (state["published"], state["replayed"],
+                                                state["delivered"])
+        s.last_error, s.last_error_at = state["last_error"], state["last_error_at"]
+        s.spool_error, s.spool_skipped = state["spool_error"], state["spool_skipped"]
+        if outbox._queue:
+            outbox._empty = trio.Event()
+        else:
+            outbox._empty.set()
+        return outbox
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every queued event was accepted; False if ``timeout`` ran out."""

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the type only: importing the reaper would load trio
+    from supervisor.handover import ExitOrderState, ExitState
     from supervisor.reaper import Exit
 
 __all__ = ["Action", "ExitOrder", "InitExited", "Report"]
@@ -88,6 +89,10 @@ class _Entry:
     seen: bool = False  # an exit was accepted (held, waiting, or handed out in a Report)
     held: Exit | None = None  # reaped while announcing
     reported: bool = False
+
+
+def _exit_state(exit_: Exit) -> ExitState:
+    return {"pid": exit_.pid, "status": exit_.status, "timestamp": exit_.timestamp}
 
 
 class ExitOrder:
@@ -174,6 +179,41 @@ class ExitOrder:
         """The execs of the container that the init's TaskExit must come after."""
         return sorted(e for (c, e), entry in self._entries.items()
                       if c == container_id and e and self._running(entry))
+
+    # --- an in-place upgrade -------------------------------------------------------
+
+    def export(self) -> ExitOrderState:
+        """Everything the rules keep (JSON-able), for :meth:`adopt` in the new code."""
+        return {
+            "entries": [{"container_id": c, "exec_id": e, "announcing": x.announcing,
+                         "registered": x.registered, "seen": x.seen,
+                         "held": _exit_state(x.held) if x.held is not None else None,
+                         "reported": x.reported}
+                        for (c, e), x in self._entries.items()],
+            "pids": [{"pid": pid, "container_id": c, "exec_id": e}
+                     for pid, (c, e) in self._by_pid.items()],
+            "waiting": [{"container_id": c, "exit": _exit_state(x)}
+                        for c, x in self._waiting.items()],
+        }
+
+    @classmethod
+    def adopt(cls, state: ExitOrderState, exit_type: type[Exit]) -> ExitOrder:
+        """The order :meth:`export` described (``exit_type``: the reaper's :class:`Exit`)."""
+        order = cls()
+
+        def exit_of(x: ExitState) -> Exit:
+            return exit_type(x["pid"], x["status"], x["timestamp"])
+
+        for e in state["entries"]:
+            held = e["held"]
+            order._entries[(e["container_id"], e["exec_id"])] = _Entry(
+                e["announcing"], e["registered"], e["seen"],
+                exit_of(held) if held is not None else None, e["reported"])
+        for p in state["pids"]:
+            order._by_pid[p["pid"]] = (p["container_id"], p["exec_id"])
+        for w in state["waiting"]:
+            order._waiting[w["container_id"]] = exit_of(w["exit"])
+        return order
 
     # --- the rules --------------------------------------------------------------
 

@@ -446,7 +446,7 @@ def _become_shim(request: Request, listener_fd: int, status_fd: int, go_fd: int,
             os._exit(0)  # nobody committed to this shim: vanish without serving
         flags = Flags(namespace=request.namespace, id=request.id, address=request.address,
                       debug=request.debug)
-        rc = action_serve(flags)
+        rc = action_serve(flags, code=request.code)
         logging.shutdown()
         keep.clear()
         os._exit(rc)

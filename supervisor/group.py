@@ -33,10 +33,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping
+from typing import TYPE_CHECKING
 
 import trio
 
 from supervisor import errors
+
+if TYPE_CHECKING:
+    from supervisor.handover import GroupState
 
 log = logging.getLogger("supervisor.group")
 
@@ -106,13 +110,24 @@ class Group:
         self._close()
         return True
 
+    def export(self) -> GroupState:
+        """The reservations, each with the seconds it has left (for an in-place upgrade)."""
+        now = trio.current_time()
+        return {"reserved": {c: max(0.0, d - now) for c, d in self._reserved.items()}}
+
+    def restore(self, state: GroupState) -> None:
+        """Keep the reservations :meth:`export` described (the new code's Group)."""
+        for container_id, left in state["reserved"].items():
+            if container_id not in self._served:
+                self._reserve(container_id, left)
+
     def _close(self) -> None:
         if not self._closing:
             self._closing = True
             self._end()
 
-    def _reserve(self, container_id: str) -> None:
-        self._reserved[container_id] = trio.current_time() + self._ttl
+    def _reserve(self, container_id: str, ttl: float | None = None) -> None:
+        self._reserved[container_id] = trio.current_time() + (self._ttl if ttl is None else ttl)
         if not self._expiring:
             self._expiring = True
             self._nursery.start_soon(self._expire)

@@ -8,7 +8,8 @@ containerd is down, which is exactly when one wants to see the events the
 shim is holding for it.  Three rpcs:
 
 * ``Shim`` -- pid, version, uptime, memory (RSS/PSS), open fds, the runtime
-  binary and its version string, namespace and socket address;
+  binary and its version string, namespace and socket address, the code it
+  runs and its in-place upgrades (:class:`~supervisor.handover.UpgradeRecord`);
 * ``Containers`` -- every container and exec: pid, status, exit status and
   time, bundle, stdio paths or log URI, terminal, bytes copied per stream;
 * ``Events`` -- the outbox: counts, the oldest pending event's age, the last
@@ -53,6 +54,7 @@ from supervisor._unary import Handler
 from supervisor.api import typeurls
 from supervisor.api.introspect import introspect_pb2 as pb
 from supervisor.events import Event, Outbox
+from supervisor.handover import UpgradeRecord
 from supervisor.process import Process
 from supervisor.reaper import Reaper, spawn
 from supervisor.runtime import DEFAULT_BINARY
@@ -312,8 +314,11 @@ class IntrospectService:
         address: str,
         nursery: trio.Nursery | None = None,
         version_probe: VersionProbe | None = None,
+        upgrades: UpgradeRecord | None = None,
     ) -> None:
+        """``upgrades``: the shim's code and upgrade counters (``Shim``'s fields)."""
         self._tasks = task_service
+        self._upgrades = upgrades
         self._outbox = outbox
         self.namespace = namespace
         self.address = address
@@ -377,6 +382,13 @@ class IntrospectService:
             closing=self._tasks.group.closing,
         )
         _set_time_ns(response.started_at, int(self._tasks.started_at * 1e9))
+        record = self._upgrades
+        if record is not None:
+            response.code = record.code
+            response.upgrades = record.upgrades
+            response.upgrade_attempts = record.upgrade_attempts
+            response.last_upgrade_error = record.last_upgrade_error
+            _set_time_ns(response.upgraded_at, int(record.upgraded_at * 1e9))
         self._memory(response)
         version = await self._runtime_version(binary)
         if version is not None:

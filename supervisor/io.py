@@ -1,4 +1,4 @@
-"""A process's standard streams: where containerd wants them, and the pipes and copies to them.
+r"""A process's standard streams: where containerd wants them, and the pipes and copies to them.
 
 Design
 ------
@@ -35,6 +35,20 @@ terminal is the end of input: for pipes, a writer closing the stdin FIFO (or
 the process's stdin; a terminal's end of input is in-band, so it reopens the
 FIFO and waits for the next writer (see :mod:`supervisor.console`).
 
+An in-place upgrade (issue 17) hands every stream to the new code without
+losing a byte, for pipes and terminals alike (:class:`Streams`):
+``pause()`` stops the copies at a chunk boundary; ``export()`` describes the
+paused object as a small JSON-able dict whose fds are the ``*_fd`` fields
+(``fds()`` lists them: they must survive ``execve``); the new code rebuilds
+it with :func:`adopt_streams` and ``start``\ s it, and it goes on where it
+stopped (``resume()`` does that in place when the upgrade is called off).
+Output read from a pipe and not yet written is in the stream's
+:class:`Backlog` (moved from memory to a memfd at pause, so that an fd
+carries it); a chunk read for stdin (or by a terminal's copies) and not yet
+written all the way is carried in the dict.  Counters, backlog counts, a
+reader found gone, output that reached EOF, and a ``close_stdin`` not yet
+done all carry over, so :meth:`ProcessIO.wait_output` means the same after.
+
 Invariants
 ----------
 * Output is drained to EOF before the process's exit is reported
@@ -45,13 +59,18 @@ Invariants
   then call :meth:`ProcessIO.spawned`) and, for either kind,
   :attr:`Streams.counters`.
 * Every fd opened for a process has exactly one owner at every moment: a
-  failed open closes whatever was opened before it.
+  failed open closes whatever was opened before it; an exported object's fds
+  belong to the exported dict (its ``close()`` leaves them open).
+* Every await of a copy is at a chunk boundary: a chunk read is written,
+  held in the backlog, or carried before the copy can stop there.
 * A backlog never holds a byte that was not written: what the disk refuses
   (a short write, ENOSPC) is counted in :attr:`Backlog.dropped`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import fcntl
 import logging
@@ -92,15 +111,34 @@ class Stdio:
 
 
 class Streams(Protocol):
-    """What the process layer needs of a process's stdio (pipes or a terminal)."""
+    r"""What the process layer needs of a process's stdio (pipes or a terminal).
+
+    The upgrade path (issue 17) uses the rest: :meth:`pause` the copies,
+    :meth:`export` their state and keep :meth:`fds` open across ``execve``;
+    the new code rebuilds the object with :func:`adopt_streams` and
+    :meth:`start`\ s it.  :meth:`resume` undoes a pause in place.
+    """
 
     counters: StreamCounters
+
+    def start(self, nursery: trio.Nursery) -> None: ...
 
     def close_stdin(self) -> None: ...
 
     async def wait_output(self, timeout: float | None = None) -> bool: ...
 
+    async def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def export(self) -> dict[str, object]: ...
+
+    def fds(self) -> list[int]: ...
+
     def close(self) -> None: ...
+
+    @property
+    def closed(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -439,11 +477,79 @@ class Backlog:
             os.close(self._fd)
             self._fd = -1
 
+    # --- across an upgrade (issue 17) -------------------------------------
+
+    def hold_in_file(self) -> None:
+        """Move held bytes kept in memory to a memfd, so that an fd carries them across exec.
+
+        A no-op for a file backlog or an empty one.  Raises OSError if the
+        memfd cannot take them (the backlog is unchanged then).
+        """
+        if self._fd >= 0 or self.empty:
+            return
+        start = self._read - (self._write - len(self._memory))
+        data = memoryview(bytes(self._memory[start:]))
+        fd = os.memfd_create("supervisor-backlog", os.MFD_CLOEXEC)
+        try:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], done)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._memory.clear()
+        self._read, self._write = 0, len(data)
+
+    def export(self) -> dict[str, object]:
+        """The backlog's state (its file by fd); after :meth:`hold_in_file` if it held bytes."""
+        if self._fd < 0 and not self.empty:
+            raise RuntimeError("an in-memory backlog holding bytes cannot be exported")
+        return {
+            "backlog_fd": self._fd,
+            "backlog_dir": self.directory,
+            "read": self._read if self._fd >= 0 else 0,
+            "write": self._write if self._fd >= 0 else 0,
+            "limit": self.limit,
+            "dropped": self.dropped,
+            "spooled": self.spooled,
+            "finished": self.finished,
+            "broken": self.broken,
+        }
+
+    @classmethod
+    def adopt(cls, f: StateFields) -> Backlog:
+        """Rebuild a backlog from :meth:`export`'s fields (validated by ``f``)."""
+        b = cls(f.text("backlog_dir"), f.integer("limit", minimum=1))
+        fd = f.fd("backlog_fd", kind="file")
+        read, write = f.integer("read"), f.integer("write")
+        if read > write:
+            raise StreamStateError(f"{f.where}.read: {read} is past write ({write})")
+        if fd < 0 and write:
+            raise StreamStateError(f"{f.where}.backlog_fd: {write - read} bytes held but no file")
+        if fd >= 0 and os.fstat(fd).st_size < write:
+            raise StreamStateError(f"{f.where}.backlog_fd: the file is shorter than {write}")
+        b._fd, b._read, b._write = fd, read, write
+        b.dropped, b.spooled = f.integer("dropped"), f.integer("spooled")
+        b.finished, b.broken = f.flag("finished"), f.flag("broken")
+        return b
+
 
 def _pipes_kind(stdio: Stdio) -> str:
     if stdio.stdout.startswith("binary://"):
         return "binary"
     return "none" if stdio.is_null() else "pipes"
+
+
+@dataclass(eq=False)
+class _Output:
+    """One output stream of a :class:`ProcessIO`: its pipe, its destination, its backlog."""
+
+    name: str
+    pipe: int  # the process's pipe, read end; -1 once it read EOF (closed then)
+    dest: int
+    backlog: Backlog | None = None  # made when the copy first starts
+    stalled_at: int = -1  # ProcessIO.delivered when the reader was found gone
 
 
 class ProcessIO:
@@ -452,6 +558,14 @@ class ProcessIO:
     Build it with :meth:`create`, hand :attr:`child_fds` to the runtime, call
     :meth:`spawned` once the runtime has started the process (our copies of
     the child's ends are closed then), and :meth:`start` the copies.
+
+    Upgrade (issue 17): :meth:`pause` stops every copy at a chunk boundary
+    (what was read and not written is in the stream's :class:`Backlog`, or,
+    for stdin, in a carried chunk), and :meth:`export` describes the paused
+    object; :func:`adopt_streams` rebuilds it (in the new code) and
+    :meth:`start` goes on from there.  While paused the object still owns
+    every fd; once exported it owns none (:meth:`close` closes nothing):
+    they belong to the exported state until :meth:`resume` takes them back.
     """
 
     def __init__(self, stdio: Stdio) -> None:
@@ -461,12 +575,13 @@ class ProcessIO:
         self._child_ends: list[int] = []
         self._stdin_w = -1
         self._stdin_fifo = -1
-        self._outputs: list[tuple[str, int, int]] = []  # (name, pipe read end, dest fd)
+        self._stdin_pending = memoryview(b"")  # read from the FIFO, not yet in the pipe
+        self._outputs: list[_Output] = []  # every output not yet delivered to its end
         self._output_done = trio.Event()
         self._outputs_left = 0
         self._stdin_close_requested = False
         self._stdin_scope: trio.CancelScope | None = None
-        self._stdin_copying = False
+        self._stdin_copying = False  # the stdin copy owns the stdin fds (running or paused)
         self._closed = False
         self.spool_dir = ""
         self.backlog_limit = BACKLOG_LIMIT
@@ -474,6 +589,11 @@ class ProcessIO:
         self._eofs = 0  # output pipes that reached EOF
         self._outputs_total = 0
         self._copies = trio.CancelScope()
+        self._running = False  # a copy task is alive (from start until it ends or pauses)
+        self._stopped = trio.Event()
+        self._pausing = False
+        self._exported = False
+        self._nursery: trio.Nursery | None = None
 
     @classmethod
     async def create(
@@ -535,7 +655,7 @@ class ProcessIO:
             except BaseException:
                 os.close(dest)
                 raise
-            self._outputs.append((name, r, dest))
+            self._outputs.append(_Output(name, r, dest))
             self._child_ends.append(w)
             _grow_pipe(r)
             self.child_fds[n] = w
@@ -554,10 +674,10 @@ class ProcessIO:
         went to the process's stderr: this recovers them for the error message.
         """
         chunks: list[bytes] = []
-        for _name, r, _dest in self._outputs:
+        for out in self._outputs:
             try:
-                os.set_blocking(r, False)
-                chunks.append(os.read(r, limit))
+                os.set_blocking(out.pipe, False)
+                chunks.append(os.read(out.pipe, limit))
             except OSError:
                 continue  # nothing there (EAGAIN) or the pipe is gone
         return b"".join(chunks).decode(errors="replace").strip()
@@ -570,34 +690,66 @@ class ProcessIO:
 
     def start(self, nursery: trio.Nursery) -> None:
         """Start the copies (in the service's nursery; they end on their own at EOF,
-        or :data:`CLOSE_GRACE` seconds after :meth:`close`)."""
-        outputs, self._outputs = self._outputs, []
+        or :data:`CLOSE_GRACE` seconds after :meth:`close`).
+
+        After :meth:`pause` (or :func:`adopt_streams`) they go on where they stopped.
+        """
+        if self._running:
+            raise RuntimeError("the copies are running already")
+        self._nursery = nursery
+        self._pausing = self._exported = False
+        for out in self._outputs:
+            self._backlog(out)
         if self._stdin_fifo >= 0:
             self._stdin_copying = True
-        nursery.start_soon(self._run_copies, outputs, self._stdin_copying)
+        if self._closed or not (self._outputs or self._stdin_copying):
+            return
+        self._running = True
+        self._copies = trio.CancelScope()
+        self._stopped = trio.Event()
+        nursery.start_soon(self._run_copies, list(self._outputs), self._stdin_copying)
 
-    async def _run_copies(self, outputs: list[tuple[str, int, int]], stdin: bool) -> None:
-        with self._copies:
-            async with trio.open_nursery() as nursery:
-                for name, r, dest in outputs:
-                    nursery.start_soon(self._copy_out, name, r, dest)
-                if stdin:
-                    nursery.start_soon(self._copy_in)
+    def _backlog(self, out: _Output) -> Backlog:
+        if out.backlog is None:
+            out.backlog = Backlog(self.spool_dir, self.backlog_limit)
+            self.counters.backlogs[out.name] = out.backlog
+        return out.backlog
 
-    async def _copy_out(self, name: str, r: int, dest: int) -> None:
-        """Pipe -> destination.  Reading never waits for the destination's reader."""
-        backlog = Backlog(self.spool_dir, self.backlog_limit)
-        self.counters.backlogs[name] = backlog
-        counters = self.counters
+    async def _run_copies(self, outputs: list[_Output], stdin: bool) -> None:
         try:
-            os.set_blocking(r, False)
-            os.set_blocking(dest, False)
+            with self._copies:
+                async with trio.open_nursery() as nursery:
+                    for out in outputs:
+                        nursery.start_soon(self._copy_out, out)
+                    if stdin:
+                        nursery.start_soon(self._copy_in)
+        finally:
+            self._running = False
+            self._stopped.set()
+
+    def _keep_fds(self) -> bool:
+        """Whether a copy that stops now stops for :meth:`pause` (its fds stay with us)."""
+        return self._pausing and not self._closed
+
+    async def _copy_out(self, out: _Output) -> None:
+        """Pipe -> destination.  Reading never waits for the destination's reader.
+
+        Every await is at a chunk boundary: a chunk read is written or
+        appended to the backlog before the next one, so a pause loses nothing.
+        """
+        backlog = self._backlog(out)
+        counters = self.counters
+        done = False
+        try:
+            if out.pipe >= 0:
+                os.set_blocking(out.pipe, False)
+            os.set_blocking(out.dest, False)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._drain_backlog, name, backlog, dest)
-                stalled_at = -1  # self.delivered when the reader was found gone
-                while True:
-                    if backlog.held >= backlog.limit and stalled_at != self.delivered:
-                        stalled_at = -1
+                nursery.start_soon(self._drain_backlog, out.name, backlog, out.dest)
+                while (r := out.pipe) >= 0:
+                    await trio.lowlevel.checkpoint_if_cancelled()  # a pause stops here
+                    if backlog.held >= backlog.limit and out.stalled_at != self.delivered:
+                        out.stalled_at = -1
                         # A slow reader gets backpressure (nothing is lost); only a
                         # reader that takes nothing for STALL_TIMEOUT costs output.
                         mark = self.delivered
@@ -605,36 +757,47 @@ class ProcessIO:
                             while backlog.held >= backlog.limit:
                                 await backlog.wait_progress()
                         if backlog.held >= backlog.limit and self.delivered == mark:
-                            stalled_at = mark
+                            out.stalled_at = mark
                             log.warning("%s: nobody reads %s; dropping output past %d bytes",
-                                        name, self.stdio, backlog.limit)
+                                        out.name, self.stdio, backlog.limit)
                     try:
                         data = os.read(r, COPY_BUFFER)
                     except BlockingIOError:
                         await trio.lowlevel.wait_readable(r)
                         continue
                     if not data:
+                        out.pipe = -1
+                        os.close(r)
+                        self._eofs += 1
+                        backlog.finish()
                         break
-                    if name == "stdout":
+                    if out.name == "stdout":
                         counters.stdout += len(data)
                     else:
                         counters.stderr += len(data)
                     if backlog.empty and not backlog.broken:
-                        data = self._write_some(name, backlog, dest, data)
+                        data = self._write_some(out.name, backlog, out.dest, data)
                     if data:
-                        if stalled_at == self.delivered:
+                        if out.stalled_at == self.delivered:
                             backlog.dropped += len(data)  # the reader is gone (see above)
                         else:
                             backlog.append(data)
-                self._eofs += 1
-                backlog.finish()
+            done = True
         finally:
-            os.close(r)
-            os.close(dest)
-            backlog.close()
+            if done or not self._keep_fds():
+                self._retire(out)
+
+    def _retire(self, out: _Output) -> None:
+        """``out`` is done with (delivered, or given up): close its fds, count it."""
+        _close_all([out.pipe, out.dest])
+        out.pipe = out.dest = -1
+        if out.backlog is not None:
+            out.backlog.close()
+        if out in self._outputs:
+            self._outputs.remove(out)
             self._outputs_left -= 1
-            if self._outputs_left <= 0:
-                self._output_done.set()
+        if self._outputs_left <= 0:
+            self._output_done.set()
 
     def _write_some(self, name: str, backlog: Backlog, dest: int, data: bytes) -> bytes:
         """Write what the destination takes now; return the rest."""
@@ -668,10 +831,21 @@ class ProcessIO:
             backlog.consume(len(chunk) - len(rest))
 
     async def _copy_in(self) -> None:
+        """Stdin FIFO -> pipe.  A chunk read is kept in ``_stdin_pending`` until the
+        pipe took all of it, so a pause between its writes loses nothing."""
         fifo, w = self._stdin_fifo, self._stdin_w
+        done = False
         try:
             os.set_blocking(w, False)
             while True:
+                await trio.lowlevel.checkpoint_if_cancelled()  # a pause stops here
+                while self._stdin_pending:
+                    try:
+                        n = os.write(w, self._stdin_pending)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(w)
+                        continue
+                    self._stdin_pending = self._stdin_pending[n:]
                 if self._stdin_close_requested:
                     # Deliver what is already in the FIFO, then stop.
                     data = read_nowait(fifo)
@@ -691,23 +865,23 @@ class ProcessIO:
                     if not data:
                         break  # the writer closed: EOF
                 self.counters.stdin += len(data)
-                view = memoryview(data)
-                while view:
-                    try:
-                        view = view[os.write(w, view):]
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(w)
+                self._stdin_pending = memoryview(data)
+            done = True
         except OSError as e:
+            done = True
             if e.errno != errno.EPIPE:
                 log.warning("stdin copy for %s stopped: %s", self.stdio.stdin, e)
         finally:
-            self._stdin_copying = False
-            self._stdin_fifo = self._stdin_w = -1
-            os.close(fifo)
-            os.close(w)
+            self._stdin_scope = None
+            if done or not self._keep_fds():
+                self._stdin_copying = False
+                self._close_stdin_fds()
 
     def close_stdin(self) -> None:
-        """Close the process's stdin once what was written to the FIFO is delivered."""
+        """Close the process's stdin once what was written to the FIFO is delivered.
+
+        While the copies are paused, the request waits for them to go on.
+        """
         self._stdin_close_requested = True
         if self._stdin_copying:
             if self._stdin_scope is not None:
@@ -719,6 +893,7 @@ class ProcessIO:
         """Close our stdin FIFO and pipe ends (each on its own: either may be unset)."""
         _close_all([self._stdin_fifo, self._stdin_w])
         self._stdin_fifo = self._stdin_w = -1
+        self._stdin_pending = memoryview(b"")
 
     async def wait_output(self, timeout: float | None = None) -> bool:
         """Wait until every output stream was delivered to its end.
@@ -733,20 +908,311 @@ class ProcessIO:
             progress=lambda: self.delivered,
         )
 
+    # --- across an upgrade (issue 17) -------------------------------------
+
+    async def pause(self) -> None:
+        """Stop every copy at a chunk boundary; the fds stay open and ours.
+
+        Returns once no copy runs.  An output backlog kept in memory moves to
+        a memfd (so an fd carries it; OSError if that fails).  A closed object
+        is left alone: its copies finish their grace period, and it is not
+        exported.
+        """
+        if self._closed:
+            return
+        self._pausing = True
+        if self._running:
+            self._copies.cancel()
+            await self._stopped.wait()
+        for out in self._outputs:
+            self._backlog(out).hold_in_file()
+
+    def resume(self) -> None:
+        """Undo :meth:`pause` in place (also after :meth:`export`): the copies go on.
+
+        A no-op if not paused or closed; copies never started stay unstarted.
+        The fds are marked close-on-exec again (an upgrade clears the mark
+        just before ``execve``; if that failed, no child may inherit them).
+        """
+        if self._closed or not self._pausing:
+            return
+        for fd in self.fds():
+            os.set_inheritable(fd, False)
+        if self._nursery is None:
+            self._pausing = self._exported = False
+            return
+        self.start(self._nursery)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (closed streams are not exported)."""
+        return self._closed
+
+    def _state(self) -> dict[str, object]:
+        outputs: list[dict[str, object]] = []
+        live = {out.name: out for out in self._outputs}
+        for name in ("stdout", "stderr"):
+            out = live.get(name)
+            backlog = self._backlog(out) if out is not None else self.counters.backlogs.get(name)
+            if backlog is None:
+                continue  # no such stream
+            outputs.append({
+                "name": name,
+                "pipe_fd": out.pipe if out is not None else -1,
+                "dest_fd": out.dest if out is not None else -1,  # -1: delivered
+                "stalled_at": out.stalled_at if out is not None else -1,
+                **backlog.export(),
+            })
+        return {
+            "kind": self.counters.kind,
+            "stdin": self.stdio.stdin,
+            "stdout": self.stdio.stdout,
+            "stderr": self.stdio.stderr,
+            "spool_dir": self.spool_dir,
+            "backlog_limit": self.backlog_limit,
+            "stdin_bytes": self.counters.stdin,
+            "stdout_bytes": self.counters.stdout,
+            "stderr_bytes": self.counters.stderr,
+            "delivered": self.delivered,
+            "eofs": self._eofs,
+            "outputs_total": self._outputs_total,
+            "outputs": outputs,
+            "stdin_fifo_fd": self._stdin_fifo,
+            "stdin_pipe_fd": self._stdin_w,
+            "stdin_pending": b64(self._stdin_pending),
+            "stdin_close": self._stdin_close_requested,
+        }
+
+    def export(self) -> dict[str, object]:
+        """The paused object as JSON-able data for :func:`adopt_streams` (fds by number).
+
+        From now on the fds belong to that data: :meth:`close` leaves them
+        open, until :meth:`resume` takes them back.
+        """
+        if self._closed:
+            raise RuntimeError("closed streams are not exported")
+        if self._running or (self._outputs and not self._pausing):
+            raise RuntimeError("pause the streams before exporting them")
+        if self._child_ends:
+            raise RuntimeError("the process's ends are still ours (spawned() not called)")
+        state = self._state()
+        self._exported = True
+        return state
+
+    def fds(self) -> list[int]:
+        """Every fd :meth:`export` names: what must stay open across ``execve`` (ask
+        after :meth:`pause`: a backlog in memory is in a file only then)."""
+        return fds_of(self._state())
+
+    @classmethod
+    def _adopt(cls, f: StateFields) -> ProcessIO:
+        io = cls(Stdio(f.text("stdin"), f.text("stdout"), f.text("stderr")))
+        if io.counters.kind != f.text("kind"):
+            raise StreamStateError(f"{f.where}.kind: {f.text('kind')!r} does not match its URIs")
+        io.spool_dir = f.text("spool_dir")
+        io.backlog_limit = f.integer("backlog_limit", minimum=1)
+        io.counters.stdin = f.integer("stdin_bytes")
+        io.counters.stdout = f.integer("stdout_bytes")
+        io.counters.stderr = f.integer("stderr_bytes")
+        io.delivered = f.integer("delivered")
+        io._eofs = f.integer("eofs")
+        io._outputs_total = f.integer("outputs_total")
+        for o in f.objects("outputs"):
+            name = o.text("name")
+            if name not in ("stdout", "stderr") or name in io.counters.backlogs:
+                raise StreamStateError(f"{o.where}.name: {name!r} is not a new output stream")
+            backlog = Backlog.adopt(o)
+            io.counters.backlogs[name] = backlog
+            dest = o.fd("dest_fd")
+            if dest >= 0:
+                io._outputs.append(
+                    _Output(name, o.fd("pipe_fd", kind="fifo"), dest, backlog,
+                            o.integer("stalled_at", minimum=-1)))
+            elif o.integer("pipe_fd", minimum=-1) >= 0 or o.integer("backlog_fd", minimum=-1) >= 0:
+                raise StreamStateError(f"{o.where}: a delivered output (dest_fd -1) names fds")
+        if io._eofs > io._outputs_total or len(io._outputs) > io._outputs_total:
+            raise StreamStateError(f"{f.where}.outputs_total: {io._outputs_total} is too small")
+        io._outputs_left = len(io._outputs)
+        if not io._outputs:
+            io._output_done.set()
+        io._stdin_fifo = f.fd("stdin_fifo_fd", kind="fifo")
+        io._stdin_w = f.fd("stdin_pipe_fd", kind="fifo")
+        if (io._stdin_fifo < 0) != (io._stdin_w < 0):
+            raise StreamStateError(f"{f.where}.stdin_pipe_fd: stdin needs the FIFO and the pipe")
+        io._stdin_pending = memoryview(f.blob("stdin_pending"))
+        io._stdin_close_requested = f.flag("stdin_close")
+        io._pausing = True
+        return io
+
     def close(self) -> None:
-        """Release every fd not owned by a running copy (idempotent)."""
+        """Release every fd not owned by a running copy (idempotent).
+
+        Exported fds are not ours: they are left open.
+        """
         if self._closed:
             return
         self._closed = True
+        if self._exported:
+            self._output_done.set()
+            return
         for fd in self._child_ends:
             os.close(fd)
         self._child_ends.clear()
-        for _name, r, dest in self._outputs:
-            os.close(r)
-            os.close(dest)
-        self._outputs = []
+        if not self._running:  # not started, or paused: nothing else owns them
+            for out in list(self._outputs):
+                self._retire(out)
+            self._stdin_copying = False
         if not self._stdin_copying:
             self._close_stdin_fds()
         # Copies still running (a reader that never came back) end after a grace period.
         self._copies.deadline = min(self._copies.deadline, trio.current_time() + CLOSE_GRACE)
         self._output_done.set()
+
+
+# --- across an upgrade (issue 17) ------------------------------------------
+
+#: An exported field that names an fd ends in this: :func:`fds_of` and the
+#: checks of :func:`adopt_streams` know fds by it (one fact in one place).
+FD_SUFFIX = "_fd"
+
+
+def b64(data: bytes | memoryview) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def fds_of(state: object) -> list[int]:
+    """Every open fd (``*_fd`` field >= 0) in an exported state, in order."""
+    fds: list[int] = []
+    if isinstance(state, dict):
+        for key, value in state.items():
+            if key.endswith(FD_SUFFIX) and isinstance(value, int) and value >= 0:
+                fds.append(value)
+            else:
+                fds.extend(fds_of(value))
+    elif isinstance(state, list):
+        for item in state:
+            fds.extend(fds_of(item))
+    return fds
+
+
+class StreamStateError(ValueError):
+    """An exported stream state that cannot be adopted (the message names the field)."""
+
+
+class StateFields:
+    """One object of an exported state, read with checks: every error names its field."""
+
+    def __init__(self, data: object, where: str) -> None:
+        if not isinstance(data, dict):
+            raise StreamStateError(f"{where}: expected an object, got {type(data).__name__}")
+        self.data: dict[str, object] = data
+        self.where = where
+
+    def _get(self, key: str) -> object:
+        if key not in self.data:
+            raise StreamStateError(f"{self.where}.{key}: missing")
+        return self.data[key]
+
+    def integer(self, key: str, *, minimum: int = 0) -> int:
+        value = self._get(key)
+        if type(value) is not int or value < minimum:
+            raise StreamStateError(f"{self.where}.{key}: expected an integer >= {minimum}, "
+                             f"got {value!r}")
+        return value
+
+    def flag(self, key: str) -> bool:
+        value = self._get(key)
+        if not isinstance(value, bool):
+            raise StreamStateError(f"{self.where}.{key}: expected true or false, got {value!r}")
+        return value
+
+    def text(self, key: str) -> str:
+        value = self._get(key)
+        if not isinstance(value, str):
+            raise StreamStateError(f"{self.where}.{key}: expected a string, got {value!r}")
+        return value
+
+    def blob(self, key: str) -> bytes:
+        """A base64 field."""
+        try:
+            return base64.b64decode(self.text(key), validate=True)
+        except binascii.Error as e:
+            raise StreamStateError(f"{self.where}.{key}: not base64 ({e})") from None
+
+    def objects(self, key: str) -> list[StateFields]:
+        value = self._get(key)
+        if not isinstance(value, list):
+            raise StreamStateError(f"{self.where}.{key}: expected a list, got {value!r}")
+        return [StateFields(item, f"{self.where}.{key}[{i}]") for i, item in enumerate(value)]
+
+    def fd(self, key: str, *, kind: str = "") -> int:
+        """An fd field: -1 (none) or an open fd, of ``kind`` (``fifo``, ``file``, ``tty``)."""
+        if not key.endswith(FD_SUFFIX):
+            raise AssertionError(f"fd field {key!r} must end in {FD_SUFFIX!r}")
+        fd = self.integer(key, minimum=-1)
+        if fd < 0:
+            return -1
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise StreamStateError(
+                f"{self.where}.{key}: fd {fd} is not open ({e.strerror})") from None
+        ok = {
+            "": True,
+            "fifo": stat.S_ISFIFO(st.st_mode),
+            "file": stat.S_ISREG(st.st_mode),
+            "tty": stat.S_ISCHR(st.st_mode) and os.isatty(fd),
+        }[kind]
+        if not ok:
+            raise StreamStateError(f"{self.where}.{key}: fd {fd} is not a {kind}")
+        return fd
+
+
+#: How each exported kind is rebuilt (the ``kind`` field: :attr:`StreamCounters.kind`).
+#: :mod:`supervisor.console` adds ``"terminal"`` when it is imported: it imports this
+#: module, so this module cannot import it (no import cycles).
+ADOPTERS: dict[str, Callable[[StateFields], Streams]] = {
+    kind: ProcessIO._adopt for kind in ("pipes", "binary", "none")
+}
+
+
+def adopt_streams(
+    data: dict[str, object],
+    *,
+    reaper: Reaper | None = None,
+    spool_dir: str | None = None,
+    where: str = "io",
+) -> Streams:
+    """Rebuild a paused :class:`ProcessIO` or :class:`~supervisor.console.Console` from
+    its :meth:`~Streams.export` (after a JSON round trip, in this process or after exec).
+
+    ``.start(nursery)`` then goes on copying exactly where the old object
+    stopped.  ``spool_dir`` (the container's work dir) replaces the exported
+    one for backlog files made from now on; ``reaper`` is not needed (a
+    logging binary is a child like any other: the shim's reaper reaps it; the
+    pipes it reads are not ours) and is accepted so that every stream kind is
+    adopted alike.  Every fd named is checked (open, of the right kind,
+    named once) and marked close-on-exec again.  Raises
+    :class:`StreamStateError` (a ValueError) naming the field (under
+    ``where``) for anything wrong; nothing is closed then: the fds still
+    belong to ``data``.
+    """
+    del reaper
+    f = StateFields(data, where)
+    kind = f.text("kind")
+    adopter = ADOPTERS.get(kind)
+    if adopter is None:
+        raise StreamStateError(f"{where}.kind: {kind!r} is not one of {sorted(ADOPTERS)} "
+                               "(a terminal needs supervisor.console imported)")
+    streams = adopter(f)
+    if spool_dir is not None and isinstance(streams, ProcessIO):
+        streams.spool_dir = spool_dir
+        for backlog in streams.counters.backlogs.values():
+            if backlog.directory:
+                backlog.directory = spool_dir
+    fds = streams.fds()
+    if len(set(fds)) != len(fds):
+        raise StreamStateError(f"{where}: an fd is named twice ({sorted(fds)})")
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return streams

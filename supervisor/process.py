@@ -39,11 +39,16 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 import trio
 
 from supervisor.errors import FailedPrecondition
+from supervisor.handover import StateError, b64, unb64
 from supervisor.io import Stdio, Streams
+
+if TYPE_CHECKING:
+    from supervisor.handover import ProcessState
 
 
 class State(enum.StrEnum):
@@ -146,3 +151,82 @@ class Process:
     async def wait(self) -> tuple[int, int]:
         await self.exited.wait()
         return self.exit_status, self.exited_at_ns
+
+    # --- an in-place upgrade -----------------------------------------------------
+
+    def export(self) -> ProcessState:
+        """The process's facts (JSON-able); its streams' part from ``export_streams``."""
+        return {
+            "exec_id": self.exec_id, "state": str(self.state), "pid": self.pid,
+            "exit_status": self.exit_status, "exited_at_ns": self.exited_at_ns,
+            "exited": self.exited.is_set(),
+            "stdio": {"stdin": self.stdio.stdin, "stdout": self.stdio.stdout,
+                      "stderr": self.stdio.stderr, "terminal": self.stdio.terminal},
+            "spec": b64(self.spec), "io": export_streams(self.io),
+        }
+
+    @classmethod
+    def adopt(cls, container_id: str, state: ProcessState) -> Process:
+        """The process :meth:`export` described, without its streams (the container's
+        :meth:`~supervisor.container.Container.adopt` rebuilds those)."""
+        stdio = state["stdio"]
+        process = cls(container_id, state["exec_id"],
+                      Stdio(stdio["stdin"], stdio["stdout"], stdio["stderr"], stdio["terminal"]),
+                      spec=unb64(state["spec"], "process spec"))
+        try:
+            process.state = State(state["state"])
+        except ValueError:
+            raise StateError(f"{process.describe()}: unknown state {state['state']!r}") from None
+        process.pid = state["pid"]
+        process.exit_status = state["exit_status"]
+        process.exited_at_ns = state["exited_at_ns"]
+        if state["exited"]:
+            process.exited.set()
+        return process
+
+
+#: What the stdio export of a process with no stdio at all is (nothing to carry).
+NULL_STREAMS: dict[str, object] = {"kind": "none"}
+
+
+def streams_handover_refusal(process: Process) -> str | None:
+    """Why ``process``'s streams cannot be handed over, or None if they can."""
+    io = process.io
+    if io is None or hasattr(io, "export"):
+        return None
+    if process.stdio.is_null() and not process.stdio.terminal:
+        return None  # holds no fd: nothing to carry
+    return (f"{process.describe()} has stdio, and this code cannot hand stdio over "
+            "to new code yet")
+
+
+def export_streams(io: Streams | None) -> dict[str, object] | None:
+    """``io``'s export (see :mod:`supervisor.io`); a process without stdio carries nothing."""
+    if io is None:
+        return None
+    export = getattr(io, "export", None)
+    if export is not None:
+        data: dict[str, object] = export()
+        return data
+    return dict(NULL_STREAMS)
+
+
+async def pause_streams(io: Streams | None) -> None:
+    """Stop ``io``'s copies at a chunk boundary, nothing lost (a process without stdio
+    has none)."""
+    pause = getattr(io, "pause", None)
+    if pause is not None:
+        await pause()
+
+
+def resume_streams(io: Streams | None) -> None:
+    """Copy again after :func:`pause_streams` (the upgrade was called off)."""
+    resume = getattr(io, "resume", None)
+    if resume is not None:
+        resume()
+
+
+def streams_fds(io: Streams | None) -> list[int]:
+    """The fds ``io`` holds, which must survive the exec."""
+    fds = getattr(io, "fds", None)
+    return list(fds()) if fds is not None else []

@@ -22,6 +22,11 @@ Invariants
   containerd do.
 * Delivery never blocks the reaper: subscriptions buffer without bound, and a
   subscription lives only as long as its owner needs it (close it).
+* An in-place upgrade pauses it (:meth:`Reaper.pause`): no ``wait4`` until
+  :meth:`Reaper.resume` or the exec, so what exits meanwhile stays a zombie,
+  which the new code's reaper reaps as it starts (:meth:`Reaper.run` drains
+  first; the kernel keeps zombies and the subreaper flag across ``execve``).
+  The new code subscribes before it runs its reaper, so none is missed.
 """
 
 from __future__ import annotations
@@ -99,6 +104,11 @@ class Subscription:
                 return
             self._seen[exit_.pid] = exit_
 
+    @property
+    def pending(self) -> int:
+        """Exits delivered and not yet taken."""
+        return self._recv.statistics().current_buffer_used
+
     def poll(self, pid: int) -> Exit | None:
         """The exit of ``pid`` if it was reaped since this subscription opened."""
         self._pull_pending()
@@ -151,6 +161,7 @@ class Reaper:
         self._subscribers: list[Subscription] = []
         self._subreaper = subreaper
         self.reaped = 0
+        self.paused = False
 
     def subscribe(self) -> Subscription:
         sub = Subscription(self)
@@ -173,9 +184,18 @@ class Reaper:
             async for _ in signals:
                 self.drain()
 
+    def pause(self) -> None:
+        """Stop reaping (an upgrade is about to exec): exits stay zombies from now on."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Reap again, starting with what exited while paused."""
+        self.paused = False
+        self.drain()
+
     def drain(self) -> None:
-        """Reap every child that has exited, and tell every subscriber."""
-        while True:
+        """Reap every child that has exited, and tell every subscriber (not while paused)."""
+        while not self.paused:
             try:
                 pid, wait_status, _rusage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:

@@ -43,7 +43,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -64,15 +64,21 @@ from supervisor.group import Group
 from supervisor.io import Stdio
 from supervisor.mount import MountSpec
 from supervisor.options import decode as decode_options
-from supervisor.process import Process, State
+from supervisor.process import Process, State, streams_handover_refusal
 from supervisor.reaper import Exit, Reaper
 from supervisor.runtime import OCIRuntimeError
 from supervisor.ttrpc import Code, RPCError
+
+if TYPE_CHECKING:
+    from supervisor.handover import TaskState
 
 log = logging.getLogger("supervisor.task")
 
 SERVICE = "containerd.task.v2.Task"
 GROUP_SERVICE = "supervisor.group.v1.Group"
+#: Methods an upgrade hands over unanswered rather than waits for (``Wait`` blocks
+#: until an exit: weeks).  Each is safe to run again: its effect is its answer.
+RESUMABLE = frozenset({"Wait"})
 
 Req = TypeVar("Req", bound=Message)
 
@@ -175,6 +181,8 @@ class TaskService:
         self.group = Group(served=self.containers, end=request_shutdown, nursery=nursery,
                            first=first)
         self.log_level = LogLevel()
+        self._busy = 0  # exits being reported, kill_all runs: what an upgrade waits for
+        self._idle = trio.Event()
 
     # --- plumbing -------------------------------------------------------
 
@@ -236,12 +244,27 @@ class TaskService:
                 continue
             if isinstance(action, InitExited):
                 if container.kill_all_on_exit:
-                    self.nursery.start_soon(container.kill_all)
+                    self._track(container.kill_all())
                 continue
             process = container.init if not action.exec_id else container.execs.get(
                 action.exec_id)
             if process is not None:
-                self.nursery.start_soon(self._finish_exit, container, process, action.exit)
+                self._track(self._finish_exit(container, process, action.exit))
+
+    def _track(self, work: Awaitable[None]) -> None:
+        """Run ``work`` in the nursery, counted until it ends (see :meth:`settle_exits`)."""
+        self._busy += 1
+
+        async def run() -> None:
+            try:
+                await work
+            finally:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.set()
+                    self._idle = trio.Event()
+
+        self.nursery.start_soon(run)
 
     def _report_oom(self, container: Container) -> None:
         """Publish a TaskOOM for OOM kills not reported yet (before the exit they cause)."""
@@ -272,6 +295,67 @@ class TaskService:
             )
         )
         self._apply(self.order.reported(container.id, process.exec_id))
+
+    # --- an in-place upgrade ------------------------------------------------
+
+    def handover_refusal(self) -> str | None:
+        """Why this service cannot be handed to new code now, or None."""
+        for container in self.containers.values():
+            if not container.created.is_set():
+                return f"container {container.id!r} is being created"
+            for process in container.all_processes():
+                why = streams_handover_refusal(process)
+                if why is not None:
+                    return why
+        return None
+
+    async def settle_exits(self) -> None:
+        """Process every exit reaped so far, then pause the reaper (an upgrade).
+
+        Returns with each reaped exit in the process table and its TaskExit
+        published (or held or waiting in the exit order, which is exported),
+        nothing being reported, no ``kill --all`` running, and the reaper
+        paused, so no exit can arrive until :meth:`Reaper.resume` or the exec.
+        """
+        while True:
+            if self._exits.pending:
+                await trio.lowlevel.checkpoint()  # run_exits takes them
+            elif self._busy:
+                await self._idle.wait()
+            else:
+                self.reaper.pause()  # no checkpoint since the checks: nothing came between
+                return
+
+    def export(self) -> TaskState:
+        """Every container and what the exit order and the group keep (JSON-able)."""
+        return {
+            "started_at": self.started_at,
+            "log_level": self.log_level.asked,
+            "containers": [c.export() for c in self.containers.values()],
+            "order": self.order.export(),
+            "group": self.group.export(),
+        }
+
+    async def adopt(self, state: TaskState) -> None:
+        """Take over what :meth:`export` described (a fresh service in the new code,
+        before its reaper runs; then :meth:`start_adopted`)."""
+        self.started_at = state["started_at"]
+        if state["log_level"] is not None:
+            self.log_level.asked = state["log_level"]
+        self.order = ExitOrder.adopt(state["order"], Exit)
+        for data in state["containers"]:
+            container = await Container.adopt(data, reaper=self.reaper)
+            self.containers[container.id] = container
+        self.group.restore(state["group"])
+
+    def start_adopted(self) -> None:
+        """Start what is not carried across an exec: stdio copies (resumed where they
+        paused), OOM watches."""
+        for container in self.containers.values():
+            for process in container.all_processes():
+                if process.io is not None:
+                    process.io.start(self.nursery)  # type: ignore[attr-defined]
+            self.nursery.start_soon(self._watch_oom, container)
 
     # --- rpcs -------------------------------------------------------------
 

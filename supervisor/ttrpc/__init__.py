@@ -40,6 +40,7 @@ from ._limits import Limits
 from ._server import (
     NAMESPACE_KEY,
     CallContext,
+    HandedOver,
     Handler,
     PeerCheck,
     PeerCredentials,
@@ -60,6 +61,7 @@ __all__ = [
     "ConnectionBroken",
     "ConnectionClosed",
     "ConnectionEnded",
+    "HandedOver",
     "Handler",
     "Limits",
     "LocalProtocolError",

@@ -172,6 +172,22 @@ class FrameDecoder:
         """Mark the end of the byte stream."""
         self._eof = True
 
+    def snapshot(self) -> tuple[bytes, int, OversizedFrame | None]:
+        """What the decoder holds: ``(unparsed bytes, payload bytes of an oversized
+        message still to skip, that message)``; :meth:`restore` takes it back."""
+        return bytes(self._buf[self._pos :]), self._discard, self._oversized
+
+    def restore(self, unparsed: bytes, discard: int = 0,
+                oversized: OversizedFrame | None = None) -> None:
+        """Hold what :meth:`snapshot` returned (a decoder that was fed nothing yet)."""
+        if self.buffered or self._eof or self._oversized is not None:
+            raise LocalProtocolError("restore into a decoder that already holds data")
+        if discard < 0 or (discard and oversized is None):
+            raise LocalProtocolError(f"bad skip state: {discard} bytes, frame {oversized}")
+        self._oversized = oversized
+        self._discard = discard
+        self._buf += unparsed
+
     def __iter__(self) -> Iterator[Frame | OversizedFrame]:
         while (item := self.next_frame()) is not None:
             yield item

@@ -25,6 +25,11 @@ Neither class does I/O, keeps time or knows about tasks; the trio transport in
   responses not yet written come on top, each as large as its handler made it
   (an error answering a rejected request charged only its 10-byte header can be
   larger than that), and stop further reading until they are written.
+* Handing over (an in-place upgrade): ``snapshot()`` -> :class:`ServerSnapshot`
+  (the bytes received and not yet parsed, the last stream id);
+  ``restore(snapshot)`` on a fresh connection goes on from it, and
+  ``owe(stream_id, request)`` takes over a call the predecessor had received
+  and not answered.
 * Per-stream problems are answered, not fatal, as in Go's ttrpc v1.1.1: an
   oversized request -> ``RESOURCE_EXHAUSTED``; an even stream id (clients must
   use odd ones) or an id not above the previous request's (ids are never reused)
@@ -83,6 +88,7 @@ __all__ = [
     "ResponseReceived",
     "ServerConnection",
     "ServerEvent",
+    "ServerSnapshot",
 ]
 
 _MAX_STREAM_ID = 0xFFFFFFFF
@@ -114,6 +120,23 @@ class ResponseReceived:
 
 
 ServerEvent = RequestReceived | RequestRejected
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSnapshot:
+    """A :class:`ServerConnection` handed over (an in-place upgrade).
+
+    ``unparsed``: bytes received and not yet returned as events (a partial
+    frame, or whole frames held back by the call limit); ``last_stream_id``
+    keeps the id rules; ``discard``/``oversized``: an oversized message being
+    skipped.  The calls owed are not in it: the transport either answers
+    them first or hands each over (:meth:`ServerConnection.owe`).
+    """
+
+    unparsed: bytes
+    last_stream_id: int
+    discard: int = 0
+    oversized: OversizedFrame | None = None
 
 
 class _Base:
@@ -244,6 +267,35 @@ class ServerConnection(_Base):
                 break
             events.append(self._handle(item))
         return events
+
+    def snapshot(self) -> ServerSnapshot:
+        """What a successor needs to go on with this connection (see :class:`ServerSnapshot`).
+
+        Taken while the transport reads nothing more; the responses owed are the
+        transport's to settle (answered, or handed over with :meth:`owe`).
+        """
+        if self._failure is not None or self.peer_closed:
+            raise LocalProtocolError("a failed or ended connection cannot be handed over")
+        unparsed, discard, oversized = self._decoder.snapshot()
+        return ServerSnapshot(unparsed, self._last_stream_id, discard, oversized)
+
+    def restore(self, snapshot: ServerSnapshot) -> None:
+        """Go on from ``snapshot`` (a new connection that was fed nothing yet): its
+        unparsed bytes come out of :meth:`events` as if just received."""
+        if self._last_stream_id or self._calls:
+            raise LocalProtocolError("restore into a connection that is already in use")
+        self._decoder.restore(snapshot.unparsed, snapshot.discard, snapshot.oversized)
+        self._last_stream_id = snapshot.last_stream_id
+
+    def owe(self, stream_id: int, request: Request) -> RequestReceived:
+        """Owe a response to a request another connection object received (a call
+        handed over from a predecessor, :meth:`snapshot`); the event to run it."""
+        if stream_id % 2 == 0 or stream_id > self._last_stream_id or stream_id in self._owed:
+            raise LocalProtocolError(
+                f"stream {stream_id} is not a request this connection saw "
+                f"(last stream id {self._last_stream_id}) or is owed already")
+        self._owe(stream_id, HEADER_SIZE + len(encode_request(request)))
+        return RequestReceived(stream_id, request)
 
     def response_written(self, nbytes: int) -> None:
         """Report that ``nbytes`` of the bytes ``send_response`` returned were written.

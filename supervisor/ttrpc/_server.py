@@ -53,6 +53,19 @@ Behaviour and invariants:
   requests ``UNAVAILABLE``, let in-flight calls finish and close each
   connection as it becomes idle; when ``grace`` seconds pass first, cancel
   what remains and close everything.
+* Handing over (an in-place upgrade, :mod:`supervisor.upgrade`):
+  ``quiesce(timeout)`` stops accepting (the listener stays open) and reading
+  (a read under way is cancelled; bytes read stay unparsed in the protocol
+  object), waits for every call in flight except the *resumable* ones
+  (``register(..., resumable=...)``: Task ``Wait`` blocks for weeks), whose
+  replies are written, then cancels the resumable ones with no reply written.
+  ``export()`` then describes every connection (:class:`HandedOver`: stream,
+  unparsed bytes, the cancelled calls with the time left of their deadlines)
+  without closing anything; a successor's ``adopt(listener, handed)`` parses
+  those bytes and runs those calls first, so each call is answered exactly
+  once, by whichever side serves last.  ``resume()`` calls the hand-over off
+  and runs the cancelled calls again in place; a quiesce that times out
+  resumes by itself.
 """
 
 from __future__ import annotations
@@ -64,19 +77,27 @@ import math
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 import trio
 
 from ._errors import LocalProtocolError, ProtocolError
 from ._limits import DEFAULT_LIMITS, Limits
-from ._protocol import RequestReceived, RequestRejected, ServerConnection, ServerEvent
+from ._protocol import (
+    RequestReceived,
+    RequestRejected,
+    ServerConnection,
+    ServerEvent,
+    ServerSnapshot,
+)
 from ._status import Code, RPCError
+from ._wire import Request
 
 __all__ = [
     "NAMESPACE_KEY",
     "CallContext",
+    "HandedOver",
     "Handler",
     "PeerCheck",
     "PeerCredentials",
@@ -130,6 +151,41 @@ class PeerCredentials:
     pid: int
     uid: int
     gid: int
+
+
+@dataclass(frozen=True, slots=True)
+class HandedOver:
+    """One connection of a quiesced server, for a successor (:meth:`Server.export`).
+
+    ``stream`` is still open and served by nobody; ``snapshot`` holds the bytes
+    read and not yet parsed; ``calls`` are the resumable calls that were in
+    flight, cancelled with no reply written, each with the time left of its
+    deadline in ``timeout_nano`` (0: none; negative: already expired), to run
+    again as if just received.  ``spoke``: the peer has sent a request (so the
+    idle rule no longer applies to it).
+    """
+
+    stream: trio.abc.Stream
+    snapshot: ServerSnapshot
+    calls: tuple[tuple[int, Request], ...] = ()
+    spoke: bool = True
+
+    @property
+    def fileno(self) -> int:
+        """The socket's fd (-1 for a stream that is not a socket, as in tests)."""
+        if isinstance(self.stream, trio.SocketStream):
+            return self.stream.socket.fileno()
+        return -1
+
+
+@dataclass(eq=False, slots=True)
+class _Call:
+    """A resumable call in flight: cancelled at a quiesce, and handed over unanswered."""
+
+    request: Request
+    deadline: float | None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    handing_over: bool = False
 
 
 def peer_credentials(stream: trio.abc.Stream) -> PeerCredentials | None:
@@ -209,6 +265,12 @@ class _Connection:
         self.draining = False
         self.close_reason = ""
         self.close_level = logging.DEBUG
+        self.spoke = False  # a complete request has arrived (the idle rule no longer applies)
+        self.parked = False  # the reader stopped for a quiesce
+        self._read_scope: trio.CancelScope | None = None
+        self.nursery: trio.Nursery | None = None
+        self.resumable: dict[int, _Call] = {}  # stream id -> resumable call running
+        self.handed_over: dict[int, _Call] = {}  # stream id -> resumable call cancelled
 
     def close(self, reason: str, level: int = logging.INFO) -> None:
         """Tear the connection down now (idempotent; the first reason wins)."""
@@ -217,17 +279,60 @@ class _Connection:
             self.close_level = level
         self.scope.cancel()
 
+    def pause_reading(self) -> None:
+        """Stop reading (a quiesce): the reader parks until :meth:`Server.resume`."""
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+
+    @property
+    def settled(self) -> bool:
+        """Quiesced: the reader parked, and only resumable calls still running."""
+        return self.parked and self.active == len(self.resumable)
+
+    def hand_over(self) -> None:
+        """Cancel the resumable calls in flight; each ends with no reply written."""
+        for call in self.resumable.values():
+            call.handing_over = True
+            call.scope.cancel()
+
+    def redispatch(self) -> None:
+        """Run the calls handed over again, in place (the quiesce was called off)."""
+        calls, self.handed_over = self.handed_over, {}
+        assert self.nursery is not None or not calls
+        for stream_id, call in sorted(calls.items()):
+            self.active += 1
+            assert self.nursery is not None
+            self.nursery.start_soon(self._answer, RequestReceived(stream_id, call.request))
+
+    def export(self) -> HandedOver:
+        """This connection, handed over whole (the server is quiesced)."""
+        now = trio.current_time()
+        calls = []
+        for stream_id, call in sorted(self.handed_over.items()):
+            timeout = 0
+            if call.deadline is not None:
+                timeout = int((call.deadline - now) * 1e9) or -1
+            calls.append((stream_id, replace(call.request, timeout_nano=timeout)))
+        return HandedOver(self.stream, self.proto.snapshot(), tuple(calls), self.spoke)
+
     def drain(self) -> None:
         """Start graceful shutdown: refuse new calls, close once idle."""
         self.draining = True
         if self.active == 0:
             self.close("server shut down", logging.DEBUG)
 
-    async def run(self) -> None:
-        """Serve until the peer leaves, the protocol breaks or we close it."""
+    async def run(self, initial: Iterable[ServerEvent] = ()) -> None:
+        """Serve until the peer leaves, the protocol breaks or we close it.
+
+        ``initial``: events to run first (calls handed over by a predecessor).
+        """
         try:
             with self.scope:
                 async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    for event in initial:
+                        self.active += 1
+                        nursery.start_soon(self._answer, event)
                     reason, level = await self._read_loop(nursery)
                     # Nobody is left to read answers: cancel in-flight handlers.
                     self.close(reason, level)
@@ -241,47 +346,71 @@ class _Connection:
 
         Reads only while ``proto.can_receive``: otherwise it waits for a call
         to finish (backpressure).  Until the first request arrives, reading
-        runs under the first-request deadline.
+        runs under the first-request deadline.  While the server is quiesced
+        it parks at the top of the loop (a read under way is cancelled, which
+        loses no byte: what was read is in ``proto``).
         """
         timeout = self.server.limits.first_request_timeout
-        first_deadline = trio.current_time() + timeout
+        first_deadline = math.inf if self.spoke else trio.current_time() + timeout
         paused_at_cap = False
+        events = self.proto.events()  # what a predecessor had received (adopted)
         while True:
-            data: bytes | bytearray | None = None  # None: no read this round
-            try:
-                if self.proto.can_receive:
-                    paused_at_cap = False
-                    with trio.move_on_at(first_deadline) as waiting:
-                        data = await self.stream.receive_some(_RECEIVE_SIZE)
-                    if waiting.cancelled_caught:
-                        return f"sent no request within {timeout:g}s of connecting", logging.INFO
-                    assert data is not None
-                    events = self.proto.receive_data(data)
-                else:
-                    if not paused_at_cap and self.proto.outstanding >= self.proto.max_calls:
-                        paused_at_cap = True
-                        self.server.logger.warning(
-                            "ttrpc %s: %d calls unanswered (the limit); "
-                            "not reading more until one finishes",
-                            self.name,
-                            self.proto.outstanding,
-                        )
-                    await self.progress.wait()
-                    events = self.proto.events()
-            except trio.BrokenResourceError as exc:
-                return f"connection broken by the peer: {exc.__cause__ or exc}", logging.INFO
-            except trio.ClosedResourceError:
-                return "connection closed locally", logging.DEBUG
-            except ProtocolError as exc:
-                whose = "peer" if exc.remote else "local"
-                return f"{whose} protocol violation: {exc}", logging.WARNING
             if events:
                 first_deadline = math.inf
+                self.spoke = True
             for event in events:
                 self.active += 1
                 nursery.start_soon(self._answer, event)
+            events = []
+            if self.server.quiescing:
+                await self._park()
+                continue
+            data: bytes | bytearray | None = None  # None: no read this round
+            with trio.CancelScope() as reading:
+                self._read_scope = reading
+                try:
+                    if self.proto.can_receive:
+                        paused_at_cap = False
+                        with trio.move_on_at(first_deadline) as waiting:
+                            data = await self.stream.receive_some(_RECEIVE_SIZE)
+                        if waiting.cancelled_caught:
+                            return (f"sent no request within {timeout:g}s of connecting",
+                                    logging.INFO)
+                        assert data is not None
+                        events = self.proto.receive_data(data)
+                    else:
+                        if not paused_at_cap and self.proto.outstanding >= self.proto.max_calls:
+                            paused_at_cap = True
+                            self.server.logger.warning(
+                                "ttrpc %s: %d calls unanswered (the limit); "
+                                "not reading more until one finishes",
+                                self.name,
+                                self.proto.outstanding,
+                            )
+                        await self.progress.wait()
+                        events = self.proto.events()
+                except trio.BrokenResourceError as exc:
+                    return f"connection broken by the peer: {exc.__cause__ or exc}", logging.INFO
+                except trio.ClosedResourceError:
+                    return "connection closed locally", logging.DEBUG
+                except ProtocolError as exc:
+                    whose = "peer" if exc.remote else "local"
+                    return f"{whose} protocol violation: {exc}", logging.WARNING
+                finally:
+                    self._read_scope = None
             if data is not None and not data:
+                for event in events:
+                    self.active += 1
+                    nursery.start_soon(self._answer, event)
                 return "peer closed the connection", logging.DEBUG
+
+    async def _park(self) -> None:
+        self.parked = True
+        self.server._notify()
+        try:
+            await self.server._resumed.wait()
+        finally:
+            self.parked = False
 
     async def _answer(self, event: ServerEvent) -> None:
         try:
@@ -304,6 +433,8 @@ class _Connection:
             self.active -= 1
             if self.draining and self.active == 0:
                 self.close("server shut down", logging.DEBUG)
+            if self.server.quiescing:
+                self.server._notify()
 
     async def _run_call(self, event: RequestReceived) -> None:
         request = event.request
@@ -322,7 +453,12 @@ class _Connection:
         message = ""
         details: tuple[tuple[str, bytes], ...] = ()
         payload = b""
-        with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
+        call: _Call | None = None
+        if self.server.is_resumable(request.service, request.method):
+            call = _Call(request, deadline, trio.CancelScope())
+            self.resumable[event.stream_id] = call
+        with (call.scope if call is not None else trio.CancelScope()) as scope:
+            scope.deadline = math.inf if deadline is None else deadline
             try:
                 result = await handler(context, request.payload)
             except RPCError as exc:
@@ -348,6 +484,15 @@ class _Connection:
                     )
                     code = Code.INTERNAL
                     message = f"handler returned {type(result).__name__}, not bytes"
+        if call is not None:
+            del self.resumable[event.stream_id]
+            if call.handing_over and scope.cancelled_caught:
+                # No reply: whoever serves next (a successor, or this server resumed)
+                # runs the call again.
+                self.handed_over[event.stream_id] = call
+                if not self.server.quiescing:
+                    self.redispatch()
+                return
         if scope.cancelled_caught:
             code, message, details, payload = Code.DEADLINE_EXCEEDED, "deadline exceeded", (), b""
         await self._reply(event.stream_id, payload, code, message, details)
@@ -400,18 +545,38 @@ class Server:
         self.limits = limits
         self._peer_check = peer_check
         self._services: dict[str, dict[str, Handler]] = {}
+        self._resumable: set[tuple[str, str]] = set()
         self._connections: set[_Connection] = set()
         self._accept_scopes: set[trio.CancelScope] = set()
         self._serving = 0
         self._closing = False
         self._changed = trio.Event()
         self._numbers = itertools.count(1)
+        self.quiescing = False
+        self.quiesced = False
+        self._resumed = trio.Event()
+        self._accept_parked = 0  # accept loops waiting for resume()
+        self._unregistered = 0  # accepted streams not yet in _connections
 
-    def register(self, service: str, methods: Mapping[str, Handler]) -> None:
-        """Add a service (fully qualified name) and its methods."""
+    def register(self, service: str, methods: Mapping[str, Handler], *,
+                 resumable: Collection[str] = ()) -> None:
+        """Add a service (fully qualified name) and its methods.
+
+        ``resumable``: methods a quiesce does not wait for (they may block for
+        weeks, like Task ``Wait``): cancelled with no reply, and handed over
+        (:meth:`export`) to be run again.  Only a method whose effect is all in
+        its answer may be resumable: it must be safe to run twice.
+        """
         if service in self._services:
             raise ValueError(f"service {service!r} is already registered")
+        unknown = set(resumable) - set(methods)
+        if unknown:
+            raise ValueError(f"resumable methods {sorted(unknown)} are not in {service!r}")
         self._services[service] = dict(methods)
+        self._resumable.update((service, m) for m in resumable)
+
+    def is_resumable(self, service: str, method: str) -> bool:
+        return (service, method) in self._resumable
 
     def lookup(self, service: str, method: str) -> tuple[Handler | None, str]:
         """The handler for a call, or ``None`` and the UNIMPLEMENTED message."""
@@ -447,22 +612,58 @@ class Server:
 
         Returns once accepting stopped and every connection it accepted ended.
         """
+        await self.adopt(listener, (), task_status=task_status)
+
+    async def adopt(
+        self,
+        listener: trio.SocketListener | trio.abc.Listener[trio.abc.Stream],
+        connections: Iterable[HandedOver],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """:meth:`serve`, going on with ``connections`` a predecessor handed over.
+
+        Each connection's unparsed bytes are parsed first and its calls run again
+        as if just received; there is no peer check (the predecessor made it).
+        """
         if self._closing:
             raise trio.ClosedResourceError("ttrpc server is shut down")
         self._serving += 1
         try:
             async with trio.open_nursery() as nursery:
-                with trio.CancelScope() as accept_scope:
-                    self._accept_scopes.add(accept_scope)
-                    try:
-                        task_status.started()
-                        await self._accept_loop(listener, nursery)
-                    finally:
-                        self._accept_scopes.discard(accept_scope)
-                        await trio.aclose_forcefully(listener)
+                for handed in connections:
+                    nursery.start_soon(self._serve_handed_over, handed)
+                try:
+                    task_status.started()
+                    await self._accept_until_closed(listener, nursery)
+                finally:
+                    await trio.aclose_forcefully(listener)
         finally:
             self._serving -= 1
             self._notify()
+
+    async def _accept_until_closed(
+        self,
+        listener: trio.SocketListener | trio.abc.Listener[trio.abc.Stream],
+        nursery: trio.Nursery,
+    ) -> None:
+        """Accept until shutdown or the listener closes; park while quiesced."""
+        while not self._closing:
+            if self.quiescing:
+                self._accept_parked += 1
+                self._notify()
+                try:
+                    await self._resumed.wait()
+                finally:
+                    self._accept_parked -= 1
+                continue
+            with trio.CancelScope() as accept_scope:
+                self._accept_scopes.add(accept_scope)
+                try:
+                    await self._accept_loop(listener, nursery)
+                    return  # the listener was closed
+                finally:
+                    self._accept_scopes.discard(accept_scope)
 
     async def _accept_loop(
         self,
@@ -484,18 +685,22 @@ class Server:
                 await trio.sleep(backoff)
                 continue
             backoff = 0.0
+            self._unregistered += 1
             nursery.start_soon(self._serve_accepted, stream)
 
     async def _serve_accepted(self, stream: trio.abc.Stream) -> None:
         try:
-            await self.serve_stream(stream)
+            await self.serve_stream(stream, _counted=True)
         except Exception:
             # A bug in serving one connection must not stop the others; it is
             # logged with its traceback and that connection is gone.
             self.logger.exception("ttrpc: internal error while serving a connection")
 
-    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+    async def serve_stream(self, stream: trio.abc.Stream, *, _counted: bool = False) -> None:
         """Serve one already-connected stream until it ends; always closes it."""
+        if _counted:  # accepted by our loop: registered below, or refused, without a checkpoint
+            self._unregistered -= 1
+            self._notify()
         name = _describe(stream, next(self._numbers))
         if self._closing:
             self.logger.info("ttrpc %s: refused: server is shutting down", name)
@@ -520,6 +725,81 @@ class Server:
             self._connections.discard(connection)
             self._notify()
 
+    async def _serve_handed_over(self, handed: HandedOver) -> None:
+        name = _describe(handed.stream, next(self._numbers)) + " (handed over)"
+        connection = _Connection(self, handed.stream, name)
+        try:
+            connection.proto.restore(handed.snapshot)
+            events = [connection.proto.owe(sid, request) for sid, request in handed.calls]
+        except ProtocolError as exc:
+            self.logger.error("ttrpc %s: cannot go on with it: %s", name, exc)
+            await trio.aclose_forcefully(handed.stream)
+            return
+        connection.spoke = handed.spoke
+        self._connections.add(connection)
+        try:
+            await connection.run(events)
+        except Exception:
+            self.logger.exception("ttrpc: internal error while serving a connection")
+        finally:
+            self._connections.discard(connection)
+            self._notify()
+
+    # --- handing over to a successor (an in-place upgrade) ---------------------
+
+    async def quiesce(self, timeout: float) -> bool:
+        """Stop at a frame boundary, for :meth:`export`; False (and serving on) on timeout.
+
+        Stops accepting (the listener stays open) and reading (bytes read stay
+        in each connection's protocol object); waits for every call in flight
+        except resumable ones, whose replies are written; then cancels the
+        resumable ones, which end with no reply written.  After True, nothing
+        is read, written or accepted until :meth:`resume`.
+        """
+        if self._closing or self.quiescing:
+            raise RuntimeError("ttrpc server is shutting down or quiescing already")
+        self.quiescing = True
+        self._resumed = trio.Event()
+        for scope in list(self._accept_scopes):
+            scope.cancel()
+        with trio.move_on_after(timeout):
+            await self._wait_for(lambda c: c.settled)
+            for connection in list(self._connections):
+                connection.hand_over()
+            await self._wait_for(lambda c: c.parked and c.active == 0)
+            self.quiesced = True
+            return True
+        self.resume()
+        return False
+
+    async def _wait_for(self, condition: Callable[[_Connection], bool]) -> None:
+        while True:
+            for connection in list(self._connections):
+                connection.pause_reading()
+            if (self._unregistered == 0 and self._accept_parked == self._serving
+                    and all(condition(c) for c in self._connections)):
+                return
+            await self._changed.wait()
+
+    def export(self) -> list[HandedOver]:
+        """Every connection, for a successor (after :meth:`quiesce` returned True).
+
+        Nothing is closed or changed: :meth:`resume` goes on as before, and a
+        successor must be the only one to serve these streams once it has them.
+        """
+        if not self.quiesced:
+            raise RuntimeError("export needs a quiesced server")
+        return [connection.export() for connection in self._connections]
+
+    def resume(self) -> None:
+        """Serve again after :meth:`quiesce`: accept, read, run the calls handed over."""
+        if not self.quiescing:
+            return
+        self.quiescing = self.quiesced = False
+        for connection in list(self._connections):
+            connection.redispatch()
+        self._resumed.set()
+
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight calls finish, then close everything.
 
@@ -528,6 +808,7 @@ class Server:
         connection and every :meth:`serve` loop has ended.
         """
         self._closing = True
+        self.resume()
         for scope in list(self._accept_scopes):
             scope.cancel()
         for connection in list(self._connections):
