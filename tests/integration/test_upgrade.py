@@ -315,68 +315,90 @@ def test_upgrade_all_keeps_streams_execs_exits_and_a_shared_shim(
     no_disconnects(c, since, quiet)
 
 
-def test_upgrade_while_containerd_is_frozen_and_while_it_is_down(
+def outage_setup(c: Containerd, rootfs: Path, log: Path, leaving: str, code: int
+                 ) -> tuple[dict[str, tuple[int, str]], dict[str, dict[str, Any]], list[int]]:
+    """``keep`` (output to ``log``) and ``leaving`` (ends with ``code`` when told), each in a
+    shim of its own: the tasks, their shims' inspect answers, the shim pids."""
+    c.run("keep", *loop("keep", 0), rootfs=rootfs, detach=True,
+          options=["--log-uri", f"file://{log}"])
+    c.run(leaving, *loop(leaving, code), rootfs=rootfs, detach=True)
+    return (c.tasks(), {cid: shim_of(c, cid) for cid in ("keep", leaving)},
+            sorted(shims_for(c)))
+
+
+def outage_after(c: Containerd, rootfs: Path, log: Path, leaving: str,
+                 before: dict[str, dict[str, Any]], pids: list[int], since: int) -> None:
+    """Once containerd is back: same shims, one more upgrade, drivable, output whole,
+    no disconnect; each of the three exits (``leaving``, an exec, ``keep``) forwarded once."""
+    wait_for(lambda: c.tasks()[leaving][1] == "STOPPED", 30, message=f"{leaving} STOPPED")
+    assert sorted(shims_for(c)) == pids
+    for cid in ("keep", leaving):
+        after = shim_of(c, cid)
+        assert (after["pid"], after["upgrades"]) == (before[cid]["pid"],
+                                                      before[cid]["upgrades"] + 1)
+    r = c.ctr("task", "exec", "--exec-id", "x", "keep", "sh", "-c", "echo x; exit 1",
+              check=False)
+    assert (r.returncode, r.stdout) == (1, "x\n")
+    stop(rootfs, "keep")
+    wait_for(lambda: c.tasks()["keep"][1] == "STOPPED", 30, message="keep STOPPED")
+    quiet = c.log_offset()
+    for cid in (leaving, "keep"):
+        c.ctr("task", "delete", cid)  # ctr warns of a non-zero code, exits 0
+    wait_for(lambda: not any(pid_alive(p) for p in pids), 30, message="the shims to exit")
+    numbered(log.read_text(), "keep")
+    assert ended(log.read_text(), "keep")
+    no_disconnects(c, since, quiet)
+    assert forwarded_exits(c, since) == 3
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "an exit forwarded while containerd is frozen is delivered twice: the upgrade waits "
+    "for the outbox's Forward in flight until its deadline (5 s), and the new code sends "
+    "it again from the spool; frozen containerd then takes both. The Forward in flight "
+    "is not handed over to the new code (issue 17: every exit once)"))
+def test_upgrade_while_containerd_is_frozen(
         make_containerd: Callable[..., Containerd], busybox_rootfs: Path, tmp_path: Path
 ) -> None:
+    """containerd stopped (SIGSTOP): its connections stay open and unread while an exit
+    happens and the shims upgrade."""
     c = make_containerd(start=False)
     use_install(c, None)
     c.start()
     since = c.log_offset()
-    rootfs = busybox_rootfs
     log = tmp_path / "keep.log"
-    c.run("keep", *loop("keep", 0), rootfs=rootfs, detach=True,
-          options=["--log-uri", f"file://{log}"])
-    c.run("froze", *loop("froze", 7), rootfs=rootfs, detach=True)
-    c.run("down", *loop("down", 9), rootfs=rootfs, detach=True)
-    tasks = c.tasks()
-    ids = ("keep", "froze", "down")
-    before = {cid: shim_of(c, cid) for cid in ids}
-    pids = sorted(shims_for(c))
-
-    # Frozen: containerd's connections stay open and unread; an exit happens meanwhile.
+    tasks, before, pids = outage_setup(c, busybox_rootfs, log, "froze", 7)
     assert c.pid is not None
     os.kill(c.pid, signal.SIGSTOP)
     try:
-        stop(rootfs, "froze")
+        stop(busybox_rootfs, "froze")
         wait_gone(tasks["froze"][0])
         code, doc = upgrade_all(c)
     finally:
         os.kill(c.pid, signal.SIGCONT)
     assert code == 0, doc
-    check_upgraded(doc, 3)
-    wait_for(lambda: c.tasks()["froze"][1] == "STOPPED", 30, message="froze STOPPED")
-    wait_for(lambda: forwarded_exits(c, since) >= 1, 30, message="froze's exit forwarded")
+    check_upgraded(doc, 2)
+    outage_after(c, busybox_rootfs, log, "froze", before, pids, since)
 
-    # Down: no connection at all; an exit happens meanwhile, then containerd comes back.
+
+def test_upgrade_while_containerd_is_down(
+        make_containerd: Callable[..., Containerd], busybox_rootfs: Path, tmp_path: Path
+) -> None:
+    """containerd killed: no connection at all while an exit happens and the shims
+    upgrade; then it comes back."""
+    c = make_containerd(start=False)
+    use_install(c, None)
+    c.start()
+    since = c.log_offset()
+    log = tmp_path / "keep.log"
+    tasks, before, pids = outage_setup(c, busybox_rootfs, log, "down", 9)
     c.kill9()
-    stop(rootfs, "down")
+    stop(busybox_rootfs, "down")
     wait_gone(tasks["down"][0])
     code, doc = upgrade_all(c)
     assert code == 0, doc
-    check_upgraded(doc, 3)
+    check_upgraded(doc, 2)
     c.start()
-    wait_for(lambda: c.tasks()["down"][1] == "STOPPED", 30, message="down STOPPED")
-    wait_for(lambda: forwarded_exits(c, since) >= 2, 30, message="down's exit forwarded")
-
-    assert sorted(shims_for(c)) == pids
-    for cid in ids:
-        after = shim_of(c, cid)
-        assert (after["pid"], after["upgrades"]) == (before[cid]["pid"],
-                                                      before[cid]["upgrades"] + 2)
-    r = c.ctr("task", "exec", "--exec-id", "x", "keep", "sh", "-c", "echo x; exit 1",
-              check=False)
-    assert (r.returncode, r.stdout) == (1, "x\n")
-    quiet = c.log_offset()
-    for cid in ("froze", "down"):
-        c.ctr("task", "delete", cid)  # ctr warns of the non-zero codes, exits 0
-    stop(rootfs, "keep")
-    wait_for(lambda: c.tasks()["keep"][1] == "STOPPED", 30, message="keep STOPPED")
-    c.ctr("task", "delete", "keep")
-    wait_for(lambda: not any(pid_alive(p) for p in pids), 30, message="the shims to exit")
-    numbered(log.read_text(), "keep")
-    assert ended(log.read_text(), "keep")
-    assert forwarded_exits(c, since) == 4  # froze, down, the exec, keep: each once
-    no_disconnects(c, since, quiet)
+    outage_after(c, busybox_rootfs, log, "down", before, pids, since)
 
 
 def snapshot_made(c: Containerd) -> bool:
