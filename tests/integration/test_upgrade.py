@@ -171,13 +171,14 @@ class Execs(threading.Thread):
                            f"echo {eid}; exit {i % 5}", check=False, timeout=120)
             self.done.append((eid, i % 5, r.returncode, r.stdout, r.stderr))
 
-    def finish(self) -> list[tuple[str, str]]:
-        """Stop, check every exec's output and status; the (container, exec id) of each."""
+    def finish(self, upgrade: tuple[int, int] = (0, 0)) -> list[tuple[str, str]]:
+        """Stop, check every exec's output and status; the (container, exec id) of each.
+        ``upgrade``: how many had ended when the upgrade began and when it ended."""
         self.halt.set()
         self.join(180)
         assert not self.is_alive()
         bad = [d for d in self.done if (d[2], d[3]) != (d[1], f"{d[0]}\n")]
-        assert bad == [], bad
+        assert bad == [], (bad, "upgrade between", upgrade)
         return [(self.cid, d[0]) for d in self.done]
 
 
@@ -196,7 +197,10 @@ def events_of() -> Iterator[Callable[[Containerd], Events]]:
 
 @contextlib.contextmanager
 def popen(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    """``argv`` with its output on a pipe; its stdin a pipe that stays open and silent
+    (``script`` would type an end of file into the terminal -- echoed as ``^D`` -- at
+    the end of a /dev/null)."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:
         yield proc
@@ -204,6 +208,8 @@ def popen(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        assert proc.stdin is not None
+        proc.stdin.close()
 
 
 def check_upgraded(doc: dict[str, Any], shims: int) -> None:
@@ -259,6 +265,7 @@ def test_upgrade_all_keeps_streams_execs_exits_and_a_shared_shim(
             seen = {"fifo": numbered(fifo.text(), "fifo"), "tty": numbered(tty.text(), "tty"),
                     "file": numbered(log.read_text(), "file")}
 
+            began = [len(x.done) for x in execs]
             code, doc = upgrade_all(c)
 
             check_upgraded(doc, 3)
@@ -277,13 +284,14 @@ def test_upgrade_all_keeps_streams_execs_exits_and_a_shared_shim(
                 assert after["last_upgrade_error"] is None and after["upgraded_at"]
             # Execs go on being started and output goes on flowing, then everything ends.
             done = [len(x.done) for x in execs]
+            between = {x.prefix: (b, n) for x, b, n in zip(execs, began, done, strict=True)}
             wait_for(lambda: all(len(x.done) > n for x, n in zip(execs, done, strict=True)),
                      60, message="execs after the upgrade")
             for name, text in (("fifo", fifo.text), ("tty", tty.text), ("file", log.read_text)):
                 wait_for(lambda name=name, text=text: numbered(text(), name) > seen[name], 30,
                          message=f"{name}'s output after the upgrade (it had {seen[name]} "
                                  f"lines then; now ends {text()[-120:]!r})")
-            exec_ids = [key for x in execs for key in x.finish()]
+            exec_ids = [key for x in execs for key in x.finish(between[x.prefix])]
             stop(rootfs, "tty")  # before its container's init: that one's end kills it
             assert tty_run.wait(60) == 6
             tty.join(30)
