@@ -21,6 +21,10 @@ Invariants
   name a file: an exec's process spec and pid file are named after its id.
 * The bundle keeps the shim's settings (``supervisor-options.json``) and the
   init pid (``init.pid``) so ``delete`` can clean up after a dead shim.
+* An in-place upgrade carries every fact (:meth:`Container.export`,
+  :meth:`Container.adopt`); the OOM watch is started anew, with the count of
+  kills already reported, and each process's stdio is carried by its own
+  :class:`~supervisor.io.Streams` export.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@
         ├── Outbox.run             events -> containerd's Events/Forward, in order, retried
         ├── TaskService.run_exits  exits -> processes -> TaskExit
         ├── copies                 stdio pipes <-> FIFOs/files (started by the service)
+        ├── Upgrader._attempt      an in-place upgrade under way (issue 17)
         └── Server.serve           ttrpc on the socket containerd connects to
 
 The shim ends when the Task service asks for it (``Shutdown`` with no
@@ -17,6 +18,13 @@ deliver what is pending, stops accepting, lets in-flight calls finish and
 exits.  Only a shim that is still listening removes the socket, and only while
 it is the inode it started with (:class:`OwnSocket`), so it can only be its
 own: ``start`` replaces a socket only when nothing listens on it.
+
+An in-place upgrade (``supervisor.upgrade.v1.Upgrade``, :class:`Upgrader`)
+quiesces all of that, writes it down (:mod:`supervisor.handover`) and execs
+the code installed now, which builds the same tree from the state
+(:func:`serve_adopted`) instead of from a fresh listener: the same pid,
+listener, connections, children and spool; the reaper, outbox, copies,
+OOM watches and the events client start anew around them.
 """
 
 from __future__ import annotations
@@ -161,18 +169,20 @@ async def _serve(listener: socket.socket, facts: ShimFacts, *, own_socket: OwnSo
             server.register(UPGRADE_SERVICE, upgrader.handlers())
             trio_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
             if adopted is not None:
+                service.start_adopted()  # (tasks start_soon'd: nothing runs before a checkpoint)
+                # The last step that may fall back: from here on, exits are reaped (the old
+                # code would never see them) and containerd is answered.
+                adopted.served()
                 # Subscribed (the service) before the reaper reaps what exited meanwhile.
                 await nursery.start(reaper.run)
-                service.start_adopted()
             nursery.start_soon(outbox.run)
             nursery.start_soon(service.run_exits)
             await nursery.start(server.adopt, trio_listener, handed)
         except BaseException as e:
-            if adopted is not None:
+            if adopted is not None and not adopted.committed:
                 adopted.fail(e)  # execs the old code back, unless this is the old code
             raise
         if adopted is not None:
-            adopted.served()
             log.info("shim %d adopted %d containers and %d connections (upgrade %d, code %s)%s",
                      os.getpid(), len(service.containers), len(handed), record.upgrades,
                      record.code, f"; the upgrade failed: {adopted.error}"
@@ -320,27 +330,34 @@ class Adopted:
     snapshot_fd: int
     error: str  # "": new code; else the old code back, and why the new did not take over
     fail: Callable[[BaseException], None]  # before serving: exec the old code back
+    on_served: Callable[[], None] = lambda: None
     snapshot: codesnap.Snapshot | None = None
+    committed = False  # past served(): no falling back any more
 
     def served(self) -> None:
-        """Serving: the state and (for new code) the old code's snapshot are not needed."""
+        """About to serve: the state and (for new code) the old code's snapshot are not
+        needed any more."""
+        self.on_served()
         os.close(self.state_fd)
         if self.snapshot is None:
             os.close(self.snapshot_fd)
+        self.committed = True
 
 
 def serve_adopted(state: handover.State, *, state_fd: int, snapshot_fd: int, error: str,
-                  fail: Callable[[BaseException], None]) -> int:
+                  fail: Callable[[BaseException], None],
+                  served: Callable[[], None] = lambda: None) -> int:
     """Go on serving what a predecessor (this pid, before its exec) handed over.
 
     ``error`` set: this is the old code back (run from its snapshot) because
     the new code failed with that error; then the snapshot fd is its own copy.
     ``fail(exc)`` is called on any failure before serving (it execs the old
-    code back, and returns only if it could not).
+    code back, and returns only if it could not); ``served()`` once serving.
     """
     shim = state["shim"]
     try:
         _adopt_logging(shim)
+        log.debug("%s", _ksm.apply())  # per memory map: a new one since the exec
         if shim["pid"] != os.getpid():
             raise handover.StateError(f"the state is of pid {shim['pid']}, not this one")
         listener = socket.socket(fileno=state["server"]["listener_fd"])
@@ -353,7 +370,7 @@ def serve_adopted(state: handover.State, *, state_fd: int, snapshot_fd: int, err
         facts = ShimFacts(shim["namespace"], shim["first"], shim["bundle"],
                           shim["ttrpc_address"], tuple(shim["cmdline"]), shim["comm"])
         _set_comm(shim["comm"])
-        adopted = Adopted(state, state_fd, snapshot_fd, error, fail)
+        adopted = Adopted(state, state_fd, snapshot_fd, error, fail, served)
         if error:
             adopted.snapshot = codesnap.Snapshot(snapshot_fd, "")
     except BaseException as e:
@@ -613,7 +630,9 @@ class Upgrader:
             why = self.service.handover_refusal()
             if why is not None:
                 raise UpgradeAborted(why)
-            state = self.state()
+            if self._ending():  # a reservation lapsed meanwhile: a closing shim is never handed
+                raise UpgradeAborted("the shim began to end")
+            state = self.state()  # no checkpoint from here to the exec
             self._exec(state)
         except Exception as e:
             error = str(e) or type(e).__name__

@@ -47,6 +47,9 @@ Invariants
   (:meth:`reporting`) until :meth:`reported`, and Delete waits for that
   before it forgets the process, so TaskDelete follows the TaskExit and
   carries its status.
+* An in-place upgrade carries the whole object (:meth:`ExitOrder.export`,
+  :meth:`ExitOrder.adopt`): nothing the rules keep is recomputed, so an
+  exit held, waiting or registered before the exec is decided the same after.
 """
 
 from __future__ import annotations

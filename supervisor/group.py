@@ -27,6 +27,8 @@ Invariants
 * A reservation is never an id the shim serves: ``Create`` releases its id
   before it adds the container, and ``Join`` reserves only ids it does not
   serve.
+* An in-place upgrade carries each reservation with the time it has left
+  (:meth:`Group.export`, :meth:`Group.restore`); a closing shim is never upgraded.
 """
 
 from __future__ import annotations

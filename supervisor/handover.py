@@ -180,7 +180,7 @@ class ContainerState(TypedDict):
 
 
 class GroupState(TypedDict):
-    reserved: dict[str, float]  # container id -> seconds left
+    reserved: dict[str, float]  # container id -> seconds left (a closing shim is never handed)
 
 
 class TaskState(TypedDict):

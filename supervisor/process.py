@@ -30,6 +30,11 @@ Invariants
   whose exit is never reported (deleted before it ran, or its exit held or
   waiting), when Delete's container part is done.  :meth:`Process.wait`
   answers from the stored status at any time after.
+* An in-place upgrade carries the lifecycle as it is (:meth:`Process.export`,
+  :meth:`Process.adopt`); the functions at the end are the one place that
+  asks a process's streams to pause, export, resume or list their fds, and a
+  process whose streams cannot do that refuses the upgrade
+  (:func:`streams_handover_refusal`).
 * Only the lifecycle lives here.  When an exit may be reported (TaskStart
   before TaskExit, the init's after its execs') is decided by
   :class:`supervisor.exits.ExitOrder`, which the Task service asks.

@@ -20,8 +20,9 @@ Two ways to run it (issue 17; the old code's side is :class:`supervisor.daemon.U
     even an ImportError of the new code falls back.  With ``--error`` (the
     old code, adopting its own state) there is nothing left to fall back to.
 
-``$SUPERVISOR_UPGRADE_FAIL=adopt`` makes the new code refuse every state (tests
-of the fallback; never set in production).
+``$SUPERVISOR_UPGRADE_FAIL`` makes the new code fail, for tests of the fallback
+(never set in production): ``adopt`` refuses every state; ``serve`` fails with
+everything rebuilt, just before serving.
 """
 
 from __future__ import annotations
@@ -49,9 +50,17 @@ def check() -> int:
     return 0
 
 
-def _fallback(state_fd: int, snapshot_fd: int, error: str, cmdline: list[str]) -> None:
-    """Exec the old code from its snapshot with the same state; returns only if that fails."""
+def _fallback(state_fd: int, snapshot_fd: int, error: str, cmdline: list[str],
+              spares: dict[int, int] | None = None) -> None:
+    """Exec the old code from its snapshot with the same state; returns only if that fails.
+
+    ``spares``: fd -> a duplicate made before adopting began; each is put back on
+    its number first, so whatever the failed adoption closed (an object dropped
+    half-built closes its socket) the old code finds as it left it.
+    """
     try:
+        for fd, spare in (spares or {}).items():
+            os.dup2(spare, fd)
         for fd in (state_fd, snapshot_fd):
             os.set_inheritable(fd, True)
         from supervisor.handover import fallback_argv, read
@@ -82,6 +91,7 @@ def adopt(state_fd: int, snapshot_fd: int, error: str, cmdline: list[str]) -> in
         from supervisor.handover import load
 
         state = load(state_fd)
+        spares = {fd: os.dup(fd) for fd in state["fds"]}  # close-on-exec copies
     except BaseException as e:
         if error:
             raise  # the old code cannot adopt its own state: nothing left to run
@@ -92,10 +102,17 @@ def adopt(state_fd: int, snapshot_fd: int, error: str, cmdline: list[str]) -> in
     def fail(exc: BaseException) -> None:
         if not error:
             _fallback(state_fd, snapshot_fd,
-                      f"the new code could not adopt: {type(exc).__name__}: {exc}", cmdline)
+                      f"the new code could not adopt: {type(exc).__name__}: {exc}", cmdline,
+                      spares)
+
+    def served() -> None:
+        if os.environ.get(FAIL_ENV) == "serve" and not error:
+            raise RuntimeError(f"${FAIL_ENV}=serve: failing before serving (a test)")
+        for spare in spares.values():
+            os.close(spare)
 
     return daemon.serve_adopted(state, state_fd=state_fd, snapshot_fd=snapshot_fd,
-                                error=error, fail=fail)
+                                error=error, fail=fail, served=served)
 
 
 def main(argv: list[str] | None = None) -> int:

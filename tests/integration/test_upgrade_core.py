@@ -8,6 +8,7 @@ Containers run with ``--null-io``: handing stdio over is :mod:`supervisor.io`'s 
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -15,7 +16,7 @@ from typing import TypeVar
 import pytest
 import trio
 from google.protobuf.message import Message
-from harness import Containerd, shims_for, wait_for
+from harness import IMAGE_PATH_ENV, Containerd, shims_for, wait_for
 
 import supervisor.io
 from supervisor import ttrpc
@@ -115,11 +116,15 @@ def running(c: Containerd, cid: str) -> int:
     return found
 
 
+#: Exits 7 once the test creates /go in its rootfs (after the upgrade, whatever the timing).
+EXIT_ON_GO = "while [ ! -e /go ]; do sleep 0.05; done; exit 7"
+
+
 def test_an_upgraded_shim_keeps_its_pid_its_container_and_containerds_connection(
         make_containerd: Callable[..., Containerd], code_dir: Path,
         busybox_rootfs: Path) -> None:
     c = start(make_containerd, code_dir)
-    c.run("exits", "sh", "-c", "sleep 4; exit 7", rootfs=busybox_rootfs, detach=True,
+    c.run("exits", "sh", "-c", EXIT_ON_GO, rootfs=busybox_rootfs, detach=True,
           options=["--null-io"])
     c.run("stays", "sleep", "1000", rootfs=busybox_rootfs, detach=True,
           options=["--null-io"])
@@ -140,9 +145,10 @@ def test_an_upgraded_shim_keeps_its_pid_its_container_and_containerds_connection
     assert (after.pid, after.upgrades, after.upgrade_attempts) == (before.pid, 1, 1)
     assert after.HasField("upgraded_at")
     assert after.started_at == before.started_at
-    assert before.pid in shims_for(c)
+    assert before.pid in shims_for(c)  # ps still shows it as containerd's shim
 
     # The exit after the upgrade reaches containerd once, with its status.
+    (busybox_rootfs / "go").touch()
     wait_for(lambda: c.tasks().get("exits", (0, ""))[1] == "STOPPED", 30,
              message="exits STOPPED")
     wait_for(lambda: forwarded(c, "/tasks/exit"), 10, message="/tasks/exit forwarded")
@@ -161,6 +167,37 @@ def test_an_upgraded_shim_keeps_its_pid_its_container_and_containerds_connection
              message="stays STOPPED")
     assert shim_info(address_stays).upgrades == 1
     c.ctr("task", "delete", "stays")
+    # Shutdown still ends the upgraded shims once their containers are gone.
+    wait_for(lambda: shims_for(c) == [], 20, message="the upgraded shims to exit")
+
+
+def test_a_wait_in_flight_is_answered_by_the_new_code(
+        make_containerd: Callable[..., Containerd], code_dir: Path,
+        busybox_rootfs: Path) -> None:
+    """``ctr run`` (attached) waits on the task: its Wait call crosses the exec."""
+    c = start(make_containerd, code_dir)
+    waiting = subprocess.Popen(
+        c.ctr_argv("run", "--runtime", c.runtime, "--null-io", "--env", IMAGE_PATH_ENV,
+                   "--rootfs", str(busybox_rootfs), "waited", "sh", "-c", EXIT_ON_GO),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        running(c, "waited")
+        address = shim_address(c, "waited")
+        pid = shim_info(address).pid
+        upgrade(address)
+        info = attempts_over(address, 1)
+        assert (info.pid, info.upgrades, info.last_upgrade_error) == (pid, 1, "")
+        assert waiting.poll() is None  # still waiting, on the same connection
+        # (ctr deletes the task once it exits, and the shim then ends: only before counts)
+        assert "shim disconnected" not in c.log_text()
+        (busybox_rootfs / "go").touch()
+        out, _ = waiting.communicate(timeout=30)
+        assert waiting.returncode == 7, out
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    c.ctr("container", "delete", "waited", check=False)
 
 
 def test_upgrading_twice_counts_both(make_containerd: Callable[..., Containerd],
@@ -181,11 +218,13 @@ def test_upgrading_twice_counts_both(make_containerd: Callable[..., Containerd],
     c.ctr("task", "delete", "twice")
 
 
+@pytest.mark.parametrize("fail", ["adopt", "serve"])
 def test_new_code_that_cannot_adopt_leaves_the_old_code_running(
         make_containerd: Callable[..., Containerd], code_dir: Path,
-        busybox_rootfs: Path) -> None:
-    c = start(make_containerd, code_dir, SUPERVISOR_UPGRADE_FAIL="adopt")
-    c.run("kept", "sh", "-c", "sleep 4; exit 7", rootfs=busybox_rootfs, detach=True,
+        busybox_rootfs: Path, fail: str) -> None:
+    """``adopt``: the new code refuses the state; ``serve``: it fails with all rebuilt."""
+    c = start(make_containerd, code_dir, SUPERVISOR_UPGRADE_FAIL=fail)
+    c.run("kept", "sh", "-c", EXIT_ON_GO, rootfs=busybox_rootfs, detach=True,
           options=["--null-io"])
     running(c, "kept")
     address = shim_address(c, "kept")
@@ -196,6 +235,7 @@ def test_new_code_that_cannot_adopt_leaves_the_old_code_running(
     assert "SUPERVISOR_UPGRADE_FAIL" in after.last_upgrade_error
     assert after.code == before.code
     assert not after.HasField("upgraded_at")
+    (busybox_rootfs / "go").touch()
     wait_for(lambda: c.tasks().get("kept", (0, ""))[1] == "STOPPED", 30, message="STOPPED")
     wait_for(lambda: forwarded(c, "/tasks/exit"), 10, message="/tasks/exit forwarded")
     assert len(forwarded(c, "/tasks/exit")) == 1
@@ -221,3 +261,32 @@ def test_a_shim_with_stdio_refuses_until_stdio_can_be_handed_over(
     wait_for(lambda: c.tasks().get("piped", (0, ""))[1] == "STOPPED", 20, message="STOPPED")
     c.ctr("task", "delete", "piped")
 
+
+
+def test_a_shared_shim_upgraded_takes_new_containers_and_ends_with_its_last(
+        make_containerd: Callable[..., Containerd], code_dir: Path,
+        busybox_rootfs: Path) -> None:
+    c = start(make_containerd, code_dir, SUPERVISOR_SHIM_GROUP="namespace",
+              SUPERVISOR_SHIM_GROUP_SIZE="5")
+    for cid in ("s1", "s2"):
+        c.run(cid, "sleep", "1000", rootfs=busybox_rootfs, detach=True, options=["--null-io"])
+        running(c, cid)
+    address = shim_address(c, "s1")
+    assert shim_address(c, "s2") == address
+    pid = shim_info(address).pid
+    upgrade(address)
+    info = attempts_over(address, 1)
+    assert (info.pid, info.upgrades, info.container_count) == (pid, 1, 2)
+    # Join (Group) after the upgrade: a new container comes to the same shim.
+    c.run("s3", "sleep", "1000", rootfs=busybox_rootfs, detach=True, options=["--null-io"])
+    running(c, "s3")
+    assert shim_address(c, "s3") == address
+    # The first container (the shim's bundle: log FIFO, spool) goes first; the rest stay.
+    for cid in ("s1", "s2", "s3"):
+        c.ctr("task", "kill", "-s", "KILL", cid)
+        wait_for(lambda cid=cid: c.tasks().get(cid, (0, ""))[1] == "STOPPED", 20,
+                 message=f"{cid} STOPPED")
+        if cid == "s1":
+            assert "shim disconnected" not in c.log_text()
+        c.ctr("task", "delete", cid)
+    wait_for(lambda: pid not in shims_for(c), 20, message="the shared shim to end")

@@ -17,6 +17,7 @@ from supervisor.api.events import task_pb2 as ev
 from supervisor.api.introspect import introspect_pb2 as pb
 from supervisor.console import Console
 from supervisor.events import Event, Outbox
+from supervisor.handover import UpgradeRecord
 from supervisor.introspect import (
     SERVICE,
     VERSION_WAIT,
@@ -351,3 +352,20 @@ async def test_served_over_ttrpc(nursery: trio.Nursery, outbox: Outbox,
     await server.shutdown(1)
 
 
+
+
+async def test_shim_tells_its_code_and_upgrades(nursery: trio.Nursery, outbox: Outbox) -> None:
+    record = UpgradeRecord("0.1.0+abc", upgrades=2, upgrade_attempts=3,
+                           last_upgrade_error="", upgraded_at=1764450000.5)
+    service = IntrospectService(FakeTasks(nursery), outbox, namespace="default",
+                                address="unix:///s", version_probe=version_ok,
+                                upgrades=record)
+    got = await service.shim(pb.ShimRequest())
+    assert (got.code, got.upgrades, got.upgrade_attempts) == ("0.1.0+abc", 2, 3)
+    assert got.upgraded_at.ToNanoseconds() == 1764450000500000000
+    record.failed("calls in flight did not finish within 10s")
+    got = await service.shim(pb.ShimRequest())
+    assert (got.upgrades, got.upgrade_attempts) == (2, 4)
+    assert got.last_upgrade_error == "calls in flight did not finish within 10s"
+    never = await make_service(FakeTasks(nursery), outbox).shim(pb.ShimRequest())
+    assert (never.code, never.upgrades) == ("", 0) and not never.HasField("upgraded_at")

@@ -680,3 +680,11 @@ async def test_a_console_whose_output_ended_is_done_after_adoption(tmp_path: Pat
     assert bytes(got) == b"bye\n"
     new.close()
     assert open_fds() == before
+
+
+def test_every_stream_kind_has_an_adopter() -> None:
+    """Each kind StreamCounters can say is adoptable (a terminal's, once supervisor.console
+    is imported: it registers itself, since it imports supervisor.io)."""
+    kinds = {io_module._pipes_kind(s) for s in (Stdio(), Stdio(stdout="/x"),
+                                                Stdio(stdout="binary:///l"))}
+    assert set(io_module.ADOPTERS) == kinds | {Console.counters_kind}
