@@ -9,8 +9,15 @@ What every test here checks, through the command a user runs:
   (``ctr task exec -t`` under ``script``: a pty) -- and kept flowing across the upgrade;
 * every exit reaches containerd once (``ctr events``, or containerd's own "event
   forwarded" lines across an outage);
-* containerd's log never says a shim disconnected;
+* containerd's log never says a shim disconnected (up to the first delete: containerd
+  logs the same lines for every task deleted);
 * the containers stay drivable afterwards (exec, kill, delete).
+
+Not every test shows every stream: the first shows them all with containerd up (and a
+shared shim, execs started all through); the outage tests (frozen: a strict xfail, see
+its reason; down) a file and an exit meanwhile; the failure test new code refused by the
+pre-flight check, then new code that fails once exec'd; the last an older commit's
+package replaced by this one, the fork server retired and replaced.
 
 Processes end when the test creates a stop file in the rootfs (``/stop-NAME``), never
 after a time, so every exit falls where the test puts it.  Tests that change the installed
