@@ -45,11 +45,16 @@ def git(*args: str, input: bytes | None = None) -> bytes:
 
 
 def previous_commit(limit: int = 500) -> str | None:
-    """The newest commit before HEAD (any ancestor, newest first) that has
-    ``supervisor/upgrade.py`` -- the previous installed package that can be upgraded
-    in place -- or None (no such commit, or no git)."""
+    """The newest commit before HEAD that has ``supervisor/upgrade.py`` -- the previous
+    installed package that can be upgraded in place -- or None (no such commit, or no git).
+
+    HEAD's first-parent line first (after a merge of the upgrade's branches one by one,
+    the merge before: all its parts together), then every ancestor, newest first.
+    """
     try:
-        commits = git("rev-list", f"--max-count={limit}", "HEAD").decode().split()[1:]
+        first = git("rev-list", "--first-parent", f"--max-count={limit}", "HEAD").split()
+        every = git("rev-list", f"--max-count={limit}", "HEAD").split()
+        commits = list(dict.fromkeys(c.decode() for c in first[1:] + every[1:]))
         if not commits:
             return None
         query = "".join(f"{c}:{MARK_FILE}\n" for c in commits).encode()
