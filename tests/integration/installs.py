@@ -31,9 +31,8 @@ from pathlib import Path
 import trio
 from harness import REPO_ROOT, Containerd
 
-#: The snapshot dir of the code a shim runs (issue 17's codesnap: ``$SUPERVISOR_CODE_DIR``,
-#: default /run/containerd/supervisor/code): per containerd in the tests.
-CODE_DIR_ENV = "SUPERVISOR_CODE_DIR"
+from supervisor.codesnap import DIR_ENV as CODE_DIR_ENV  # where shims keep their code's copy
+
 #: The pytest option / environment variable naming the commit "previous release" is.
 BASE_ENV = "SUPERVISOR_TEST_UPGRADE_BASE"
 MARK_FILE = "supervisor/upgrade.py"
