@@ -6,6 +6,9 @@
                        [--forkserver SOCKET]
     supervisor inspect TARGET [--state-dir DIR] [--namespace NS] [--json] [--timeout S]
     supervisor events  TARGET [--state-dir DIR] [--namespace NS] [--json] [--timeout S]
+    supervisor upgrade TARGET... | --all [--state-dir DIR] [--namespace NS] [--json]
+                       [--timeout S] [--wait S] [--quiesce-timeout S] [--parallel N]
+                       [--forkserver SOCKET]
 
 TARGET is a container id (looked up in the state dir), a socket path or a
 ``unix://`` address.
@@ -24,6 +27,19 @@ works while containerd is down.  ``ls`` also asks the fork server
 uptime, shims forked): a line under the table when one answers or its socket
 is there but does not, ``forkserver`` in the JSON (null when there is none).
 
+``upgrade`` (issue 17) asks each shim, once per socket and at most
+``--parallel`` at a time, to re-exec itself with the installed code: it calls
+``supervisor.upgrade.v1.Upgrade/Upgrade``, which the shim answers *before* it
+quiesces and execs, then polls ``Introspect/Shim`` -- dialling again when the
+connection ends or a call times out, as the exec window or a fallback may
+make it -- until ``upgrade_attempts`` rose (:func:`await_attempt`).  The
+verdict (:func:`judge`) is the shim's own account: upgraded when the same pid
+answers with a higher ``upgrades``, else its ``last_upgrade_error``.
+``--all`` also retires the fork server if it runs other code than the
+installed one (:func:`renew_forkserver`).  "Installed" is
+:func:`~supervisor.launch.forkclient.code_identity` as this command computes
+it; ``ls`` marks the shims whose ``code`` differs from it (SHIM-CODE).
+
 Invariants
 ----------
 * Every connect and every call is bounded by ``--timeout`` (default
@@ -33,7 +49,10 @@ Invariants
 * JSON output has stable keys (documented in ``docs/inspect-json.md``);
   absent values are ``null``, never missing keys.
 * Exit status: 0 everything answered, 1 something was not found or not
-  reachable, 2 usage error.
+  reachable (``upgrade``: or a shim did not upgrade), 2 usage error.
+* ``upgrade`` never reports a shim upgraded on the strength of the call's
+  answer: only the shim's later Introspect answer counts, and each shim's
+  whole upgrade is bounded by ``--wait``.
 """
 
 from __future__ import annotations
@@ -53,6 +72,7 @@ from google.protobuf.message import DecodeError, Message
 
 from supervisor import __version__, ttrpc
 from supervisor.api.introspect import introspect_pb2 as pb
+from supervisor.api.upgrade import upgrade_pb2 as upgrade_pb
 from supervisor.introspect import SERVICE
 from supervisor.launch import forkclient
 from supervisor.launch.address import canonical, socket_path
@@ -264,7 +284,19 @@ def shim_json(m: pb.ShimResponse) -> dict[str, Any]:
         "python_version": m.python_version,
         "reserved": list(m.reserved),
         "closing": m.closing,
+        "code": m.code or None,
+        "upgrades": m.upgrades,
+        "upgrade_attempts": m.upgrade_attempts,
+        "last_upgrade_error": m.last_upgrade_error or None,
+        "upgraded_at": _time(m.upgraded_at, m.HasField("upgraded_at")),
     }
+
+
+def other_code(m: pb.ShimResponse | None, installed: str) -> bool | None:
+    """Whether the shim runs other code than ``installed`` (the CLI's
+    :func:`~supervisor.launch.forkclient.code_identity`); None when it did not answer.
+    A shim that reports no code predates in-place upgrades: other code."""
+    return None if m is None else m.code != installed
 
 
 def process_json(m: pb.Process) -> dict[str, Any]:
@@ -365,6 +397,7 @@ class Row:
     container: pb.Container | None = None
     shim_pid: int | None = None
     pending_events: int | None = None
+    other_code: bool | None = None
 
     def json(self) -> dict[str, Any]:
         init = self.container.init if self.container is not None else None
@@ -380,13 +413,16 @@ class Row:
             "execs": len(self.container.execs) if self.container is not None else None,
             "shim_pid": self.shim_pid,
             "pending_events": self.pending_events,
+            "other_code": self.other_code,
             "address": self.address or None,
             "reachable": self.reachable,
             "error": self.error or None,
         }
 
 
-def build_rows(bundles: Sequence[Bundle], reports: dict[str, Report]) -> list[Row]:
+def build_rows(bundles: Sequence[Bundle], reports: dict[str, Report],
+               installed: str = "") -> list[Row]:
+    """``ls``'s rows; ``installed`` is the code identity shims are compared with."""
     rows: list[Row] = []
     seen: set[tuple[str, str, str]] = set()
     for b in bundles:
@@ -397,6 +433,7 @@ def build_rows(bundles: Sequence[Bundle], reports: dict[str, Report]) -> list[Ro
         row = Row(b.namespace, b.id, b.address, report.reachable, report.error)
         if report.shim is not None:
             row.shim_pid = report.shim.pid
+            row.other_code = other_code(report.shim, installed)
         if report.events is not None:
             row.pending_events = report.events.pending_count
         if report.containers is not None:
@@ -415,6 +452,7 @@ def build_rows(bundles: Sequence[Bundle], reports: dict[str, Report]) -> list[Ro
                     c.namespace, c.id, address, True, "no bundle in the state dir", c,
                     report.shim.pid if report.shim is not None else None,
                     report.events.pending_count if report.events is not None else None,
+                    other_code(report.shim, installed),
                 ))
     rows.sort(key=lambda r: (r.namespace, r.id))
     return rows
@@ -438,7 +476,10 @@ def _dash(value: object) -> str:
 
 
 LS_HEADERS = ("NAMESPACE", "ID", "PID", "STATUS", "EXIT", "EXECS", "SHIM-PID",
-              "PENDING-EVENTS", "NOTE")
+              "PENDING-EVENTS", "SHIM-CODE", "NOTE")
+#: ``ls``'s SHIM-CODE column: the shim runs the installed code, or other code
+#: (``supervisor upgrade`` replaces it); "-" when the shim did not answer.
+CODE_MARK = {False: "installed", True: "OTHER", None: "-"}
 
 
 def format_ls(rows: Sequence[Row], out: TextIO) -> None:
@@ -451,12 +492,13 @@ def format_ls(rows: Sequence[Row], out: TextIO) -> None:
         cells.append([
             row.namespace, row.id, _dash(j["pid"]), j["status"].upper(),
             _dash(j["exit_status"]), _dash(j["execs"]), _dash(j["shim_pid"]),
-            _dash(j["pending_events"]), note,
+            _dash(j["pending_events"]), CODE_MARK[row.other_code], note,
         ])
     out.write(table(LS_HEADERS, cells))
 
 
-def shim_summary(report: Report, bundles: Sequence[Bundle]) -> dict[str, Any]:
+def shim_summary(report: Report, bundles: Sequence[Bundle], installed: str = ""
+                 ) -> dict[str, Any]:
     """One entry of ``ls --json``'s ``shims``."""
     shim, events = report.shim, report.events
     return {
@@ -467,6 +509,9 @@ def shim_summary(report: Report, bundles: Sequence[Bundle]) -> dict[str, Any]:
         "namespaces": sorted({b.namespace for b in bundles}),
         "containers": sorted({b.id for b in bundles}),
         "pending_events": events.pending_count if events is not None else None,
+        "code": (shim.code or None) if shim is not None else None,
+        "upgrades": shim.upgrades if shim is not None else None,
+        "other_code": other_code(shim, installed),
     }
 
 
@@ -506,10 +551,11 @@ async def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     bundles = discover(args.state_dir, args.namespace)
     addresses = sorted({b.address for b in bundles if b.address})
     reports = await ask_all(addresses, args.timeout)
-    rows = build_rows(bundles, reports)
+    installed = forkclient.code_identity()
+    rows = build_rows(bundles, reports, installed)
     fork_server = await trio.to_thread.run_sync(forkserver_status, args.forkserver, args.timeout)
     if args.json:
-        shims = [shim_summary(reports[a], [b for b in bundles if b.address == a])
+        shims = [shim_summary(reports[a], [b for b in bundles if b.address == a], installed)
                  for a in addresses]
         json.dump({"containers": [r.json() for r in rows], "shims": shims,
                    "forkserver": fork_server}, out, indent=2)
@@ -598,11 +644,16 @@ def format_shim(m: pb.ShimResponse, out: TextIO) -> None:
         containers += f", {len(j['reserved'])} reserved ({', '.join(j['reserved'])})"
     if j["closing"]:
         containers += " (ending: takes no more)"
+    code = j["code"] or "? (a shim older than in-place upgrades)"
+    if j["upgrade_attempts"]:
+        code += f" ({j['upgrades']} upgrades in {j['upgrade_attempts']} attempts"
+        code += f", last at {_short(j['upgraded_at'])})" if j["upgraded_at"] else ")"
     out.write("Shim\n")
     for key, value in (
         ("Address", j["address"]),
         ("PID", str(j["pid"])),
         ("Version", f"{j['version']} (Python {j['python_version']})"),
+        ("Code", code),
         ("Namespace", j["namespace"]),
         ("Started", f"{_short(j['started_at'])} (up {_ago(m.uptime_seconds)})"),
         ("Memory", memory),
@@ -611,6 +662,8 @@ def format_shim(m: pb.ShimResponse, out: TextIO) -> None:
         ("Containers", containers),
     ):
         out.write(f"  {key + ':':<12}{value}\n")
+    if j["last_upgrade_error"]:
+        out.write(f"  {'Upgrade:':<12}the last attempt failed: {j['last_upgrade_error']}\n")
 
 
 def format_container(m: pb.Container, out: TextIO) -> None:
@@ -733,6 +786,297 @@ async def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+# --- upgrade ------------------------------------------------------------------------
+
+#: ``supervisor.upgrade.v1.Upgrade``, as the .proto names it.
+UPGRADE_SERVICE: str = upgrade_pb.DESCRIPTOR.services_by_name["Upgrade"].full_name
+#: Bounds one shim's whole upgrade: the call (the shim's pre-flight runs the
+#: installed code once), the quiesce, the exec and the new code's start.
+DEFAULT_UPGRADE_WAIT = 60.0
+#: Shims upgraded at once (each runs a pre-flight interpreter and then execs one).
+DEFAULT_PARALLEL = 4
+#: How often a shim is asked whether its attempt is over.
+POLL_INTERVAL = 0.1
+
+
+@dataclass
+class Outcome:
+    """What became of one shim's upgrade (``supervisor upgrade``'s line and JSON)."""
+
+    address: str
+    containers: list[str]  # "namespace/id", from the state dir's bundles
+    upgraded: bool = False
+    pid: int | None = None
+    from_code: str | None = None
+    to_code: str | None = None
+    code: str | None = None  # what it runs once the attempt is over
+    upgrades: int | None = None
+    upgrade_attempts: int | None = None
+    error: str = ""  # why it did not upgrade
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "containers": self.containers,
+            "upgraded": self.upgraded,
+            "pid": self.pid,
+            "from_code": self.from_code,
+            "to_code": self.to_code,
+            "code": self.code,
+            "upgrades": self.upgrades,
+            "upgrade_attempts": self.upgrade_attempts,
+            "error": self.error or None,
+        }
+
+
+def refusal(exc: BaseException, timeout: float) -> str:
+    """Why the shim did not take the Upgrade call (the proto's refusal statuses)."""
+    if isinstance(exc, ttrpc.RPCError):
+        if exc.code is ttrpc.Code.UNIMPLEMENTED:
+            return "no upgrade service (a shim older than in-place upgrades)"
+        if exc.code is ttrpc.Code.FAILED_PRECONDITION:
+            return f"refused: {exc.message}"
+        if exc.code is ttrpc.Code.UNAVAILABLE:
+            return f"refused, the installed code cannot run: {exc.message}"
+    return reason(exc, timeout)
+
+
+class ShimLine:
+    """Introspect/Shim on one shim's socket, reconnecting when the connection ends.
+
+    The shim keeps its connections across a successful exec, but a fallback
+    or a slow new process may end ours or let a call time out: every failure
+    closes the connection, and the next :meth:`shim` dials again.
+    """
+
+    def __init__(self, address: str, timeout: float) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.client: ttrpc.Client | None = None
+
+    async def shim(self) -> pb.ShimResponse:
+        try:
+            if self.client is None or self.client.closed:
+                with trio.fail_after(self.timeout):
+                    self.client = await ttrpc.connect_unix(socket_path(self.address))
+            data = await self.client.call(SERVICE, "Shim", pb.ShimRequest().SerializeToString(),
+                                          timeout=self.timeout)
+            return pb.ShimResponse.FromString(data)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if self.client is not None:
+            client, self.client = self.client, None
+            await client.aclose()
+
+
+#: What polling a shim may meet and retry: the exec window, a fallback, a slow start.
+RETRYABLE = (ttrpc.RPCError, ttrpc.ConnectionEnded, OSError, DecodeError, trio.TooSlowError)
+
+
+async def await_attempt(poll: Callable[[], Awaitable[pb.ShimResponse]], attempts_before: int,
+                        deadline: float, interval: float = POLL_INTERVAL
+                        ) -> tuple[pb.ShimResponse | None, BaseException | None]:
+    """Poll until ``upgrade_attempts`` rose above ``attempts_before``: (that answer, None).
+
+    A failed poll (:data:`RETRYABLE`) is retried after ``interval``, like an
+    answer that shows the attempt still under way.  At ``deadline`` (trio's
+    clock): ``(None, the last poll's failure or None if it answered)``.
+    """
+    last: BaseException | None = None
+    with trio.move_on_at(deadline):
+        while True:
+            try:
+                m = await poll()
+            except RETRYABLE as e:
+                last = e
+            else:
+                if m.upgrade_attempts > attempts_before:
+                    return m, None
+                last = None
+            await trio.sleep(interval)
+    return None, last
+
+
+def judge(outcome: Outcome, before: pb.ShimResponse, after: pb.ShimResponse) -> None:
+    """Fill ``outcome`` from the shim's answers before the call and once the attempt is over."""
+    outcome.code = after.code or None
+    outcome.upgrades = after.upgrades
+    outcome.upgrade_attempts = after.upgrade_attempts
+    if after.pid != before.pid:
+        outcome.error = (f"another process answers on the socket now (pid {before.pid} -> "
+                         f"{after.pid})")
+    elif after.upgrades > before.upgrades:
+        outcome.upgraded = True
+    else:
+        outcome.error = after.last_upgrade_error or "the attempt ended without an upgrade " \
+                                                     "(the shim gave no reason)"
+
+
+async def upgrade_shim(address: str, containers: list[str], *, timeout: float, wait: float,
+                       quiesce: float = 0.0, interval: float = POLL_INTERVAL) -> Outcome:
+    """Upgrade the shim at ``address``; never raises for the shim's sake (the outcome says).
+
+    Asks Introspect/Shim (the counts before), calls Upgrade/Upgrade (answered
+    before the shim quiesces: it only says the shim took the request), then
+    polls Introspect/Shim until ``upgrade_attempts`` rose.  Connects and
+    Introspect calls are bounded by ``timeout``; the whole by ``wait``.
+    """
+    outcome = Outcome(address, containers)
+    deadline = trio.current_time() + wait
+    line = ShimLine(address, timeout)
+    try:
+        try:
+            with trio.fail_after(timeout):
+                before = await line.shim()
+        except RETRYABLE as e:
+            outcome.error = reason(e, timeout)
+            return outcome
+        outcome.pid = before.pid
+        outcome.from_code = before.code or None
+        outcome.upgrades, outcome.upgrade_attempts = before.upgrades, before.upgrade_attempts
+        request = upgrade_pb.UpgradeRequest(quiesce_timeout_seconds=quiesce)
+        try:
+            assert line.client is not None
+            with trio.fail_at(deadline):
+                data = await line.client.call(UPGRADE_SERVICE, "Upgrade",
+                                              request.SerializeToString())
+            answer = upgrade_pb.UpgradeResponse.FromString(data)
+        except RETRYABLE as e:
+            outcome.error = refusal(e, wait)
+            return outcome
+        outcome.from_code = answer.from_code or outcome.from_code
+        outcome.to_code = answer.to_code or None
+        after, last = await await_attempt(line.shim, answer.upgrade_attempts, deadline, interval)
+        if after is None:
+            outcome.error = f"no outcome within {wait:g}s"
+            if last is not None:
+                outcome.error += f" (last: {reason(last, timeout)})"
+            return outcome
+        judge(outcome, before, after)
+        return outcome
+    finally:
+        await line.aclose()
+
+
+def upgrade_targets(args: argparse.Namespace) -> tuple[dict[str, list[str]], list[Bundle]]:
+    """The shims to upgrade, once each: {address: ["namespace/id", ...]}, and the
+    bundles of ``--all`` that name no shim (not started yet: nothing to upgrade).
+
+    ``--all``: every shim ``ls`` finds (``--namespace``: of that namespace);
+    else each ID (resolved as ``inspect`` does) or socket.  A shim serving
+    several containers is one entry listing all its bundles in the state dir.
+    """
+    if args.all == bool(args.targets):
+        raise UsageError("name the shims to upgrade (container ids or sockets) or --all, "
+                         "not both")
+    if args.all:
+        bundles = discover(args.state_dir, args.namespace)
+        addresses = [b.address for b in bundles if b.address]
+        skipped = [b for b in bundles if not b.address]
+    else:
+        addresses = [resolve(t, args.state_dir, args.namespace).address for t in args.targets]
+        bundles = discover(args.state_dir) if os.path.isdir(args.state_dir) else []
+        skipped = []
+    shims: dict[str, list[str]] = {a: [] for a in sorted(set(addresses))}
+    for b in bundles:
+        if b.address in shims:
+            shims[b.address].append(f"{b.namespace}/{b.id}")
+    return shims, skipped
+
+
+def renew_forkserver(path: str, installed: str, timeout: float) -> dict[str, Any] | None:
+    """``upgrade --all``'s fork server step: retire it if it runs other code than
+    ``installed``.  None when none serves ``path``.
+
+    A new one is *not* spawned here: the next shim ``start`` spawns it on
+    demand (:func:`supervisor.launch.forkclient.spawn_server`), from
+    containerd's context -- one spawned from this command's shell could differ
+    from containerd's (LSM label, namespaces, seccomp) and would then refuse
+    every ``start``.
+    """
+    found = forkserver_status(path, timeout)
+    if found is None or found["error"] == "connection refused":
+        return None  # nothing serves it (a killed server's file): the next start spawns one
+    result: dict[str, Any] = {"socket": path, "pid": found["pid"], "code": found["code"],
+                              "installed_code": installed, "action": "failed",
+                              "error": found["error"]}
+    if found["error"]:
+        return result
+    if found["code"] == installed:
+        result["action"] = "kept"
+        return result
+    try:
+        forkclient.retire(path, installed, timeout)
+    except forkclient.NoServer:
+        result["action"] = "gone"  # ended between the two questions
+    except (forkclient.ForkServerError, OSError) as e:
+        result["error"] = str(e) or type(e).__name__
+    else:
+        result["action"] = "retired"
+    return result
+
+
+def format_upgrade(outcomes: Sequence[Outcome], skipped: Sequence[Bundle],
+                   fork_server: dict[str, Any] | None, out: TextIO) -> None:
+    rows = []
+    for o in outcomes:
+        code = _dash(o.from_code)
+        if o.upgraded:
+            code = f"{code} -> {_dash(o.code)}"
+        rows.append([_dash(o.pid), ",".join(o.containers) or o.address,
+                     "upgraded" if o.upgraded else "NOT-UPGRADED", _dash(o.upgrades),
+                     _dash(o.upgrade_attempts), code, o.error])
+    out.write(table(("SHIM-PID", "CONTAINERS", "RESULT", "UPGRADES", "ATTEMPTS", "CODE",
+                     "NOTE"), rows))
+    for b in skipped:
+        out.write(f"skipped {b.namespace}/{b.id}: {b.error}\n")
+    if fork_server is not None:
+        f = fork_server
+        what = {
+            "kept": "runs the installed code; kept",
+            "retired": f"retired (ran {f['code']}); the next shim start spawns a new one",
+            "gone": "ended meanwhile; the next shim start spawns a new one",
+        }.get(f["action"], f"NOT retired: {f['error']}")
+        out.write(f"fork server pid {_dash(f['pid'])} ({f['socket']}): {what}\n")
+    done = sum(o.upgraded for o in outcomes)
+    out.write(f"{done} of {len(outcomes)} shims upgraded\n")
+
+
+async def cmd_upgrade(args: argparse.Namespace, out: TextIO) -> int:
+    shims, skipped = upgrade_targets(args)
+    limit = trio.CapacityLimiter(args.parallel)
+    outcomes: dict[str, Outcome] = {}
+
+    async def one(address: str) -> None:
+        async with limit:
+            outcomes[address] = await upgrade_shim(
+                address, shims[address], timeout=args.timeout, wait=args.wait,
+                quiesce=args.quiesce_timeout)
+
+    async with trio.open_nursery() as nursery:
+        for address in shims:
+            nursery.start_soon(one, address)
+    fork_server = None
+    if args.all and args.forkserver:
+        fork_server = await trio.to_thread.run_sync(
+            renew_forkserver, args.forkserver, forkclient.code_identity(), args.timeout)
+    ordered = [outcomes[a] for a in shims]
+    if args.json:
+        json.dump({"shims": [o.json() for o in ordered],
+                   "skipped": [{"namespace": b.namespace, "id": b.id, "error": b.error}
+                               for b in skipped],
+                   "forkserver": fork_server}, out, indent=2)
+        out.write("\n")
+    else:
+        format_upgrade(ordered, skipped, fork_server, out)
+    failed = not all(o.upgraded for o in ordered) or (
+        fork_server is not None and fork_server["action"] == "failed")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 # --- main ---------------------------------------------------------------------------
 
 
@@ -743,6 +1087,16 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
     return value
 
 
@@ -770,6 +1124,24 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--forkserver", metavar="SOCKET", default=forkclient.socket_path() or "",
                     help=f"the fork server's socket (default ${forkclient.SOCKET_ENV}, as "
                          f"start reads it, or {forkclient.DEFAULT_SOCKET}; empty: do not ask)")
+    up = sub.add_parser("upgrade", help="re-exec running shims with the code installed now, "
+                                        "keeping their containers, connections and stdio")
+    up.add_argument("targets", nargs="*", metavar="ID|SOCKET",
+                    help="container ids (their shims), socket paths or unix:// addresses")
+    up.add_argument("--all", action="store_true",
+                    help="every shim ls finds (of --namespace, if given), and retire the fork "
+                         "server if it runs other code")
+    common(up)
+    up.add_argument("--wait", type=_positive, default=DEFAULT_UPGRADE_WAIT,
+                    help="seconds for each shim's whole upgrade "
+                         f"(default {DEFAULT_UPGRADE_WAIT:g})")
+    up.add_argument("--quiesce-timeout", type=_positive, default=0.0, metavar="S",
+                    help="seconds a shim waits for calls in flight before giving up the "
+                         "attempt (default: the shim's)")
+    up.add_argument("--parallel", type=_count, default=DEFAULT_PARALLEL,
+                    help=f"shims upgraded at once (default {DEFAULT_PARALLEL})")
+    up.add_argument("--forkserver", metavar="SOCKET", default=forkclient.socket_path() or "",
+                    help="the fork server's socket, as for ls (empty: leave it alone)")
     for name, text in (("inspect", "everything about one container (or one shim)"),
                        ("events", "a shim's event outbox: pending and recently delivered")):
         p = sub.add_parser(name, help=text)
@@ -788,6 +1160,8 @@ def command(name: str) -> Callable[[argparse.Namespace, TextIO], Awaitable[int]]
         return cmd_inspect
     if name == "events":
         return cmd_events
+    if name == "upgrade":
+        return cmd_upgrade
     raise UsageError(f"unknown command {name!r}")
 
 

@@ -34,6 +34,10 @@ def pytest_report_header(config: pytest.Config) -> str:
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long", action="store_true", default=False,
                      help="run the long chaos/soak forms (many rounds, outages > 30 s)")
+    parser.addoption("--upgrade-base", default=None, metavar="COMMIT",
+                     help="the commit tests/integration/test_upgrade.py upgrades from "
+                          "(default $SUPERVISOR_TEST_UPGRADE_BASE, else the newest commit "
+                          "before HEAD that has supervisor/upgrade.py)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

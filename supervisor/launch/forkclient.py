@@ -460,9 +460,9 @@ def read_pid(path: str) -> int | None:
         os.close(fd)
 
 
-def status(path: str, timeout: float = CLIENT_TIMEOUT) -> dict[str, Any]:
-    """The fork server's status (pid, version, code, started, served, ...); raises as
-    :func:`request_shim` (NoServer when none serves ``path``)."""
+def _exchange(path: str, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One message to the server at ``path`` and its answer, a map (a ``status`` or a
+    stale request: neither passes an fd)."""
     conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
         conn.settimeout(timeout)
@@ -470,14 +470,40 @@ def status(path: str, timeout: float = CLIENT_TIMEOUT) -> dict[str, Any]:
             conn.connect(path)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise NoServer(f"nothing serves it ({e.strerror})") from None
-        conn.send(_msgpack.packb({"op": "status"}))
+        conn.send(_msgpack.packb(message))
         data = conn.recv(MAX_MESSAGE)
         try:
             answer = _msgpack.unpackb(data)
         except ValueError as e:
             raise ForkServerError(f"undecodable answer: {e}") from None
-        if not isinstance(answer, dict) or "error" in answer:
+        if not isinstance(answer, dict):
             raise ForkServerError(f"bad answer {answer!r:.120}")
         return answer
     finally:
         conn.close()
+
+
+def status(path: str, timeout: float = CLIENT_TIMEOUT) -> dict[str, Any]:
+    """The fork server's status (pid, version, code, started, served, ...); raises as
+    :func:`request_shim` (NoServer when none serves ``path``)."""
+    answer = _exchange(path, {"op": "status"}, timeout)
+    if "error" in answer:
+        raise ForkServerError(f"bad answer {answer!r:.120}")
+    return answer
+
+
+def retire(path: str, code: str, timeout: float = CLIENT_TIMEOUT) -> str:
+    """Make the fork server at ``path`` retire as a ``start`` of other code would: its reason.
+
+    For ``supervisor upgrade --all``.  Sends the least a server reads as stale
+    (this protocol and ``code``, the caller's :func:`code_identity`); only a
+    server whose own code differs from ``code`` retires, and only for a peer it
+    could serve (it compares the caller with itself first).  Raises
+    :class:`NoServer`, or :class:`ForkServerError` with the server's answer when
+    it did not retire (the same code, or a peer it refuses).  The next
+    ``start`` spawns a new server (see "On demand").
+    """
+    answer = _exchange(path, {"v": PROTOCOL, "code": code}, timeout)
+    if answer.get("retired") is True:
+        return str(answer.get("error", ""))
+    raise ForkServerError(f"it did not retire: {answer.get('error', answer)!s:.200}")

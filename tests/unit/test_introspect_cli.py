@@ -36,11 +36,12 @@ EVENTS_KEYS = {"published", "delivered", "replayed", "pending_count",
 SHIM_KEYS = {"pid", "version", "namespace", "address", "started_at", "uptime_seconds",
              "memory_rss_bytes", "memory_pss_bytes", "open_fds", "runtime_binary",
              "runtime_version", "runtime_version_error", "container_count", "python_version",
-             "reserved", "closing"}
+             "reserved", "closing", "code", "upgrades", "upgrade_attempts",
+             "last_upgrade_error", "upgraded_at"}
 ROW_KEYS = {"namespace", "id", "pid", "status", "exit_status", "exited_at", "execs", "shim_pid",
-            "pending_events", "address", "reachable", "error"}
+            "pending_events", "other_code", "address", "reachable", "error"}
 SHIM_SUMMARY_KEYS = {"address", "reachable", "error", "pid", "namespaces", "containers",
-                     "pending_events"}
+                     "pending_events", "code", "upgrades", "other_code"}
 
 
 @pytest.fixture(autouse=True)
