@@ -354,7 +354,7 @@ class TaskService:
         for container in self.containers.values():
             for process in container.all_processes():
                 if process.io is not None:
-                    process.io.start(self.nursery)  # type: ignore[attr-defined]
+                    process.io.start(self.nursery)
             self.nursery.start_soon(self._watch_oom, container)
 
     # --- rpcs -------------------------------------------------------------
