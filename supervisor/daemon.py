@@ -78,40 +78,103 @@ PR_SET_NAME = 15
 
 
 class ContainerdEvents:
-    """Sends events to containerd's ``Events/Forward``, reconnecting as needed."""
+    """Sends events to containerd's ``Events/Forward``, reconnecting as needed.
+
+    A Forward written is *owed*: until containerd answers it, or its connection
+    ends, a retry of the same event waits for that answer again instead of
+    sending the event a second time.  So a containerd that is slow or frozen
+    (not restarted) gets each event once, however long it takes; only a
+    connection that ends with the answer still owed leaves it unknown whether
+    containerd took the event, and then it is sent again (at least once).
+    An in-place upgrade hands the connection and the Forward owed on it to the
+    new code (:meth:`export`, :meth:`adopt`).
+    """
 
     def __init__(self, address: str) -> None:
         self.address = address
         self._client: ttrpc.Client | None = None
+        self._owed: tuple[int, ttrpc.PendingCall] | None = None  # (event seq, its Forward)
 
     async def send(self, event: Event) -> None:
         if not self.address:
             raise ConnectionError("TTRPC_ADDRESS is not set: nowhere to send events")
-        if self._client is None or self._client.closed:
-            self._client = await ttrpc.connect_unix(socket_path(self.address))
-        request = events_api.ForwardRequest()
-        envelope = request.envelope
-        envelope.timestamp.FromNanoseconds(event.timestamp_ns)
-        envelope.namespace = event.namespace
-        envelope.topic = event.topic
-        envelope.event.type_url = event.type_url
-        envelope.event.value = event.payload
+        owed = self._owed
+        if owed is not None and (owed[0] != event.seq or self._client is None
+                                 or self._client.closed):
+            self._drop_owed()
+            owed = None
         try:
-            await self._client.call(
-                EVENTS_SERVICE,
-                "Forward",
-                request.SerializeToString(),
-                timeout=FORWARD_TIMEOUT,
-                metadata={ttrpc.NAMESPACE_KEY: event.namespace},
-            )
+            if owed is None:
+                if self._client is None or self._client.closed:
+                    self._client = await ttrpc.connect_unix(socket_path(self.address))
+                pending = await self._client.send(
+                    EVENTS_SERVICE, "Forward", _forward_request(event),
+                    timeout=FORWARD_TIMEOUT, metadata={ttrpc.NAMESPACE_KEY: event.namespace})
+                self._owed = owed = (event.seq, pending)
+            assert self._client is not None
+            try:
+                await self._client.result(owed[1], timeout=FORWARD_TIMEOUT)
+            finally:
+                if owed[1].answered:
+                    self._owed = None
         except (ttrpc.ConnectionEnded, OSError):
             await self.aclose()
             raise
 
+    def _drop_owed(self) -> None:
+        owed, self._owed = self._owed, None
+        if owed is not None and self._client is not None:
+            self._client.abandon(owed[1])
+
+    def export(self) -> handover.EventsState | None:
+        """The connection to containerd and the Forward owed on it, for the new code
+        (the outbox is paused: nothing sends); ``None`` when there is no connection."""
+        client = self._client
+        if client is None or client.closed:
+            return None
+        handed = client.handover()
+        snap = handed.snapshot
+        if snap.discard or snap.oversized is not None:
+            return None  # skipping an oversized answer: the new code simply reconnects
+        owed = self._owed
+        return {"fd": handed.fd, "unparsed": handover.b64(snap.unparsed),
+                "next_stream_id": snap.next_stream_id, "pending": list(snap.pending),
+                "abandoned": list(snap.abandoned),
+                "owed_seq": owed[0] if owed is not None else -1,
+                "owed_stream_id": owed[1].stream_id if owed is not None else 0}
+
+    @classmethod
+    def adopt(cls, address: str, state: handover.EventsState | None) -> ContainerdEvents:
+        """The sender :meth:`export` described (a new one for ``None``)."""
+        sender = cls(address)
+        if state is None:
+            return sender
+        snapshot = ttrpc.ClientSnapshot(
+            handover.unb64(state["unparsed"], "events.unparsed"), state["next_stream_id"],
+            tuple(state["pending"]), tuple(state["abandoned"]))
+        client, pending = ttrpc.Client.adopt(ttrpc.ClientHandover(state["fd"], snapshot))
+        sender._client = client
+        call = pending.get(state["owed_stream_id"])
+        if call is not None and state["owed_seq"] >= 0:
+            sender._owed = (state["owed_seq"], call)
+        return sender
+
     async def aclose(self) -> None:
+        self._owed = None
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+
+
+def _forward_request(event: Event) -> bytes:
+    request = events_api.ForwardRequest()
+    envelope = request.envelope
+    envelope.timestamp.FromNanoseconds(event.timestamp_ns)
+    envelope.namespace = event.namespace
+    envelope.topic = event.topic
+    envelope.event.type_url = event.type_url
+    envelope.event.value = event.payload
+    return request.SerializeToString()
 
 
 @dataclass(frozen=True)
@@ -140,6 +203,7 @@ async def _serve(listener: socket.socket, facts: ShimFacts, *, own_socket: OwnSo
                 await nursery.start(reaper.run)
                 outbox = Outbox(sender.send, namespace, spool=spool)
             else:
+                sender = ContainerdEvents.adopt(facts.ttrpc_address, adopted.state.get("events"))
                 outbox = Outbox.adopt(sender.send, namespace, adopted.state["outbox"])
             service = TaskService(
                 reaper=reaper,
@@ -163,7 +227,8 @@ async def _serve(listener: socket.socket, facts: ShimFacts, *, own_socket: OwnSo
                                                      address=address_of(published),
                                                      upgrades=record)
             server.register(introspect.SERVICE, inspector.handlers())
-            upgrader = Upgrader(server=server, service=service, outbox=outbox, listener=listener,
+            upgrader = Upgrader(server=server, service=service, outbox=outbox, sender=sender,
+                                listener=listener,
                                 facts=facts, record=record, nursery=nursery,
                                 closing=shutdown.is_set)
             server.register(UPGRADE_SERVICE, upgrader.handlers())
@@ -543,11 +608,12 @@ class Upgrader:
     """
 
     def __init__(self, *, server: ttrpc.Server, service: TaskService, outbox: Outbox,
-                 listener: socket.socket, facts: ShimFacts, record: UpgradeRecord,
-                 nursery: trio.Nursery, closing: Callable[[], bool]) -> None:
+                 sender: ContainerdEvents, listener: socket.socket, facts: ShimFacts,
+                 record: UpgradeRecord, nursery: trio.Nursery, closing: Callable[[], bool]) -> None:
         self.server = server
         self.service = service
         self.outbox = outbox
+        self.sender = sender
         self.listener = listener
         self.facts = facts
         self.record = record
@@ -653,7 +719,10 @@ class Upgrader:
         """Everything the new code needs (the shim is quiesced)."""
         handler = shimlog.fifo_handler()
         connections = [_connection_state(h) for h in self.server.export()]
+        events = self.sender.export()
         fds = {self.listener.fileno(), *(c["fd"] for c in connections)}
+        if events is not None:
+            fds.add(events["fd"])
         for container in self.service.containers.values():
             for process in container.all_processes():
                 fds.update(streams_fds(process.io))
@@ -675,6 +744,7 @@ class Upgrader:
             "server": {"listener_fd": self.listener.fileno(), "connections": connections},
             "tasks": self.service.export(),
             "outbox": self.outbox.export(),
+            "events": events,
             "fds": sorted(fds),
         }
 

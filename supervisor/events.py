@@ -430,6 +430,7 @@ class Outbox:
         self._paused = False
         self._unpaused = trio.Event()
         self._sending: trio.Event | None = None  # set when the send under way ends
+        self._send_scope = trio.CancelScope()  # the send under way (pause cancels it)
         if spool is not None:
             replay = spool.load()
             self.stats.spool_skipped = spool.skipped
@@ -488,10 +489,16 @@ class Outbox:
             head = self._queue[0]
             if self.spool is not None and self.spool.dirty:
                 await trio.to_thread.run_sync(self.spool.sync)
+                if self._paused:  # paused meanwhile: send nothing more
+                    continue
             head.attempts += 1
             sending = self._sending = trio.Event()
             try:
-                await self._send(head)
+                with trio.CancelScope() as self._send_scope:
+                    await self._send(head)
+                if self._send_scope.cancelled_caught:  # by pause(): not an attempt that failed
+                    head.attempts -= 1
+                    continue
             except Exception as e:  # any failure: keep it and try again later
                 reason = f"{type(e).__name__}: {e}"
                 if head.attempts == 1 or reason != self.stats.last_error:
@@ -520,11 +527,14 @@ class Outbox:
     # --- an in-place upgrade ---------------------------------------------------------
 
     async def pause(self) -> None:
-        """Stop forwarding once the send under way is over, and sync the spool."""
+        """Stop forwarding (a send under way is cancelled) and sync the spool."""
         if not self._paused:
             self._paused = True
             self._unpaused = trio.Event()
         self._wakeup.set()  # a forwarder waiting for events parks
+        # A send is cancelled safely: a Forward written stays owed on its connection
+        # (ContainerdEvents), which the new code adopts and waits on.
+        self._send_scope.cancel()
         while self._sending is not None:
             await self._sending.wait()
         if self.spool is not None and self.spool.dirty:

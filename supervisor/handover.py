@@ -232,7 +232,27 @@ class ShimState(TypedDict):
     comm: str
 
 
-class State(TypedDict):
+class EventsState(TypedDict):
+    """The connection to containerd's Events service (``daemon.ContainerdEvents``)."""
+
+    fd: int
+    unparsed: str  # base64: answer bytes received and not yet parsed
+    next_stream_id: int
+    pending: list[int]  # stream ids written and unanswered
+    abandoned: list[int]  # stream ids whose late answers are dropped
+    owed_seq: int  # the event whose Forward is owed on it; -1: none
+    owed_stream_id: int  # 0: none
+
+
+class _Added(TypedDict, total=False):
+    """Keys added within format 1: a state without them, from code before, still loads
+    (``total=False``; not ``NotRequired``, which postponed annotations hide)."""
+
+    # With it, a Forward containerd has not answered yet is waited for, not sent again.
+    events: EventsState | None
+
+
+class State(_Added):
     format: int
     written_at: float
     shim: ShimState
@@ -344,6 +364,9 @@ def validate(doc: object) -> State:
     named = [("server.listener_fd", state["server"]["listener_fd"])]
     named += [(f"server.connections[{i}].fd", c["fd"])
               for i, c in enumerate(state["server"]["connections"])]
+    events = state.get("events")
+    if events is not None:
+        named.append(("events.fd", events["fd"]))
     for where, fd in named:
         if fd not in fds:
             raise StateError(f"{where} ({fd}) is not in the state's fds")
@@ -374,6 +397,8 @@ def _check(value: object, kind: Any, where: str) -> None:
             raise StateError(f"{where}: {type(value).__name__}, not an object")
         for key, field_kind in _hints(kind).items():
             if key not in value:
+                if key in kind.__optional_keys__:
+                    continue
                 raise StateError(f"{where}: no {key!r}")
             _check(value[key], field_kind, f"{where}.{key}")
         return

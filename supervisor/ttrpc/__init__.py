@@ -26,7 +26,7 @@ connection; a broken connection never disturbs another; every error says
 whether we or the peer are to blame.
 """
 
-from ._client import Client, Metadata, connect_unix
+from ._client import Client, ClientHandover, Metadata, PendingCall, connect_unix
 from ._errors import (
     ConnectionBroken,
     ConnectionClosed,
@@ -37,6 +37,7 @@ from ._errors import (
 )
 from ._frame import MAX_MESSAGE_SIZE
 from ._limits import Limits
+from ._protocol import ClientSnapshot
 from ._server import (
     NAMESPACE_KEY,
     CallContext,
@@ -57,6 +58,8 @@ __all__ = [
     "NAMESPACE_KEY",
     "CallContext",
     "Client",
+    "ClientHandover",
+    "ClientSnapshot",
     "Code",
     "ConnectionBroken",
     "ConnectionClosed",
@@ -68,6 +71,7 @@ __all__ = [
     "Metadata",
     "PeerCheck",
     "PeerCredentials",
+    "PendingCall",
     "ProtocolError",
     "RPCError",
     "RemoteProtocolError",

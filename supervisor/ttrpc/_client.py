@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import math
 import os
+import socket as _socket
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 
 import trio
@@ -41,11 +43,11 @@ from ._errors import (
     ProtocolError,
 )
 from ._frame import MAX_MESSAGE_SIZE
-from ._protocol import ClientConnection
+from ._protocol import ClientConnection, ClientSnapshot
 from ._status import Code, RPCError
 from ._wire import Response
 
-__all__ = ["Client", "Metadata", "connect_unix"]
+__all__ = ["Client", "ClientHandover", "Metadata", "PendingCall", "connect_unix"]
 
 _RECEIVE_SIZE = 65536
 
@@ -68,6 +70,41 @@ class _Call:
         self.error = error
         self.done = True
         self.wakeup.set()
+
+
+class PendingCall:
+    """A request written and not yet answered (:meth:`Client.send`)."""
+
+    __slots__ = ("call", "label", "stream_id")
+
+    def __init__(self, stream_id: int, call: _Call, label: str) -> None:
+        self.stream_id = stream_id
+        self.call = call
+        self.label = label
+
+    @property
+    def answered(self) -> bool:
+        """The answer came (or the connection ended: then it never will)."""
+        return self.call.done
+
+    def outcome(self) -> bytes:
+        """The answered call's payload; its status or connection error raised."""
+        call = self.call
+        if call.error is not None:
+            raise call.error
+        assert call.response is not None
+        status = call.response.status
+        if status is not None and status.code != Code.OK:
+            raise RPCError(status.code, status.message, status.details)
+        return call.response.payload
+
+
+@dataclass(frozen=True)
+class ClientHandover:
+    """A client connection for a successor process: its fd and protocol state."""
+
+    fd: int
+    snapshot: ClientSnapshot
 
 
 def _metadata_pairs(metadata: Metadata | None) -> list[tuple[str, str]]:
@@ -160,55 +197,131 @@ class Client:
         Raises :class:`RPCError` for a non-OK status (``DEADLINE_EXCEEDED`` when
         ``timeout`` seconds pass first, ``RESOURCE_EXHAUSTED`` for a request too
         large to send), :class:`ConnectionBroken` / :class:`ConnectionClosed`
-        when the connection is gone.
+        when the connection is gone.  A call that times out or is cancelled is
+        abandoned: its late answer is dropped.
         """
-        if self._failure is not None:
-            raise self._error()
         if timeout is not None and timeout <= 0:
             raise RPCError(Code.DEADLINE_EXCEEDED, f"/{service}/{method}: timeout {timeout}s")
         deadline = math.inf if timeout is None else trio.current_time() + timeout
-        pairs = _metadata_pairs(metadata)
-        call = _Call()
-        stream_id: int | None = None
+        pending: PendingCall | None = None
         try:
             with trio.move_on_at(deadline):
-                async with self._send_lock:
-                    if self._failure is not None:
-                        raise self._error()
-                    timeout_nano = 0
-                    if timeout is not None:
-                        timeout_nano = max(1, int((deadline - trio.current_time()) * 1e9))
-                    try:
-                        stream_id, data = self._proto.send_request(
-                            service,
-                            method,
-                            payload,
-                            timeout_nano=timeout_nano,
-                            metadata=pairs,
-                        )
-                    except LocalProtocolError as exc:
-                        raise RPCError(
-                            Code.RESOURCE_EXHAUSTED, f"/{service}/{method}: {exc}"
-                        ) from exc
-                    self._calls[stream_id] = call
-                    await self._send(data)
-                await self._wait(call)
+                pending = await self.send(service, method, payload, timeout=timeout,
+                                          metadata=metadata, _deadline=deadline)
+                await self._wait(pending.call)
         finally:
-            if stream_id is not None and not call.done:
-                self._calls.pop(stream_id, None)
-                self._proto.abandon(stream_id)
-        if not call.done:
+            if pending is not None and not pending.answered:
+                self.abandon(pending)
+        if pending is None and self._failure is not None:
+            raise self._error()  # the write was cut off: the connection closed
+        if pending is None or not pending.answered:
             raise RPCError(
                 Code.DEADLINE_EXCEEDED,
                 f"/{service}/{method}: no response within {timeout}s (local deadline)",
             )
-        if call.error is not None:
-            raise call.error
-        assert call.response is not None
-        status = call.response.status
-        if status is not None and status.code != Code.OK:
-            raise RPCError(status.code, status.message, status.details)
-        return call.response.payload
+        return pending.outcome()
+
+    async def send(
+        self,
+        service: str,
+        method: str,
+        payload: bytes,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        _deadline: float = math.inf,
+    ) -> PendingCall:
+        r"""Write a request and return it pending: :meth:`result` waits for its answer.
+
+        ``timeout`` is only sent (``timeout_nano``, from now); waiting is the
+        caller's.  A pending call stays owed until answered, abandoned (:meth:`abandon`) or
+        the connection ends, however often :meth:`result` gives up waiting: so
+        one request can be waited for again, never sent twice.
+        """
+        if self._failure is not None:
+            raise self._error()
+        pairs = _metadata_pairs(metadata)
+        call = _Call()
+        async with self._send_lock:
+            if self._failure is not None:
+                raise self._error()
+            timeout_nano = 0
+            if timeout is not None:
+                left = timeout if _deadline == math.inf else _deadline - trio.current_time()
+                timeout_nano = max(1, int(left * 1e9))
+            try:
+                stream_id, data = self._proto.send_request(
+                    service, method, payload, timeout_nano=timeout_nano, metadata=pairs
+                )
+            except LocalProtocolError as exc:
+                raise RPCError(Code.RESOURCE_EXHAUSTED, f"/{service}/{method}: {exc}") from exc
+            self._calls[stream_id] = call
+            pending = PendingCall(stream_id, call, f"/{service}/{method}")
+            try:
+                await self._send(data)
+            except BaseException:
+                if not call.done:  # a write that never happened (or broke) is not owed
+                    self.abandon(pending)
+                raise
+        return pending
+
+    async def result(self, pending: PendingCall, *, timeout: float | None = None) -> bytes:
+        """Wait for ``pending``'s answer; its payload, or the errors of :meth:`call`.
+
+        When ``timeout`` passes first this raises ``RPCError(DEADLINE_EXCEEDED)``
+        and the call stays pending (cancelled likewise): wait for it again later.
+        """
+        if not pending.answered:
+            if self._failure is not None:
+                raise self._error()
+            with trio.move_on_after(math.inf if timeout is None else timeout):
+                await self._wait(pending.call)
+            if not pending.answered:
+                raise RPCError(
+                    Code.DEADLINE_EXCEEDED,
+                    f"{pending.label}: no response within {timeout}s (still pending)",
+                )
+        return pending.outcome()
+
+    def abandon(self, pending: PendingCall) -> None:
+        """Stop waiting for ``pending`` for good: its late answer is dropped."""
+        if not pending.call.done:
+            self._calls.pop(pending.stream_id, None)
+            self._proto.abandon(pending.stream_id)
+
+    # -- handing the connection over (an in-place upgrade) --------------------
+
+    def handover(self) -> ClientHandover:
+        """This connection for a successor process (:meth:`adopt`), with the calls
+        still owed.  Nothing may be reading or writing; the client is left as it was
+        (the fd is the caller's to make inheritable)."""
+        if self._failure is not None:
+            raise self._error()
+        if self._reading or self._send_lock.locked():
+            raise RuntimeError("a connection in use cannot be handed over")
+        socket_ = getattr(self._stream, "socket", None)
+        if socket_ is None:
+            raise RuntimeError(f"a {type(self._stream).__name__} cannot be handed over")
+        return ClientHandover(socket_.fileno(), self._proto.snapshot())
+
+    @classmethod
+    def adopt(cls, handover: ClientHandover, *,
+              max_message_size: int = MAX_MESSAGE_SIZE) -> tuple[Client, dict[int, PendingCall]]:
+        """The client :meth:`handover` described, and its pending calls by stream id."""
+        sock = _socket.socket(fileno=handover.fd)
+        try:
+            os.set_inheritable(handover.fd, False)
+            client = cls(trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
+                         max_message_size=max_message_size)
+            client._proto.restore(handover.snapshot)
+        except BaseException:
+            sock.detach()  # the fd stays the caller's (its state still names it)
+            raise
+        pending = {}
+        for stream_id in handover.snapshot.pending:
+            call = client._calls[stream_id] = _Call()
+            pending[stream_id] = PendingCall(stream_id, call, f"stream {stream_id} (handed over)")
+        return client, pending
 
     async def _send(self, data: bytes) -> None:
         # No new cancellation can arrive between this check and send_all's

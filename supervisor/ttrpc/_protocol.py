@@ -83,6 +83,7 @@ from ._wire import (
 
 __all__ = [
     "ClientConnection",
+    "ClientSnapshot",
     "RequestReceived",
     "RequestRejected",
     "ResponseReceived",
@@ -135,6 +136,24 @@ class ServerSnapshot:
 
     unparsed: bytes
     last_stream_id: int
+    discard: int = 0
+    oversized: OversizedFrame | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSnapshot:
+    """A :class:`ClientConnection` handed over (an in-place upgrade).
+
+    ``unparsed``/``discard``/``oversized``: what the decoder held (as in
+    :class:`ServerSnapshot`); ``next_stream_id`` keeps ids increasing;
+    ``pending``: calls written and not answered, whose answers the successor
+    waits for; ``abandoned``: calls whose late answers it drops.
+    """
+
+    unparsed: bytes
+    next_stream_id: int
+    pending: tuple[int, ...] = ()
+    abandoned: tuple[int, ...] = ()
     discard: int = 0
     oversized: OversizedFrame | None = None
 
@@ -439,6 +458,27 @@ class ClientConnection(_Base):
         self._next_stream_id += 2
         self._pending.add(stream_id)
         return stream_id, frame
+
+    def snapshot(self) -> ClientSnapshot:
+        """What a successor needs to go on with this connection (nothing being read)."""
+        if self._failure is not None:
+            raise LocalProtocolError("a failed connection cannot be handed over")
+        unparsed, discard, oversized = self._decoder.snapshot()
+        return ClientSnapshot(unparsed, self._next_stream_id, tuple(sorted(self._pending)),
+                              tuple(sorted(self._abandoned)), discard, oversized)
+
+    def restore(self, snapshot: ClientSnapshot) -> None:
+        """Go on from ``snapshot`` (a new connection that sent and was fed nothing yet)."""
+        if self._next_stream_id != 1 or self._pending or self._abandoned:
+            raise LocalProtocolError("restore into a connection that is already in use")
+        ids = (*snapshot.pending, *snapshot.abandoned)
+        if snapshot.next_stream_id % 2 == 0 or any(
+                i % 2 == 0 or not 0 < i < snapshot.next_stream_id for i in ids):
+            raise LocalProtocolError(f"bad stream ids in {snapshot}")
+        self._decoder.restore(snapshot.unparsed, snapshot.discard, snapshot.oversized)
+        self._next_stream_id = snapshot.next_stream_id
+        self._pending = set(snapshot.pending)
+        self._abandoned = set(snapshot.abandoned)
 
     def abandon(self, stream_id: int) -> None:
         """Forget the call on ``stream_id``; a late response will be dropped."""

@@ -66,6 +66,7 @@ async def shim(tmp_path: Path) -> AsyncIterator[Shim]:
         listener.listen()
         upgrader = daemon.Upgrader(
             server=server, service=service, outbox=outbox, listener=listener,
+            sender=daemon.ContainerdEvents(""),
             facts=daemon.ShimFacts("ns", "", str(tmp_path), "", ("shim", "-id", "c1"), "shim"),
             record=UpgradeRecord("old-code"), nursery=nursery, closing=shutdown.is_set)
         upgrader.snapshot = codesnap.Snapshot(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC),
