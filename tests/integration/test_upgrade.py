@@ -14,9 +14,9 @@ What every test here checks, through the command a user runs:
 * the containers stay drivable afterwards (exec, kill, delete).
 
 Not every test shows every stream: the first shows them all with containerd up (and a
-shared shim, execs started all through); the outage tests (frozen: a strict xfail, see
-its reason; down) a file and an exit meanwhile; the failure test new code refused by the
-pre-flight check, then new code that fails once exec'd; the last an older commit's
+shared shim, execs started all through); the outage tests (frozen: the Forward in flight
+is handed over and answered once; down) a file and an exit meanwhile; the failure test
+new code refused by the pre-flight check, then new code that fails once exec'd; the last an older commit's
 package replaced by this one, the fork server retired and replaced.
 
 Processes end when the test creates a stop file in the rootfs (``/stop-NAME``), never
@@ -371,11 +371,6 @@ def outage_after(c: Containerd, rootfs: Path, log: Path, leaving: str,
     assert forwarded_exits(c, since) == 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an exit forwarded while containerd is frozen is delivered twice: the upgrade waits "
-    "for the outbox's Forward in flight until its deadline (5 s), and the new code sends "
-    "it again from the spool; frozen containerd then takes both. The Forward in flight "
-    "is not handed over to the new code (issue 17: every exit once)"))
 def test_upgrade_while_containerd_is_frozen(
         make_containerd: Callable[..., Containerd], busybox_rootfs: Path, tmp_path: Path
 ) -> None:
