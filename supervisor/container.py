@@ -30,11 +30,9 @@ Invariants
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import os
-import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +44,6 @@ from supervisor import errors, identifiers, metrics, mount
 from supervisor import io as stdio_streams
 from supervisor.console import Console, ConsoleError, ConsoleSocket
 from supervisor.errors import AlreadyExists, InvalidArgument, NotFound
-from supervisor.handover import StateError
 from supervisor.io import Opened, Owner, ProcessIO, Stdio, Streams, open_stdio
 from supervisor.launch import runcmd
 from supervisor.launch.spool import work_dir
@@ -408,13 +405,7 @@ class Container:
             io = await self._open_io(process.stdio)
             io.spawned()
             return io
-        adopt = getattr(stdio_streams, "adopt_streams", None)
-        if adopt is None:
-            raise StateError(f"{process.describe()}: this code cannot adopt stdio streams")
-        streams = adopt(data, reaper=self.reaper, spool_dir=self.work_dir)
-        if inspect.isawaitable(streams):
-            streams = await streams
-        return typing.cast("Streams", streams)
+        return stdio_streams.adopt_streams(data, reaper=self.reaper, spool_dir=self.work_dir)
 
     # --- other operations -----------------------------------------------
 

@@ -584,7 +584,7 @@ class Upgrader:
     Design
     ------
     ``Upgrade`` refuses (FAILED_PRECONDITION) while an attempt is under way
-    or the shim is ending, or when a process's stdio cannot be handed over;
+    or the shim is ending, or while a container is being created;
     (UNAVAILABLE) when there is no snapshot of the running code to fall back
     to, or the installed code fails its pre-flight check (:func:`preflight`).
     Otherwise it answers at once and the attempt goes on in the background:
@@ -593,8 +593,9 @@ class Upgrader:
        reading stop, calls in flight finish, ``Wait`` calls are handed over);
     2. exits already reaped are processed and the reaper is paused
        (:meth:`TaskService.settle_exits`); then every process's stdio is
-       paused at a chunk boundary, and the outbox after its send under way,
-       its spool synced;
+       paused at a chunk boundary, and the outbox (a Forward under way is
+       cancelled: written, it stays owed on containerd's connection, which is
+       handed over with it; :class:`ContainerdEvents`), its spool synced;
     3. the state (:mod:`supervisor.handover`) goes to a memfd, close-on-exec is
        cleared on the fds it names, and the shim execs the installed code
        (``python -I -m supervisor.upgrade --adopt ...``), which adopts it all

@@ -190,48 +190,29 @@ class Process:
         return process
 
 
-#: What the stdio export of a process with no stdio at all is (nothing to carry).
+#: The stdio export of a process with no streams object (states of format 1 written
+#: before stdio could be handed over hold it; the golden file does): nothing to carry,
+#: the new code opens the process's (null) stdio afresh.
 NULL_STREAMS: dict[str, object] = {"kind": "none"}
-
-
-def streams_handover_refusal(process: Process) -> str | None:
-    """Why ``process``'s streams cannot be handed over, or None if they can."""
-    io = process.io
-    if io is None or hasattr(io, "export"):
-        return None
-    if process.stdio.is_null() and not process.stdio.terminal:
-        return None  # holds no fd: nothing to carry
-    return (f"{process.describe()} has stdio, and this code cannot hand stdio over "
-            "to new code yet")
 
 
 def export_streams(io: Streams | None) -> dict[str, object] | None:
     """``io``'s export (see :mod:`supervisor.io`); a process without stdio carries nothing."""
-    if io is None:
-        return None
-    export = getattr(io, "export", None)
-    if export is not None:
-        data: dict[str, object] = export()
-        return data
-    return dict(NULL_STREAMS)
+    return None if io is None else io.export()
 
 
 async def pause_streams(io: Streams | None) -> None:
-    """Stop ``io``'s copies at a chunk boundary, nothing lost (a process without stdio
-    has none)."""
-    pause = getattr(io, "pause", None)
-    if pause is not None:
-        await pause()
+    """Stop ``io``'s copies at a chunk boundary, nothing lost."""
+    if io is not None:
+        await io.pause()
 
 
 def resume_streams(io: Streams | None) -> None:
     """Copy again after :func:`pause_streams` (the upgrade was called off)."""
-    resume = getattr(io, "resume", None)
-    if resume is not None:
-        resume()
+    if io is not None:
+        io.resume()
 
 
 def streams_fds(io: Streams | None) -> list[int]:
     """The fds ``io`` holds, which must survive the exec."""
-    fds = getattr(io, "fds", None)
-    return list(fds()) if fds is not None else []
+    return [] if io is None else list(io.fds())

@@ -64,7 +64,7 @@ from supervisor.group import Group
 from supervisor.io import Stdio
 from supervisor.mount import MountSpec
 from supervisor.options import decode as decode_options
-from supervisor.process import Process, State, streams_handover_refusal
+from supervisor.process import Process, State
 from supervisor.reaper import Exit, Reaper
 from supervisor.runtime import OCIRuntimeError
 from supervisor.ttrpc import Code, RPCError
@@ -303,10 +303,6 @@ class TaskService:
         for container in self.containers.values():
             if not container.created.is_set():
                 return f"container {container.id!r} is being created"
-            for process in container.all_processes():
-                why = streams_handover_refusal(process)
-                if why is not None:
-                    return why
         return None
 
     async def settle_exits(self) -> None:

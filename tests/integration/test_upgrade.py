@@ -16,8 +16,8 @@ What every test here checks, through the command a user runs:
 Not every test shows every stream: the first shows them all with containerd up (and a
 shared shim, execs started all through); the outage tests (frozen: the Forward in flight
 is handed over and answered once; down) a file and an exit meanwhile; the failure test
-new code refused by the pre-flight check, then new code that fails once exec'd; the last an older commit's
-package replaced by this one, the fork server retired and replaced.
+new code refused by the pre-flight check, then new code that fails once exec'd; the last
+an older commit's package replaced by this one, the fork server retired and replaced.
 
 Processes end when the test creates a stop file in the rootfs (``/stop-NAME``), never
 after a time, so every exit falls where the test puts it.  Tests that change the installed

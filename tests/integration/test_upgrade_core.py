@@ -18,7 +18,6 @@ import trio
 from google.protobuf.message import Message
 from harness import IMAGE_PATH_ENV, Containerd, shims_for, wait_for
 
-import supervisor.io
 from supervisor import ttrpc
 from supervisor.api.introspect import introspect_pb2
 from supervisor.api.upgrade import upgrade_pb2
@@ -241,26 +240,6 @@ def test_new_code_that_cannot_adopt_leaves_the_old_code_running(
     assert len(forwarded(c, "/tasks/exit")) == 1
     assert "shim disconnected" not in c.log_text()
     c.ctr("task", "delete", "kept")
-
-
-def test_a_shim_with_stdio_refuses_until_stdio_can_be_handed_over(
-        make_containerd: Callable[..., Containerd], code_dir: Path,
-        busybox_rootfs: Path) -> None:
-    if hasattr(supervisor.io, "adopt_streams"):
-        pytest.skip("stdio can be handed over: nothing to refuse")
-    c = start(make_containerd, code_dir)
-    c.run("piped", "sleep", "1000", rootfs=busybox_rootfs, detach=True)
-    running(c, "piped")
-    address = shim_address(c, "piped")
-    with pytest.raises(ttrpc.RPCError) as refused:
-        upgrade(address)
-    assert refused.value.code is ttrpc.Code.FAILED_PRECONDITION
-    assert "stdio" in refused.value.message
-    assert shim_info(address).upgrade_attempts == 0
-    c.ctr("task", "kill", "-s", "KILL", "piped")
-    wait_for(lambda: c.tasks().get("piped", (0, ""))[1] == "STOPPED", 20, message="STOPPED")
-    c.ctr("task", "delete", "piped")
-
 
 
 def test_a_shared_shim_upgraded_takes_new_containers_and_ends_with_its_last(
