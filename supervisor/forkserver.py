@@ -478,7 +478,7 @@ def _assume(request: Request, listener_fd: int, status_fd: int, go_fd: int,
 # --------------------------------------------------------------------------- the spare
 
 #: How a parked spare shows in ``ps`` (``/proc/PID/cmdline``) until it becomes a shim.
-SPARE_TITLE = "supervisor-forkserver: spare"
+SPARE_TITLE = ("supervisor-forkserver", "spare")
 
 
 def _park(control: int, server_sockets: Sequence[_socket.socket], native: Native) -> None:
@@ -508,7 +508,7 @@ def _park(control: int, server_sockets: Sequence[_socket.socket], native: Native
                 except OSError:
                     continue  # the directory listing's own fd, closed already
         control = lifted
-        _title = native.show_as([SPARE_TITLE], os.environ)  # kept: _park never returns
+        _title = native.show_as(SPARE_TITLE, os.environ)  # kept: _park never returns
         sock = _socket.socket(fileno=control)
         sock.send(b"R%d" % os.getpid())
         data, fds, flags, _ = recv_fds(sock, MAX_MESSAGE, 3)
