@@ -17,6 +17,7 @@ empty): what these numbers cut is the interpreter and our work, not the fork ser
 With ``--forkserver`` a ``supervisor-forkserver`` of the venv is started first on a private
 socket (``$SUPERVISOR_FORKSERVER`` for every variant; the Go shim ignores it), so that our
 ``start`` is measured as it runs once a fork server serves; it is stopped by pid at the end.
+``--no-spare`` starts it with ``--no-spare`` (each shim forked on request, as before the spare).
 
 Variants default to the venv's shim binary (``ours``: the entry script ``make venv`` writes,
 :mod:`supervisor.launch.launcher`) and the Go shim (``go``); ``--variant NAME=ARGV`` adds one
@@ -138,7 +139,7 @@ class Bench:
 
 
 @contextlib.contextmanager
-def forkserver(folder: Path | None) -> Iterator[str]:
+def forkserver(folder: Path | None, no_spare: bool = False) -> Iterator[str]:
     """The socket of a fork server started in ``folder`` (none: "", cold), stopped at the end."""
     if folder is None:
         yield ""
@@ -146,7 +147,8 @@ def forkserver(folder: Path | None) -> Iterator[str]:
     sock = folder / "fs" / "forkserver.sock"
     with open(folder / "forkserver.log", "wb") as log:
         proc = subprocess.Popen([str(BIN / "python"), "-I", "-m", "supervisor.forkserver",
-                                 "--socket", str(sock)], stdin=subprocess.DEVNULL,
+                                 "--socket", str(sock), *(["--no-spare"] if no_spare else [])],
+                                stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True)
     try:
         deadline = time.monotonic() + 20
@@ -172,6 +174,8 @@ def main() -> int:
     parser.add_argument("--only", choices=("start", "delete"))
     parser.add_argument("--forkserver", action="store_true",
                         help="start a fork server first; our start asks it (default: cold)")
+    parser.add_argument("--no-spare", action="store_true",
+                        help="with --forkserver: the server keeps no spare shim")
     args = parser.parse_args()
     variants = default_variants()
     for spec in args.variant:
@@ -183,7 +187,7 @@ def main() -> int:
           f"python {sys.version.split()[0]}")
     print(f"command: {' '.join(sys.argv)}")
     with tempfile.TemporaryDirectory(prefix="launchbench-") as tmp, \
-            forkserver(Path(tmp) if args.forkserver else None) as socket:
+            forkserver(Path(tmp) if args.forkserver else None, args.no_spare) as socket:
         bench = Bench(Path(tmp), variants, socket)
         results: dict[tuple[str, str], tuple[list[float], list[float]]] = {
             (a, v): ([], []) for a in actions for v in variants}
