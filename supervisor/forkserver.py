@@ -43,11 +43,12 @@ One ``SOCK_SEQPACKET`` connection per shim on a 0600 unix socket
 
     client -> server   {"op": "status"}
     server -> client   {"pid", "version", "code", "protocol", "started",
-                        "served", "socket"}
+                        "served", "socket", "spare": pid of the parked spare or nil}
 
 The server forks an intermediate child that forks the shim and exits at once
 (the server reaps it), so the shim is nobody's child, like a cold shim whose
-``start`` has exited.  The shim starts a new session, moves to the bundle,
+``start`` has exited -- or, usually, hands the request to its spare (below),
+forked the same way ahead of time.  The shim starts a new session, moves to the bundle,
 takes the client's environment, umask, rlimits, nice value and CPU affinity,
 gets /dev/null on 0-2, the listener on fd 3 and nothing else, has every signal
 disposition and the mask as a fresh interpreter has them, shows the cold
@@ -55,6 +56,33 @@ command line and its environment in ``/proc/PID/cmdline`` and ``environ``
 (``PR_SET_MM_MAP``), reports its pid (or why it failed) on
 a status pipe and waits for the go byte before running the same code as a
 cold daemon (:func:`supervisor.daemon.action_serve`).
+
+The spare
+---------
+A fork of this ~30 MB process and the child's first steps cost a ``start``
+~1.5 ms of its ~11 (measured: docs/benchmarks.md).  So the server keeps one
+shim forked ahead (unless ``--no-spare``): the *spare*, forked as a shim is,
+which does at once what a shim does before it knows its request (a session
+of its own, signals as a fresh interpreter's), keeps no fd but 0-2 on
+/dev/null and its end of a ``SOCK_SEQPACKET`` socketpair with the server
+(:func:`_park`), shows as ``supervisor-forkserver spare`` in ``ps``, tells the
+server ``R<pid>`` and blocks on that socket::
+
+    server -> spare    the packed Request (checked) + SCM_RIGHTS: the shim's
+                       listener, the status pipe's write end, the go pipe's read end
+
+after which it runs the same code as a freshly forked shim (:func:`_assume`)
+and reports on the status pipe; the server answers the client as for a fork.
+A request takes the spare only once it is parked and alive (a killed one: the
+request is served by a fresh fork, as is one whose spare died before its
+report); each spare serves at most one request.  The next spare is forked
+between connections, once the last client served a shim has exited (or
+:data:`SPARE_HOLD` passed) and no connection waits (:meth:`ForkServer.quiet`):
+never while a ``start`` still runs on a machine of few cores.  A spare is
+killed, never handed out, when the server retires or stops; when the server
+dies it reads end of file and exits.  It is an idle process of ours that costs
+memory (``bench/compare`` reports it with the server's); ``supervisor ls``
+shows its pid (the status answer's ``spare``).
 
 Invariants
 ----------
@@ -76,11 +104,17 @@ Invariants
   itself; cgroups and the OOM score are set by ``start`` on the returned pid.
 * It never forks a shim for a request of another code identity or protocol
   version: a client that passes the peer checks makes it retire, one that
-  does not is refused (its files are not necessarily this server's).
+  does not is refused (its files are not necessarily this server's).  Every
+  check is made per request, before the spare is handed anything; the spare
+  is this server's code (a retiring server kills it).
+* A shim that was the spare equals one forked for its request: everything a
+  shim takes from its request is set after the request arrives, and the
+  spare holds no fd of the server's (the shim has 0-2, the listener on 3 and,
+  until it serves, the go pipe on 5).
 * The server runs no trio, starts no threads (fork safety), handles one
   connection at a time with every read and write of it bounded by
-  :data:`REQUEST_TIMEOUT` (the shim's report by :data:`SETUP_TIMEOUT`, the
-  stale-socket probe at start-up by
+  :data:`REQUEST_TIMEOUT` (the shim's report by :data:`SETUP_TIMEOUT`, a
+  spare still parking by :data:`SPARE_WAIT`, the stale-socket probe at start-up by
   :data:`~supervisor.launch.sockfile.PROBE_TIMEOUT`), answers a bad request
   with an error and keeps serving, and outlives a failed ``accept`` (out of
   fds, a reset connection).  No child ever
