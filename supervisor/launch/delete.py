@@ -51,9 +51,8 @@ def encode_delete_response(pid: int, exit_status: int, exited_at_ns: int) -> byt
 
 def _mounted(path: str) -> bool:
     """Whether anything is mounted on ``path`` (symlinks resolved)."""
-    target = os.path.realpath(path)
     try:
-        return any(m.mount_point == target for m in procfs.read_mountinfo())
+        return procfs.mounted(os.path.realpath(path))
     except OSError:
         return True  # cannot tell: let unmount_all find out
 
@@ -71,12 +70,12 @@ def _force_delete(argv: list[str], container_id: str) -> None:
         warn(f"runtime delete {container_id}: {done.stderr.decode(errors='replace').strip()}")
 
 
-def _remove_dead_socket(bundle: str) -> None:
-    """Remove the socket named in the bundle's ``address`` file if nothing serves it."""
+def _remove_dead_socket(shim_address: str) -> None:
+    """Remove the socket of the bundle's ``address`` (read once: :func:`spool.shim_address`)
+    if nothing serves it."""
     try:
-        with open(os.path.join(bundle, "address"), encoding="utf-8") as f:
-            path = address.socket_path(f.read().strip())
-    except (OSError, ValueError):
+        path = address.socket_path(shim_address)
+    except ValueError:
         return  # no address file (or an empty one): nothing to remove
     if address.is_abstract(path) or not os.path.exists(path):
         return  # an abstract socket vanishes with its shim; a path may be gone already
@@ -86,8 +85,10 @@ def _remove_dead_socket(bundle: str) -> None:
         pass  # its directory went away meanwhile
 
 
-def cleanup(namespace: str, container_id: str, bundle: str) -> int:
-    """Do the cleanup; return the init pid (0 if unknown)."""
+def cleanup(namespace: str, container_id: str, bundle: str,
+            shim_address: str | None = None) -> int:
+    """Do the cleanup; return the init pid (0 if unknown).  ``shim_address``: the
+    bundle's :func:`~supervisor.launch.spool.shim_address`, if the caller read it already."""
     settings = Settings.load(bundle)
     root = runcmd.state_root(settings.root, namespace)
     # runc and crun keep a container's state in <root>/<id>: without it there is nothing
@@ -109,15 +110,16 @@ def cleanup(namespace: str, container_id: str, bundle: str) -> int:
             pid = int(f.read().strip() or 0)
     except (OSError, ValueError):
         pid = 0
-    _remove_dead_socket(bundle)
+    _remove_dead_socket(spool.shim_address(bundle) if shim_address is None else shim_address)
     return pid
 
 
-def last_status(bundle: str, container_id: str, pid: int) -> tuple[int, int, int]:
+def last_status(bundle: str, container_id: str, pid: int, shim_address: str | None = None
+                ) -> tuple[int, int, int]:
     """(pid, exit status, exit time in ns) to report: the init's ``TaskExit`` from the
     event spool when the dead shim left one there, else 128+SIGKILL now."""
     try:
-        found = spool.init_exit(bundle, container_id, pid)
+        found = spool.init_exit(bundle, container_id, pid, known_address=shim_address)
     except Exception as e:  # never fail delete over a damaged spool: report the kill
         warn(f"reading the event spool of {container_id}: {e}")
         found = None
@@ -127,7 +129,9 @@ def last_status(bundle: str, container_id: str, pid: int) -> tuple[int, int, int
 
 
 def action_delete(namespace: str, container_id: str, bundle: str) -> int:
-    pid = cleanup(namespace, container_id, bundle)
-    sys.stdout.buffer.write(encode_delete_response(*last_status(bundle, container_id, pid)))
+    shim_address = spool.shim_address(bundle)
+    pid = cleanup(namespace, container_id, bundle, shim_address)
+    sys.stdout.buffer.write(encode_delete_response(
+        *last_status(bundle, container_id, pid, shim_address)))
     sys.stdout.buffer.flush()
     return 0
