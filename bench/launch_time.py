@@ -18,6 +18,8 @@ With ``--forkserver`` a ``supervisor-forkserver`` of the venv is started first o
 socket (``$SUPERVISOR_FORKSERVER`` for every variant; the Go shim ignores it), so that our
 ``start`` is measured as it runs once a fork server serves; it is stopped by pid at the end.
 ``--no-spare`` starts it with ``--no-spare`` (each shim forked on request, as before the spare).
+``--pause MS`` sleeps that long before each sample (untimed): containerd's starts of one
+container after another are tens of milliseconds apart, not back to back.
 
 Variants default to the venv's shim binary (``ours``: the entry script ``make venv`` writes,
 :mod:`supervisor.launch.launcher`) and the Go shim (``go``); ``--variant NAME=ARGV`` adds one
@@ -174,6 +176,8 @@ def main() -> int:
     parser.add_argument("--only", choices=("start", "delete"))
     parser.add_argument("--forkserver", action="store_true",
                         help="start a fork server first; our start asks it (default: cold)")
+    parser.add_argument("--pause", type=float, default=0.0, metavar="MS",
+                        help="sleep before each sample (default 0)")
     parser.add_argument("--no-spare", action="store_true",
                         help="with --forkserver: the server keeps no spare shim")
     args = parser.parse_args()
@@ -194,6 +198,7 @@ def main() -> int:
         for i in range(args.runs + 1):
             for action in actions:
                 for variant in variants:
+                    time.sleep(args.pause / 1000)
                     wall, cpu = getattr(bench, action)(variant)
                     if i:  # round 0 warms caches up
                         results[action, variant][0].append(wall)
