@@ -19,9 +19,12 @@ no trio, no protobuf runtime -- the three fields of ``DeleteResponse`` are
 encoded by hand (field numbers from containerd's ``runtime/v2/task/shim.proto``;
 ``tests/unit/test_delete.py`` checks the bytes against the generated class) --
 no :mod:`json` (the settings file goes through the C scanner), no logging
-package (warnings go to stderr, which containerd logs), and ``subprocess`` and
-:mod:`~supervisor.launch.unmount` are imported only when there is work for
-them (usually there is none: the shim cleaned up before it exited).
+package (warnings go to stderr, which containerd logs), and ``subprocess``,
+:mod:`~supervisor.launch.unmount` and :mod:`~supervisor.launch.sockfile` are
+imported only when there is work for them (usually there is none: the shim
+cleaned up before it exited).  The bundle's ``address`` file is read once, and
+``mountinfo`` parsed only when the rootfs occurs in it as a mount point
+(:func:`~supervisor.launch.procfs.mounted`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import os
 import sys
 import time
 
-from supervisor.launch import address, procfs, runcmd, sockfile, spool
+from supervisor.launch import address, procfs, runcmd, spool
 from supervisor.launch._pbwire import field_bytes, field_varint
 from supervisor.launch.settings import Settings
 
@@ -79,6 +82,8 @@ def _remove_dead_socket(shim_address: str) -> None:
         return  # no address file (or an empty one): nothing to remove
     if address.is_abstract(path) or not os.path.exists(path):
         return  # an abstract socket vanishes with its shim; a path may be gone already
+    from supervisor.launch import sockfile  # _socket: only when there is a file to check
+
     try:
         sockfile.remove_if_dead(path)  # under start's lock: never a new shim's socket
     except OSError:
