@@ -170,6 +170,21 @@ def markdown_table(rows: Sequence[Row]) -> str:
 # --------------------------------------------------------------------------- /proc readers
 
 
+def spare_facts(status: dict[str, object]) -> str:
+    """The fork server's idle spare shim (its status's ``spare``) and its memory: it is a
+    process of ours that costs whether or not a container comes (not in the per-container
+    figures, which count shims serving containers)."""
+    pid = status.get("spare")
+    if not isinstance(pid, int):
+        return "; no spare shim parked at the end"
+    try:
+        roll = smaps_rollup_kib(pid)
+    except OSError:
+        return f"; its spare shim {pid} ended while read"
+    return (f"; plus its idle spare shim, pid {pid}: Pss {roll['Pss'] / 1024:.1f} MiB, "
+            f"Private_Dirty {roll['Private_Dirty'] / 1024:.1f} MiB")
+
+
 def smaps_rollup_kib(pid: int) -> dict[str, int]:
     """``/proc/PID/smaps_rollup`` as {field: KiB} (this process only, not its children)."""
     out: dict[str, int] = {}
@@ -364,13 +379,17 @@ class Bench:
             return (f"fork server on demand, spawned by the first `start` (nothing started by "
                     f"hand: what a new user gets; pid {status['pid']}, {status['served']} "
                     f"shims forked; its own Pss {roll['Pss'] / 1024:.1f} MiB, Private_Dirty "
-                    f"{roll['Private_Dirty'] / 1024:.1f} MiB at the end)")
+                    f"{roll['Private_Dirty'] / 1024:.1f} MiB at the end{spare_facts(status)})")
         if proc.poll() is not None:
             return f"fork server (exited with {proc.returncode} before the end!)"
         roll = smaps_rollup_kib(proc.pid)
+        try:
+            spare = spare_facts(forkclient.status(str(self.c.dir / "forkserver.sock")))
+        except (forkclient.ForkServerError, OSError):
+            spare = ""
         return (f"fork server `supervisor-forkserver` (pid {proc.pid}; its own Pss "
                 f"{roll['Pss'] / 1024:.1f} MiB, Private_Dirty {roll['Private_Dirty'] / 1024:.1f}"
-                " MiB at the end, shared copy-on-write with the shims it forked)")
+                f" MiB at the end, shared copy-on-write with the shims it forked{spare})")
 
     def sharing_facts(self) -> str:
         if not self.args.shared:

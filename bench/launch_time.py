@@ -14,6 +14,12 @@ For each (action, variant): the median and minimum wall time and the median CPU 
 system of the binary and its children that it waited for, from ``wait4``; robust on a busy
 machine, where wall time is not).  Our shim is measured cold (``$SUPERVISOR_FORKSERVER``
 empty): what these numbers cut is the interpreter and our work, not the fork server's.
+With ``--forkserver`` a ``supervisor-forkserver`` of the venv is started first on a private
+socket (``$SUPERVISOR_FORKSERVER`` for every variant; the Go shim ignores it), so that our
+``start`` is measured as it runs once a fork server serves; it is stopped by pid at the end.
+``--no-spare`` starts it with ``--no-spare`` (each shim forked on request, as before the spare).
+``--pause MS`` sleeps that long before each sample (untimed): containerd's starts of one
+container after another are tens of milliseconds apart, not back to back.
 
 Variants default to the venv's shim binary (``ours``: the entry script ``make venv`` writes,
 :mod:`supervisor.launch.launcher`) and the Go shim (``go``); ``--variant NAME=ARGV`` adds one
@@ -24,6 +30,7 @@ Needs root (``/run/containerd/s``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -32,8 +39,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from supervisor.launch import forkclient
 from supervisor.launch.address import is_abstract, socket_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -79,13 +88,13 @@ def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float
 
 
 class Bench:
-    def __init__(self, root: Path, variants: dict[str, list[str]]) -> None:
+    def __init__(self, root: Path, variants: dict[str, list[str]], forkserver: str = "") -> None:
         self.root = root
         self.variants = variants
         self.n = 0
         self.address = str(root / "containerd.sock")  # nothing listens: start never asks
         self.env = {**os.environ, "TTRPC_ADDRESS": self.address + ".ttrpc",
-                    "SUPERVISOR_FORKSERVER": "", "GOMAXPROCS": "2"}
+                    "SUPERVISOR_FORKSERVER": forkserver, "GOMAXPROCS": "2"}
 
     def bundle(self) -> tuple[str, Path]:
         self.n += 1
@@ -131,11 +140,46 @@ class Bench:
         return wall, cpu
 
 
+@contextlib.contextmanager
+def forkserver(folder: Path | None, no_spare: bool = False) -> Iterator[str]:
+    """The socket of a fork server started in ``folder`` (none: "", cold), stopped at the end."""
+    if folder is None:
+        yield ""
+        return
+    sock = folder / "fs" / "forkserver.sock"
+    with open(folder / "forkserver.log", "wb") as log:
+        proc = subprocess.Popen([str(BIN / "python"), "-I", "-m", "supervisor.forkserver",
+                                 "--socket", str(sock), *(["--no-spare"] if no_spare else [])],
+                                stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                forkclient.status(str(sock))
+                break
+            except (forkclient.ForkServerError, OSError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the fork server did not start: "
+                                       + (folder / "forkserver.log").read_text()) from None
+                time.sleep(0.02)
+        yield str(sock)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGV")
     parser.add_argument("--only", choices=("start", "delete"))
+    parser.add_argument("--forkserver", action="store_true",
+                        help="start a fork server first; our start asks it (default: cold)")
+    parser.add_argument("--pause", type=float, default=0.0, metavar="MS",
+                        help="sleep before each sample (default 0)")
+    parser.add_argument("--no-spare", action="store_true",
+                        help="with --forkserver: the server keeps no spare shim")
     args = parser.parse_args()
     variants = default_variants()
     for spec in args.variant:
@@ -146,13 +190,15 @@ def main() -> int:
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}  runs {args.runs}  "
           f"python {sys.version.split()[0]}")
     print(f"command: {' '.join(sys.argv)}")
-    with tempfile.TemporaryDirectory(prefix="launchbench-") as tmp:
-        bench = Bench(Path(tmp), variants)
+    with tempfile.TemporaryDirectory(prefix="launchbench-") as tmp, \
+            forkserver(Path(tmp) if args.forkserver else None, args.no_spare) as socket:
+        bench = Bench(Path(tmp), variants, socket)
         results: dict[tuple[str, str], tuple[list[float], list[float]]] = {
             (a, v): ([], []) for a in actions for v in variants}
         for i in range(args.runs + 1):
             for action in actions:
                 for variant in variants:
+                    time.sleep(args.pause / 1000)
                     wall, cpu = getattr(bench, action)(variant)
                     if i:  # round 0 warms caches up
                         results[action, variant][0].append(wall)

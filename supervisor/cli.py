@@ -521,7 +521,7 @@ def forkserver_status(path: str, timeout: float) -> dict[str, Any] | None:
     if not path:
         return None
     found: dict[str, Any] = {"socket": path, "pid": None, "version": None, "code": None,
-                             "started": None, "shims_forked": None, "error": None}
+                             "started": None, "shims_forked": None, "spare": None, "error": None}
     try:
         status = forkclient.status(path, timeout)
     except forkclient.NoServer:
@@ -533,7 +533,8 @@ def forkserver_status(path: str, timeout: float) -> dict[str, Any] | None:
         found["error"] = str(e) or type(e).__name__
         return found
     found.update(pid=status.get("pid"), version=status.get("version"), code=status.get("code"),
-                 started=status.get("started"), shims_forked=status.get("served"))
+                 started=status.get("started"), shims_forked=status.get("served"),
+                 spare=status.get("spare"))
     return found
 
 
@@ -543,8 +544,9 @@ def format_forkserver(status: dict[str, Any], out: TextIO, now: float) -> None:
         return
     started = status["started"]
     up = _ago(now - started) if isinstance(started, int) else "?"
+    spare = f", spare shim pid {status['spare']}" if status["spare"] else ""
     out.write(f"\nfork server pid {status['pid']} ({status['socket']}): version "
-              f"{status['version']}, up {up}, {status['shims_forked']} shims forked\n")
+              f"{status['version']}, up {up}, {status['shims_forked']} shims forked{spare}\n")
 
 
 async def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:

@@ -43,11 +43,12 @@ One ``SOCK_SEQPACKET`` connection per shim on a 0600 unix socket
 
     client -> server   {"op": "status"}
     server -> client   {"pid", "version", "code", "protocol", "started",
-                        "served", "socket"}
+                        "served", "socket", "spare": pid of the parked spare or nil}
 
 The server forks an intermediate child that forks the shim and exits at once
 (the server reaps it), so the shim is nobody's child, like a cold shim whose
-``start`` has exited.  The shim starts a new session, moves to the bundle,
+``start`` has exited -- or, usually, hands the request to its spare (below),
+forked the same way ahead of time.  The shim starts a new session, moves to the bundle,
 takes the client's environment, umask, rlimits, nice value and CPU affinity,
 gets /dev/null on 0-2, the listener on fd 3 and nothing else, has every signal
 disposition and the mask as a fresh interpreter has them, shows the cold
@@ -55,6 +56,33 @@ command line and its environment in ``/proc/PID/cmdline`` and ``environ``
 (``PR_SET_MM_MAP``), reports its pid (or why it failed) on
 a status pipe and waits for the go byte before running the same code as a
 cold daemon (:func:`supervisor.daemon.action_serve`).
+
+The spare
+---------
+A fork of this ~30 MB process and the child's first steps cost a ``start``
+~1.5 ms of its ~11 (measured: docs/benchmarks.md).  So the server keeps one
+shim forked ahead (unless ``--no-spare``): the *spare*, forked as a shim is,
+which does at once what a shim does before it knows its request (a session
+of its own, signals as a fresh interpreter's), keeps no fd but 0-2 on
+/dev/null and its end of a ``SOCK_SEQPACKET`` socketpair with the server
+(:func:`_park`), shows as ``supervisor-forkserver spare`` in ``ps``, tells the
+server ``R<pid>`` and blocks on that socket::
+
+    server -> spare    the packed Request (checked) + SCM_RIGHTS: the shim's
+                       listener, the status pipe's write end, the go pipe's read end
+
+after which it runs the same code as a freshly forked shim (:func:`_assume`)
+and reports on the status pipe; the server answers the client as for a fork.
+A request takes the spare only once it is parked and alive (a killed one: the
+request is served by a fresh fork, as is one whose spare died before its
+report); each spare serves at most one request.  The next spare is forked
+between connections, once the last client served a shim has exited (or
+:data:`SPARE_HOLD` passed) and no connection waits (:meth:`ForkServer.quiet`):
+never while a ``start`` still runs on a machine of few cores.  A spare is
+killed, never handed out, when the server retires or stops; when the server
+dies it reads end of file and exits.  It is an idle process of ours that costs
+memory (``bench/compare`` reports it with the server's); ``supervisor ls``
+shows its pid (the status answer's ``spare``).
 
 Invariants
 ----------
@@ -76,11 +104,17 @@ Invariants
   itself; cgroups and the OOM score are set by ``start`` on the returned pid.
 * It never forks a shim for a request of another code identity or protocol
   version: a client that passes the peer checks makes it retire, one that
-  does not is refused (its files are not necessarily this server's).
+  does not is refused (its files are not necessarily this server's).  Every
+  check is made per request, before the spare is handed anything; the spare
+  is this server's code (a retiring server kills it).
+* A shim that was the spare equals one forked for its request: everything a
+  shim takes from its request is set after the request arrives, and the
+  spare holds no fd of the server's (the shim has 0-2, the listener on 3 and,
+  until it serves, the go pipe on 5).
 * The server runs no trio, starts no threads (fork safety), handles one
   connection at a time with every read and write of it bounded by
-  :data:`REQUEST_TIMEOUT` (the shim's report by :data:`SETUP_TIMEOUT`, the
-  stale-socket probe at start-up by
+  :data:`REQUEST_TIMEOUT` (the shim's report by :data:`SETUP_TIMEOUT`, a
+  spare still parking by :data:`SPARE_WAIT`, the stale-socket probe at start-up by
   :data:`~supervisor.launch.sockfile.PROBE_TIMEOUT`), answers a bad request
   with an error and keeps serving, and outlives a failed ``accept`` (out of
   fds, a reset connection).  No child ever
@@ -135,6 +169,8 @@ from supervisor.launch.forkclient import (
 
 REQUEST_TIMEOUT = 2.0  # server: each read and write of one connection
 SETUP_TIMEOUT = 5.0  # server: fork until the shim reports its pid
+SPARE_WAIT = 0.5  # server: a request waits this long for a spare still parking
+SPARE_HOLD = 0.05  # server: after an answer, the next spare waits this long for its client's exit
 STATUS_FD = 4  # transient in the shim: its report to the server
 GO_FD = 5  # transient in the shim: the go pipe
 # Modules a daemon uses beyond this module's own imports; loading them before
@@ -413,12 +449,29 @@ def _report_error(fd: int, e: BaseException) -> None:
 def _become_shim(request: Request, listener_fd: int, status_fd: int, go_fd: int, *,
                  server_sockets: Sequence[_socket.socket], native: Native) -> None:
     """The grandchild: set up like a cold shim, report, wait for go, serve, exit."""
+    try:
+        _leave_server(server_sockets)
+    except BaseException as e:
+        _report_error(status_fd, e)
+        os._exit(EXIT_SETUP_FAILED)
+    _assume(request, listener_fd, status_fd, go_fd, native)
+
+
+def _leave_server(server_sockets: Sequence[_socket.socket]) -> None:
+    """What a forked child does before it knows its request: no server socket objects
+    (their fds are closed later), signals as a fresh interpreter's, a session of its own."""
+    for s in server_sockets:
+        s.detach()  # their fds are closed later; the objects must not close reused ones
+    _reset_signals()
+    os.setsid()
+
+
+def _assume(request: Request, listener_fd: int, status_fd: int, go_fd: int,
+            native: Native) -> None:
+    """Become the shim of ``request`` (after :func:`_leave_server`): the rest of a cold
+    shim's setup, report, wait for go, serve, exit.  Never returns."""
     report = status_fd
     try:
-        for s in server_sockets:
-            s.detach()  # their fds are closed below; the objects must not close reused ones
-        _reset_signals()
-        os.setsid()
         os.chdir(request.cwd)
         native.replace_environ(request.env)
         _arrange_fds(listener_fd, status_fd, go_fd)
@@ -456,6 +509,111 @@ def _become_shim(request: Request, listener_fd: int, status_fd: int, go_fd: int,
         os._exit(EXIT_SETUP_FAILED)
 
 
+# --------------------------------------------------------------------------- the spare
+
+#: How a parked spare shows in ``ps`` (``/proc/PID/cmdline``) until it becomes a shim.
+SPARE_TITLE = ("supervisor-forkserver", "spare")
+
+
+def _park(control: int, server_sockets: Sequence[_socket.socket], native: Native) -> None:
+    """The spare: a grandchild forked ahead of time that waits on ``control`` for its request.
+
+    It does at once what a forked shim does before it knows its request
+    (:func:`_leave_server`), holds nothing of the server's (0-2 on
+    /dev/null, every fd but ``control`` closed: not the server's listener,
+    lock or log), tells the server ``R<pid>`` and blocks on one message: a
+    packed :class:`Request` with three fds (the shim's listener, the status
+    pipe's write end, the go pipe's read end), after which it runs the same
+    :func:`_assume` as a freshly forked shim.  End of file (the server
+    retired, stopped or died, or killed its spare) or anything else: it
+    exits without serving.  Never returns.
+    """
+    try:
+        _leave_server(server_sockets)
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        for target in (0, 1, 2):
+            os.dup2(devnull, target)
+        lifted = fcntl.fcntl(control, fcntl.F_DUPFD_CLOEXEC, 16)
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2 and fd != lifted:
+                try:
+                    os.close(fd)
+                except OSError:
+                    continue  # the directory listing's own fd, closed already
+        control = lifted
+        _title = native.show_as(SPARE_TITLE, os.environ)  # kept: _park never returns
+        sock = _socket.socket(fileno=control)
+        sock.send(b"R%d" % os.getpid())
+        data, fds, flags, _ = recv_fds(sock, MAX_MESSAGE, 3)
+        sock.detach()  # control is closed by _arrange_fds: no object may close a reused fd
+        if not data or len(fds) != 3 or flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
+            os._exit(0)  # no request: the server let it go
+        request = Request.from_wire(_msgpack.unpackb(data))
+    except BaseException:
+        os._exit(EXIT_SETUP_FAILED)  # the server finds it gone and forks afresh
+    _assume(request, fds[0], fds[1], fds[2], native)
+
+
+class Spare:
+    """The server's handle on its spare: the control socket, and its pid once parked."""
+
+    def __init__(self, control: _socket.socket) -> None:
+        self.control = control
+        self.pid = 0  # known from its "R<pid>" message
+
+    def ready(self, timeout: float) -> bool:
+        """Whether it is parked and alive: waits up to ``timeout`` for its ``R<pid>``."""
+        poller = select.poll()
+        poller.register(self.control.fileno(), select.POLLIN)
+        if not self.pid:
+            if not poller.poll(timeout * 1000):
+                return False
+            try:
+                message = self.control.recv(64)
+            except OSError:
+                return False
+            if not (message.startswith(b"R") and message[1:].isdigit()):
+                return False  # b"": it ended
+            self.pid = int(message[1:])
+        return not poller.poll(0)  # no hang-up (it died), nothing unexpected to read
+
+    def assign(self, request: Request, listener_fd: int) -> tuple[int, int]:
+        """Hand it ``request``: (status pipe's read end, go pipe's write end), as
+        :meth:`ForkServer.fork_shim` gives; OSError if it is gone."""
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            send_fds(self.control, [_msgpack.packb(request.to_wire())],
+                     [listener_fd, status_w, go_r])
+        except BaseException:
+            os.close(status_r)
+            os.close(go_w)
+            raise
+        finally:
+            os.close(status_w)
+            os.close(go_r)
+        return status_r, go_w
+
+    def kill(self) -> None:
+        """SIGKILL it if it is parked and alive (its pid is then still its own)."""
+        if not self.pid:
+            return  # not parked yet: it finds its control socket closed and exits
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:
+            return  # gone
+        try:
+            if self.ready(0):  # alive after the pidfd was taken: the pidfd is the spare's
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        finally:
+            os.close(pidfd)
+
+    def close(self) -> None:
+        """Let it go: it reads end of file and exits (a handed-out one has its request)."""
+        self.control.close()
+
+
 # --------------------------------------------------------------------------- the server
 
 
@@ -465,11 +623,14 @@ class ForkServer:
     ``code`` is the :func:`~supervisor.launch.forkclient.code_identity` it was
     started from; a request of another (or of another protocol) from a client
     that passes the peer checks makes it :meth:`retire`.  ``lock_fd`` is the
-    locked lock file, held until it ends or retires.
+    locked lock file, held until it ends or retires.  With ``spare`` it keeps
+    one shim forked ahead (:attr:`spare`, see "The spare" in the module's
+    docstring).
     """
 
     def __init__(self, sock: socket.socket, log: logging.Logger, *, path: str = "",
-                 code: str = "", lock_fd: int = -1, own: OwnSocket | None = None) -> None:
+                 code: str = "", lock_fd: int = -1, own: OwnSocket | None = None,
+                 spare: bool = False) -> None:
         self.sock = sock
         self.log = log
         self.identity = identity()
@@ -482,6 +643,11 @@ class ForkServer:
         self.retired = False
         #: The socket file as bound, removed at most once and only while still ours.
         self.own = own
+        self.keep_spare = spare
+        #: The shim forked ahead, parked (:func:`_park`); None between its use and the next.
+        self.spare: Spare | None = None
+        #: A pidfd of the last client served a shim, until the next spare is forked.
+        self.last_client = -1
 
     def serve_forever(self) -> None:
         """Accept and handle one connection at a time until retired.
@@ -489,9 +655,12 @@ class ForkServer:
         A failed ``accept`` that can pass (:data:`ACCEPT_TRANSIENT`: out of
         fds or memory, a connection reset in the backlog) is logged and
         retried after :data:`ACCEPT_PAUSE`, so that the server outlives it
-        without spinning; any other error ends it.
+        without spinning; any other error ends it.  Before each ``accept``
+        it forks a spare if it keeps one, has none and :meth:`quiet` says so.
         """
         while not self.retired:
+            if self.keep_spare and self.spare is None and self.quiet():
+                self.fork_spare()
             try:
                 conn, _ = self.sock.accept()
             except OSError as e:
@@ -507,11 +676,33 @@ class ForkServer:
             finally:
                 conn.close()
 
+    def quiet(self) -> bool:
+        """Whether to fork the spare now: no connection waits, and the last client
+        served a shim has exited (or :data:`SPARE_HOLD` passed).
+
+        A ``start`` still has work after its answer (the go byte, cgroups, the OOM
+        score, its exit) on a machine of few cores; a fork of the server then
+        would slow it down.  A connection that arrives meanwhile is served at once
+        (by a fresh fork): the wait never holds up a client.
+        """
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        client, self.last_client = self.last_client, -1
+        try:
+            if client >= 0:
+                poller.register(client, select.POLLIN)  # readable: it exited
+            events = poller.poll(SPARE_HOLD * 1000 if client >= 0 else 0)
+        finally:
+            if client >= 0:
+                os.close(client)
+        return all(fd != self.sock.fileno() for fd, _ in events)
+
     def status(self) -> dict[str, Any]:
         """The answer to ``{"op": "status"}`` (``supervisor ls``)."""
         return {"pid": os.getpid(), "version": __version__, "code": self.code,
                 "protocol": PROTOCOL, "started": self.started, "served": self.served,
-                "socket": self.path}
+                "socket": self.path,
+                "spare": self.spare.pid if self.spare and self.spare.ready(0) else None}
 
     def stale(self, wire: object) -> str | None:
         """Why a request shows this server to be of other code than its client's, or None.
@@ -540,6 +731,7 @@ class ForkServer:
         """
         self.log.info("retiring: %s", why)
         self.retired = True
+        self.drop_spare()
         if self.own is not None:
             self.own.remove()
         self.sock.close()
@@ -588,25 +780,123 @@ class ForkServer:
                 if why:
                     raise ForkServerError("a forked shim would differ from a cold one: "
                                           f"the client's {why} is not the fork server's")
-                status_r, go_w, intermediate = self.fork_shim(request, fds[0], conn)
+                pid, go_w, intermediate, spare = self.launch(request, fds[0], conn)
             finally:
                 for fd in fds:
                     os.close(fd)
             try:
-                pid = self.await_shim(status_r)
                 self.served += 1
-                self.log.info("shim %d for %s/%s (request %d from pid %d)", pid,
-                              request.namespace, request.id, self.served, peer_pid)
+                self.log.info("shim %d for %s/%s (request %d from pid %d, %s)", pid,
+                              request.namespace, request.id, self.served, peer_pid,
+                              "the spare" if spare else "forked")
                 self.reply(conn, {"pid": pid}, go_w)
             finally:
-                os.close(status_r)
                 os.close(go_w)  # the client's copy (if it got one) is now the only one
+            if self.keep_spare:
+                self.watch_client(peer_pid)
         except ForkServerError as e:
             self.log.warning("refused request from pid %d: %s", peer_pid, e)
             self.reply(conn, {"error": str(e)})
         finally:
             if intermediate:
                 os.waitpid(intermediate, 0)  # after the answer: its exit is not on the path
+
+    def launch(self, request: Request, listener_fd: int, conn: _socket.socket
+               ) -> tuple[int, int, int, bool]:
+        """The shim of ``request``, set up and reported: (its pid, the go pipe's write
+        end, an intermediate to reap after the answer or 0, whether the spare became it).
+
+        The spare when it is parked and alive (waited for up to :data:`SPARE_WAIT`
+        if it is still parking); else -- none, gone, or it died before its report
+        -- a fresh fork, so a killed spare costs the request nothing but the
+        time.  The spare is used once either way; :meth:`serve_forever` forks the
+        next after the answer.  ForkServerError if the shim's setup failed.
+        """
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            try:
+                if spare.ready(SPARE_WAIT):
+                    try:
+                        status_r, go_w = spare.assign(request, listener_fd)
+                    except OSError as e:
+                        self.log.warning("spare %d is gone (%s); forking", spare.pid, e)
+                    else:
+                        try:
+                            return self.await_shim(status_r), go_w, 0, True
+                        except ShimDied:
+                            os.close(go_w)
+                            self.log.warning("spare %d died before its report; forking",
+                                             spare.pid)
+                        except BaseException:
+                            os.close(go_w)
+                            raise
+                        finally:
+                            os.close(status_r)
+                else:
+                    self.log.warning("the spare is gone or not parked; forking")
+            finally:
+                spare.close()
+        status_r, go_w, intermediate = self.fork_shim(request, listener_fd, conn)
+        try:
+            return self.await_shim(status_r), go_w, intermediate, False
+        except BaseException:
+            os.close(go_w)
+            os.waitpid(intermediate, 0)
+            raise
+        finally:
+            os.close(status_r)
+
+    def fork_spare(self) -> None:
+        """Fork :attr:`spare` (:func:`_park`) via an intermediate child, reaped here.
+
+        Called between connections, never on a client's clock.  A failure is
+        logged: the next request is served by a fresh fork.
+        """
+        try:
+            ours, theirs = _socket.socketpair(_socket.AF_UNIX,
+                                              _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+        except OSError as e:
+            self.log.warning("no spare: %s", e)
+            return
+        try:
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            try:
+                child = os.fork()
+                if child == 0:  # the intermediate: fork the spare, exit at once
+                    code = EXIT_SETUP_FAILED
+                    try:
+                        if os.fork() == 0:
+                            _park(theirs.detach(), [self.sock, ours], self.native)  # no return
+                        code = 0
+                    finally:
+                        os._exit(code)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        except OSError as e:
+            ours.close()
+            self.log.warning("no spare: fork: %s", e)
+            return
+        finally:
+            theirs.close()
+        os.waitpid(child, 0)
+        self.spare = Spare(ours)
+
+    def watch_client(self, pid: int) -> None:
+        """Remember a pidfd of the client ``pid`` for :meth:`quiet` (none if it is gone;
+        a reused pid only moves the spare's fork in time)."""
+        if self.last_client >= 0:
+            os.close(self.last_client)
+        try:
+            self.last_client = os.pidfd_open(pid)
+        except OSError:
+            self.last_client = -1
+
+    def drop_spare(self) -> None:
+        """Kill the spare, if any (a retiring or stopping server: never hand it out)."""
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            spare.kill()
+            spare.close()
 
     def reply(self, conn: _socket.socket, answer: dict[str, Any], fd: int | None = None) -> None:
         try:
@@ -661,7 +951,11 @@ class ForkServer:
             return int(status[1:])
         if status.startswith(b"E"):
             raise ForkServerError("shim setup failed: " + status[1:].decode(errors="replace"))
-        raise ForkServerError("the shim died during its setup")
+        raise ShimDied("the shim died during its setup")
+
+
+class ShimDied(ForkServerError):
+    """The shim ended before it reported its pid (killed, or a failure it could not tell)."""
 
 
 def check_listener(fd: int) -> None:
@@ -761,6 +1055,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--code-identity", default="",
                         help="the code identity to serve under (default: computed at start-up; "
                              "the spawning `start` passes the one it computed)")
+    parser.add_argument("--no-spare", action="store_true",
+                        help="fork each shim on request instead of keeping one forked ahead "
+                             "(slower start; no idle spare process)")
     parser.add_argument("--lock-fd", type=int, default=None,
                         help="the socket's lock file, already locked (passed by `start`)")
     args = parser.parse_args(argv)
@@ -787,6 +1084,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("%s", _ksm.apply())
     sock: socket.socket | None = None
     own: OwnSocket | None = None
+    server: ForkServer | None = None
     try:
         try:
             sock = bind(args.socket)
@@ -794,13 +1092,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("cannot serve %s: %s", args.socket, e)
             return 1
         own = OwnSocket(sock)
-        server = ForkServer(sock, log, path=args.socket, code=code, lock_fd=lock_fd, own=own)
+        server = ForkServer(sock, log, path=args.socket, code=code, lock_fd=lock_fd, own=own,
+                            spare=not args.no_spare)
         log.info("pid %d serving %s (version %s, code %s)", os.getpid(), args.socket,
                  __version__, code)
         server.serve_forever()
     except _Stop as e:
         log.info("stopping on signal %s", e)
     finally:
+        if server is not None:
+            server.drop_spare()
         if own is not None:  # at most once (retire may have), and only our own
             own.remove()
         if sock is not None:

@@ -19,9 +19,12 @@ no trio, no protobuf runtime -- the three fields of ``DeleteResponse`` are
 encoded by hand (field numbers from containerd's ``runtime/v2/task/shim.proto``;
 ``tests/unit/test_delete.py`` checks the bytes against the generated class) --
 no :mod:`json` (the settings file goes through the C scanner), no logging
-package (warnings go to stderr, which containerd logs), and ``subprocess`` and
-:mod:`~supervisor.launch.unmount` are imported only when there is work for
-them (usually there is none: the shim cleaned up before it exited).
+package (warnings go to stderr, which containerd logs), and ``subprocess``,
+:mod:`~supervisor.launch.unmount` and :mod:`~supervisor.launch.sockfile` are
+imported only when there is work for them (usually there is none: the shim
+cleaned up before it exited).  The bundle's ``address`` file is read once, and
+``mountinfo`` parsed only when the rootfs occurs in it as a mount point
+(:func:`~supervisor.launch.procfs.mounted`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import os
 import sys
 import time
 
-from supervisor.launch import address, procfs, runcmd, sockfile, spool
+from supervisor.launch import address, procfs, runcmd, spool
 from supervisor.launch._pbwire import field_bytes, field_varint
 from supervisor.launch.settings import Settings
 
@@ -51,9 +54,8 @@ def encode_delete_response(pid: int, exit_status: int, exited_at_ns: int) -> byt
 
 def _mounted(path: str) -> bool:
     """Whether anything is mounted on ``path`` (symlinks resolved)."""
-    target = os.path.realpath(path)
     try:
-        return any(m.mount_point == target for m in procfs.read_mountinfo())
+        return procfs.mounted(os.path.realpath(path))
     except OSError:
         return True  # cannot tell: let unmount_all find out
 
@@ -71,23 +73,27 @@ def _force_delete(argv: list[str], container_id: str) -> None:
         warn(f"runtime delete {container_id}: {done.stderr.decode(errors='replace').strip()}")
 
 
-def _remove_dead_socket(bundle: str) -> None:
-    """Remove the socket named in the bundle's ``address`` file if nothing serves it."""
+def _remove_dead_socket(shim_address: str) -> None:
+    """Remove the socket of the bundle's ``address`` (read once: :func:`spool.shim_address`)
+    if nothing serves it."""
     try:
-        with open(os.path.join(bundle, "address"), encoding="utf-8") as f:
-            path = address.socket_path(f.read().strip())
-    except (OSError, ValueError):
+        path = address.socket_path(shim_address)
+    except ValueError:
         return  # no address file (or an empty one): nothing to remove
     if address.is_abstract(path) or not os.path.exists(path):
         return  # an abstract socket vanishes with its shim; a path may be gone already
+    from supervisor.launch import sockfile  # _socket: only when there is a file to check
+
     try:
         sockfile.remove_if_dead(path)  # under start's lock: never a new shim's socket
     except OSError:
         pass  # its directory went away meanwhile
 
 
-def cleanup(namespace: str, container_id: str, bundle: str) -> int:
-    """Do the cleanup; return the init pid (0 if unknown)."""
+def cleanup(namespace: str, container_id: str, bundle: str,
+            shim_address: str | None = None) -> int:
+    """Do the cleanup; return the init pid (0 if unknown).  ``shim_address``: the
+    bundle's :func:`~supervisor.launch.spool.shim_address`, if the caller read it already."""
     settings = Settings.load(bundle)
     root = runcmd.state_root(settings.root, namespace)
     # runc and crun keep a container's state in <root>/<id>: without it there is nothing
@@ -109,15 +115,16 @@ def cleanup(namespace: str, container_id: str, bundle: str) -> int:
             pid = int(f.read().strip() or 0)
     except (OSError, ValueError):
         pid = 0
-    _remove_dead_socket(bundle)
+    _remove_dead_socket(spool.shim_address(bundle) if shim_address is None else shim_address)
     return pid
 
 
-def last_status(bundle: str, container_id: str, pid: int) -> tuple[int, int, int]:
+def last_status(bundle: str, container_id: str, pid: int, shim_address: str | None = None
+                ) -> tuple[int, int, int]:
     """(pid, exit status, exit time in ns) to report: the init's ``TaskExit`` from the
     event spool when the dead shim left one there, else 128+SIGKILL now."""
     try:
-        found = spool.init_exit(bundle, container_id, pid)
+        found = spool.init_exit(bundle, container_id, pid, known_address=shim_address)
     except Exception as e:  # never fail delete over a damaged spool: report the kill
         warn(f"reading the event spool of {container_id}: {e}")
         found = None
@@ -127,7 +134,9 @@ def last_status(bundle: str, container_id: str, pid: int) -> tuple[int, int, int
 
 
 def action_delete(namespace: str, container_id: str, bundle: str) -> int:
-    pid = cleanup(namespace, container_id, bundle)
-    sys.stdout.buffer.write(encode_delete_response(*last_status(bundle, container_id, pid)))
+    shim_address = spool.shim_address(bundle)
+    pid = cleanup(namespace, container_id, bundle, shim_address)
+    sys.stdout.buffer.write(encode_delete_response(
+        *last_status(bundle, container_id, pid, shim_address)))
     sys.stdout.buffer.flush()
     return 0

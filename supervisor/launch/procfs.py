@@ -78,6 +78,26 @@ def parse_mountinfo(text: str) -> list[Mount]:
     return mounts
 
 
+def escape(path: str) -> str:
+    """``path`` as mountinfo writes it (the inverse of :func:`unescape`)."""
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+
+
+def mounted(path: str) -> bool:
+    """Whether a mount's mount point is exactly ``path`` (absolute, symlinks resolved),
+    in this process's ``mountinfo``; OSError if unreadable.
+
+    Parses only when the escaped path occurs in the text between spaces, as a mount
+    point field would: for a path that is no mount point (``delete``'s usual case)
+    one search of the text, not a parse of every line.
+    """
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        text = f.read()
+    if f" {escape(path)} " not in text:
+        return False
+    return any(m.mount_point == path for m in parse_mountinfo(text))
+
+
 def read_mountinfo(pid: int | str = "self") -> list[Mount]:
     """``/proc/<pid>/mountinfo`` parsed (OSError if unreadable)."""
     with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:

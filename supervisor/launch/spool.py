@@ -183,7 +183,8 @@ def exit_in(path: str, container_id: str, pid: int = 0) -> Exit | None:
     return found
 
 
-def _shim_address(bundle: str) -> str:
+def shim_address(bundle: str) -> str:
+    """The bundle's ``address`` file, stripped; "" if there is none (or it is not UTF-8)."""
     try:
         with open(os.path.join(bundle, "address"), encoding="utf-8") as f:
             return f.read().strip()
@@ -191,17 +192,19 @@ def _shim_address(bundle: str) -> str:
         return ""
 
 
-def init_exit(bundle: str, container_id: str, pid: int = 0) -> Exit | None:
+def init_exit(bundle: str, container_id: str, pid: int = 0, *,
+              known_address: str | None = None) -> Exit | None:
     """The init's exit from the spool of the shim that served ``container_id``, if it holds one.
 
     The bundle's own spool first; then (a shared shim's spool moves to a
     bundle that remains) those of the bundles beside it whose ``address``
-    names the same shim.
+    names the same shim.  ``known_address``: the bundle's :func:`shim_address`, if the
+    caller read it already.
     """
     found = exit_in(spool_path(bundle), container_id, pid)
     if found is not None:
         return found
-    address = _shim_address(bundle)
+    address = shim_address(bundle) if known_address is None else known_address
     if not address:
         return None
     parent = os.path.dirname(os.path.abspath(bundle))
@@ -211,7 +214,7 @@ def init_exit(bundle: str, container_id: str, pid: int = 0) -> Exit | None:
         return None
     for name in siblings:
         other = os.path.join(parent, name)
-        if other != os.path.abspath(bundle) and _shim_address(other) == address:
+        if other != os.path.abspath(bundle) and shim_address(other) == address:
             found = exit_in(spool_path(other), container_id, pid)
             if found is not None:
                 return found

@@ -66,6 +66,7 @@ def test_the_first_start_spawns_it_and_the_next_forks_from_it(
     assert c.forkservers() == [pid]
     log = Path(forkclient.sibling(path, ".log")).read_text()
     assert "/second (request 1" in log and "/first" not in log
+    assert "the spare)" in log  # parked when the server began to serve: the second took it
 
 
 def test_two_concurrent_starts_make_one(containerd: Containerd, busybox_rootfs: Path) -> None:

@@ -53,13 +53,14 @@ def gone(pid: int) -> bool:
 class Server:
     """A ``supervisor-forkserver`` process of ours, its socket in a short temp dir."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: str) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="sv-fs-", dir="/tmp"))
         self.socket = str(self.dir / "fs.sock")
         self.log = self.dir / "fs.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-c", SERVER_CODE, "--socket",
-                                          self.socket, "--debug"], stdout=log, stderr=log)
+                                          self.socket, "--debug", *args],
+                                         stdout=log, stderr=log)
         # Until it answers, not until its file exists: a test may connect at once.
         wait_for(lambda: self.answers() or self.proc.poll() is not None)
         assert self.proc.poll() is None, self.log.read_text()

@@ -279,10 +279,11 @@ def test_ls_shows_the_fork_server(place: str, spawned: list[int], tmp_path: Path
     spawned.append(pid)
     wait_for(lambda: answering(place))
     assert f"fork server pid {pid} ({place}): version {supervisor.__version__}, up " in ls()
-    assert ls().rstrip().endswith(", 0 shims forked")
+    wait_for(lambda: json.loads(ls("--json"))["forkserver"]["spare"])  # parks once it serves
     doc = json.loads(ls("--json"))["forkserver"]
     assert (doc["pid"], doc["code"], doc["shims_forked"], doc["error"]) == (pid, "1.0+ls", 0,
                                                                              None)
+    assert ls().rstrip().endswith(f", 0 shims forked, spare shim pid {doc['spare']}")
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: exited(pid))
     spawned.clear()

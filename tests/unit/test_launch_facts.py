@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 from pathlib import Path
@@ -134,3 +135,32 @@ def test_runtime_global_argv() -> None:
         "runc", "--root", "/r/ns", "--log", "/b/log.json", "--log-format", "json"]
     assert runcmd.global_argv("crun", "/r", "/l", systemd_cgroup=True, debug=True)[-2:] == [
         "--debug", "--systemd-cgroup"]
+
+
+# --- delete's mount check and address, each read once --------------------------------
+
+
+@pytest.mark.parametrize("path", ["/plain", "/a b\tc\nd\\e", "/\\040", "/ü"])
+def test_escape_is_what_unescape_undoes(path: str) -> None:
+    assert procfs.unescape(procfs.escape(path)) == path
+    assert not any(c in procfs.escape(path) for c in " \t\n")
+
+
+def test_mounted_needs_the_exact_mount_point(tmp_path: Path) -> None:
+    assert procfs.mounted("/")
+    assert procfs.mounted("/proc")
+    assert not procfs.mounted("/pro")  # a prefix of a mount point is none
+    assert not procfs.mounted(str(tmp_path))
+
+
+def test_delete_reads_the_address_file_once(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "address").write_text(f"unix://{tmp_path}/gone.sock", encoding="utf-8")
+    reads: list[str] = []
+    real = delete.spool.shim_address
+    monkeypatch.setattr(delete.spool, "shim_address", lambda b: reads.append(b) or real(b))
+    monkeypatch.setattr(delete.sys, "stdout", io.TextIOWrapper(io.BytesIO()))
+    assert delete.action_delete("ns", "c1", str(bundle)) == 0
+    assert reads == [str(bundle)]
