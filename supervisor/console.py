@@ -75,13 +75,14 @@ from types import TracebackType
 
 import trio
 
+from supervisor.handover import b64
 from supervisor.io import (
     ADOPTERS,
     Opened,
+    Resumable,
     StateFields,
     StreamCounters,
     StreamStateError,
-    b64,
     fds_of,
     open_stdin,
     read_nowait,
@@ -230,7 +231,7 @@ class ConsoleSocket:
         self.close()
 
 
-class Console:
+class Console(Resumable):
     """A pty master (ours from construction) and the copies to and from it.
 
     Upgrade (issue 17): :meth:`pause` stops both copies at a chunk boundary
@@ -529,8 +530,8 @@ class Console:
     async def pause(self) -> None:
         """Stop both copies at a chunk boundary; the fds stay open and ours.
 
-        Returns once no copy runs.  A closed console is left alone (it is
-        not exported).
+        Returns once no copy runs.  A closed console is left alone
+        (:meth:`export` refuses it).
         """
         if self._closed:
             return
@@ -540,25 +541,10 @@ class Console:
             self._in_scope.cancel()
             await self._stopped.wait()
 
-    def resume(self) -> None:
-        """Undo :meth:`pause` in place (also after :meth:`export`): the copies go on.
-
-        A no-op if not paused or closed; copies never started stay unstarted.
-        The fds are marked close-on-exec again (see :meth:`ProcessIO.resume
-        <supervisor.io.ProcessIO.resume>`).
-        """
-        if self._closed or not self._pausing:
-            return
-        for fd in self.fds():
-            os.set_inheritable(fd, False)
-        if self._nursery is None:
-            self._pausing = self._exported = False
-            return
-        self.start(self._nursery)
-
     @property
     def closed(self) -> bool:
-        """Whether :meth:`close` was called (a closed console is not exported)."""
+        """Whether :meth:`close` was called: :meth:`export` refuses it (an upgrade is
+        refused first, ``TaskService.handover_refusal``)."""
         return self._closed
 
     def _state(self) -> dict[str, object]:

@@ -105,11 +105,15 @@ class ContainerdEvents:
             owed = None
         try:
             if owed is None:
-                if self._client is None or self._client.closed:
-                    self._client = await ttrpc.connect_unix(socket_path(self.address))
-                pending = await self._client.send(
-                    EVENTS_SERVICE, "Forward", _forward_request(event),
-                    timeout=FORWARD_TIMEOUT, metadata={ttrpc.NAMESPACE_KEY: event.namespace})
+                # Bounded too (a containerd that does not accept or read): a write cut
+                # off closes the connection, so nothing half-sent is ever owed.
+                with trio.fail_after(FORWARD_TIMEOUT):
+                    if self._client is None or self._client.closed:
+                        self._client = await ttrpc.connect_unix(socket_path(self.address))
+                    pending = await self._client.send(
+                        EVENTS_SERVICE, "Forward", _forward_request(event),
+                        timeout=FORWARD_TIMEOUT,
+                        metadata={ttrpc.NAMESPACE_KEY: event.namespace})
                 self._owed = owed = (event.seq, pending)
             assert self._client is not None
             try:

@@ -429,7 +429,7 @@ class Outbox:
         self._next_seq = 1
         self._paused = False
         self._unpaused = trio.Event()
-        self._sending: trio.Event | None = None  # set when the send under way ends
+        self._sending: trio.Event | None = None  # set when the send (or spool sync) under way ends
         self._send_scope = trio.CancelScope()  # the send under way (pause cancels it)
         if spool is not None:
             replay = spool.load()
@@ -488,7 +488,13 @@ class Outbox:
                 continue
             head = self._queue[0]
             if self.spool is not None and self.spool.dirty:
-                await trio.to_thread.run_sync(self.spool.sync)
+                # Marked as under way: pause() waits for it (sync clears `dirty` first).
+                syncing = self._sending = trio.Event()
+                try:
+                    await trio.to_thread.run_sync(self.spool.sync)
+                finally:
+                    self._sending = None
+                    syncing.set()
                 if self._paused:  # paused meanwhile: send nothing more
                     continue
             head.attempts += 1

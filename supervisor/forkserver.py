@@ -143,7 +143,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from supervisor import __version__, _ksm
@@ -617,6 +617,33 @@ class Spare:
 # --------------------------------------------------------------------------- the server
 
 
+def _fork_detached(child: Callable[[], object],
+                   on_error: Callable[[BaseException], object] = lambda e: None) -> int:
+    """Run ``child`` (which never returns) in a grandchild, with all signals blocked
+    across the forks; return the intermediate's pid, which exits at once: reap it.
+
+    The grandchild is nobody's child here (re-parented to the subreaper or init),
+    so the server never reaps a shim.  ``on_error`` runs in the intermediate if
+    its fork fails.
+    """
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        pid = os.fork()
+        if pid == 0:  # the intermediate: fork, exit at once
+            code = EXIT_SETUP_FAILED
+            try:
+                if os.fork() == 0:
+                    child()  # no return
+                code = 0
+            except BaseException as e:
+                on_error(e)
+            finally:
+                os._exit(code)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    return pid
+
+
 class ForkServer:
     """The accept loop; one connection at a time, each bounded by REQUEST_TIMEOUT.
 
@@ -859,19 +886,8 @@ class ForkServer:
             self.log.warning("no spare: %s", e)
             return
         try:
-            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-            try:
-                child = os.fork()
-                if child == 0:  # the intermediate: fork the spare, exit at once
-                    code = EXIT_SETUP_FAILED
-                    try:
-                        if os.fork() == 0:
-                            _park(theirs.detach(), [self.sock, ours], self.native)  # no return
-                        code = 0
-                    finally:
-                        os._exit(code)
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            child = _fork_detached(
+                lambda: _park(theirs.detach(), [self.sock, ours], self.native))
         except OSError as e:
             ours.close()
             self.log.warning("no spare: fork: %s", e)
@@ -915,22 +931,10 @@ class ForkServer:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
         try:
-            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-            try:
-                child = os.fork()
-                if child == 0:  # the intermediate: fork the shim, exit at once
-                    code = EXIT_SETUP_FAILED
-                    try:
-                        if os.fork() == 0:
-                            _become_shim(request, listener_fd, status_w, go_r,  # no return
-                                         server_sockets=[self.sock, conn], native=self.native)
-                        code = 0
-                    except BaseException as e:
-                        _report_error(status_w, e)
-                    finally:
-                        os._exit(code)
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            child = _fork_detached(
+                lambda: _become_shim(request, listener_fd, status_w, go_r,
+                                     server_sockets=[self.sock, conn], native=self.native),
+                on_error=lambda e: _report_error(status_w, e))
         except OSError as e:
             for fd in (status_r, go_w):
                 os.close(fd)

@@ -287,7 +287,7 @@ class UpgradeRecord:
 # --- bytes and fds ----------------------------------------------------------------
 
 
-def b64(data: bytes) -> str:
+def b64(data: bytes | memoryview) -> str:
     return base64.b64encode(data).decode("ascii")
 
 

@@ -83,6 +83,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import trio
 
+from supervisor.handover import b64
 from supervisor.reaper import Reaper, spawn
 
 log = logging.getLogger("supervisor.io")
@@ -552,7 +553,39 @@ class _Output:
     stalled_at: int = -1  # ProcessIO.delivered when the reader was found gone
 
 
-class ProcessIO:
+class Resumable:
+    """:meth:`resume`, the same for both kinds of streams (:class:`ProcessIO` and
+    :class:`~supervisor.console.Console`), over the fields both keep."""
+
+    _closed: bool
+    _pausing: bool
+    _exported: bool
+    _nursery: trio.Nursery | None
+
+    def fds(self) -> list[int]:
+        raise NotImplementedError
+
+    def start(self, nursery: trio.Nursery) -> None:
+        raise NotImplementedError
+
+    def resume(self) -> None:
+        """Undo :meth:`pause` in place (also after :meth:`export`): the copies go on.
+
+        A no-op if not paused or closed; copies never started stay unstarted.
+        The fds are marked close-on-exec again (an upgrade clears the mark
+        just before ``execve``; if that failed, no child may inherit them).
+        """
+        if self._closed or not self._pausing:
+            return
+        for fd in self.fds():
+            os.set_inheritable(fd, False)
+        if self._nursery is None:
+            self._pausing = self._exported = False
+            return
+        self.start(self._nursery)
+
+
+class ProcessIO(Resumable):
     """The pipes of one process and the copies between them and containerd.
 
     Build it with :meth:`create`, hand :attr:`child_fds` to the runtime, call
@@ -783,6 +816,9 @@ class ProcessIO:
                         else:
                             backlog.append(data)
             done = True
+        except Exception:
+            done = True  # failed, not paused: retired, never handed over
+            raise
         finally:
             if done or not self._keep_fds():
                 self._retire(out)
@@ -915,8 +951,8 @@ class ProcessIO:
 
         Returns once no copy runs.  An output backlog kept in memory moves to
         a memfd (so an fd carries it; OSError if that fails).  A closed object
-        is left alone: its copies finish their grace period, and it is not
-        exported.
+        is left alone: its copies finish their grace period (:meth:`export`
+        refuses it).
         """
         if self._closed:
             return
@@ -927,25 +963,10 @@ class ProcessIO:
         for out in self._outputs:
             self._backlog(out).hold_in_file()
 
-    def resume(self) -> None:
-        """Undo :meth:`pause` in place (also after :meth:`export`): the copies go on.
-
-        A no-op if not paused or closed; copies never started stay unstarted.
-        The fds are marked close-on-exec again (an upgrade clears the mark
-        just before ``execve``; if that failed, no child may inherit them).
-        """
-        if self._closed or not self._pausing:
-            return
-        for fd in self.fds():
-            os.set_inheritable(fd, False)
-        if self._nursery is None:
-            self._pausing = self._exported = False
-            return
-        self.start(self._nursery)
-
     @property
     def closed(self) -> bool:
-        """Whether :meth:`close` was called (closed streams are not exported)."""
+        """Whether :meth:`close` was called: :meth:`export` refuses it (an upgrade is
+        refused first, ``TaskService.handover_refusal``)."""
         return self._closed
 
     def _state(self) -> dict[str, object]:
@@ -1074,10 +1095,6 @@ class ProcessIO:
 #: An exported field that names an fd ends in this: :func:`fds_of` and the
 #: checks of :func:`adopt_streams` know fds by it (one fact in one place).
 FD_SUFFIX = "_fd"
-
-
-def b64(data: bytes | memoryview) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def fds_of(state: object) -> list[int]:

@@ -303,6 +303,11 @@ class TaskService:
         for container in self.containers.values():
             if not container.created.is_set():
                 return f"container {container.id!r} is being created"
+            for process in container.all_processes():
+                # Closed streams of a process still here: a Delete was cut off half-way
+                # (they are not handed over); the next Delete finishes it.
+                if process.io is not None and process.io.closed:
+                    return f"{process.describe()} is being deleted"
         return None
 
     async def settle_exits(self) -> None:

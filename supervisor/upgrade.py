@@ -27,6 +27,7 @@ everything rebuilt, just before serving.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -58,26 +59,34 @@ def _fallback(state_fd: int, snapshot_fd: int, error: str, cmdline: list[str],
     its number first, so whatever the failed adoption closed (an object dropped
     half-built closes its socket) the old code finds as it left it.
     """
+    # A half-built object in a reference cycle closes its fd when collected: no
+    # collection may run once the fds are put back (nothing below makes garbage that
+    # refcounting alone would not free).
+    gc.disable()
+    fds: list[int] = []
     try:
-        for fd, spare in (spares or {}).items():
-            os.dup2(spare, fd)
-        for fd in (state_fd, snapshot_fd):
-            os.set_inheritable(fd, True)
         from supervisor.handover import fallback_argv, read
 
         doc = read(state_fd)
-        fds = doc.get("fds", []) if isinstance(doc, dict) else []
-        for fd in fds if isinstance(fds, list) else []:
-            if isinstance(fd, int):
-                try:
-                    os.set_inheritable(fd, True)
-                except OSError:
-                    pass
+        named = doc.get("fds", []) if isinstance(doc, dict) else []
+        fds = [fd for fd in named if isinstance(fd, int)] if isinstance(named, list) else []
         argv = fallback_argv(state_fd, snapshot_fd, error, cmdline)
     except BaseException as e:  # even the helpers failed to import: build it here
         print(f"supervisor.upgrade: preparing the fallback: {e!r}", file=sys.stderr)
         argv = [sys.executable, "-I", f"/proc/self/fd/{snapshot_fd}", "--adopt", str(state_fd),
                 "--fallback", str(snapshot_fd), "--error", error[:2000], "--", *cmdline]
+    # Last, each on its own (one bad fd must not leave the others behind): the fds back
+    # on their numbers, and everything the old code needs made to survive the exec.
+    for fd, spare in (spares or {}).items():
+        try:
+            os.dup2(spare, fd)
+        except OSError as e:
+            print(f"supervisor.upgrade: restoring fd {fd}: {e!r}", file=sys.stderr)
+    for fd in (state_fd, snapshot_fd, *fds, *(spares or {})):
+        try:
+            os.set_inheritable(fd, True)
+        except OSError:
+            pass  # not open: the old code's check names it
     sys.stderr.flush()
     os.execv(argv[0], argv)
 

@@ -95,21 +95,8 @@ def server() -> Iterator[Server]:
         s.stop()
 
 
-@pytest.fixture
-def listener(tmp_path: Path) -> Iterator[socket.socket]:
-    with tempfile.TemporaryDirectory(prefix="sv-l-", dir="/tmp") as d:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(os.path.join(d, "shim.sock"))
-        sock.listen(16)
-        with sock:
-            yield sock
 
 
-@pytest.fixture
-def bundle(tmp_path: Path) -> Path:
-    b = tmp_path / "bundle"
-    b.mkdir()
-    return b
 
 
 def request_for(bundle: Path, cid: str = "c1", **changes: Any) -> Request:

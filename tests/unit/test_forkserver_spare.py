@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,21 +33,8 @@ def server() -> Iterator[Server]:
         s.stop()
 
 
-@pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    with tempfile.TemporaryDirectory(prefix="sv-l-", dir="/tmp") as d:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(os.path.join(d, "shim.sock"))
-        sock.listen(16)
-        with sock:
-            yield sock
 
 
-@pytest.fixture
-def bundle(tmp_path: Path) -> Path:
-    b = tmp_path / "bundle"
-    b.mkdir()
-    return b
 
 
 def spare_of(s: Server, other_than: int = 0) -> int:

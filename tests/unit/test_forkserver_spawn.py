@@ -8,7 +8,6 @@ wait for states (a socket answering, a process gone), bounded only to fail inste
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import json
@@ -19,9 +18,8 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,26 +49,8 @@ def exited(pid: int) -> bool:
     return done == pid
 
 
-@pytest.fixture
-def place() -> Iterator[str]:
-    """A socket path in a directory that does not exist yet (short: AF_UNIX)."""
-    top = tempfile.mkdtemp(prefix="sv-od-", dir="/tmp")
-    try:
-        yield os.path.join(top, "run", "fs.sock")
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
 
 
-@pytest.fixture
-def spawned() -> Iterator[list[int]]:
-    """Pids of the servers a test spawned: stopped (SIGKILL) and reaped afterwards."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
 
 
 def request(code: str, cwd: str) -> Request:

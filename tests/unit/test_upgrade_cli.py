@@ -8,12 +8,10 @@ the connection drops on the way (as an exec window or a fallback may make it).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -342,24 +340,8 @@ def answering(path: str) -> bool:
     return True
 
 
-@pytest.fixture
-def place() -> Iterator[str]:
-    top = tempfile.mkdtemp(prefix="sv-uf-", dir="/tmp")
-    try:
-        yield os.path.join(top, "run", "fs.sock")
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
 
 
-@pytest.fixture
-def spawned() -> Iterator[list[int]]:
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
 
 
 def test_a_forkserver_of_other_code_is_retired_and_one_of_this_code_kept(

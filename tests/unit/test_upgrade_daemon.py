@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import socket
+import typing
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -20,6 +22,7 @@ import trio.testing
 from supervisor import codesnap, daemon, handover, ttrpc
 from supervisor.api.events import task_pb2 as ev
 from supervisor.api.task.v2 import shim_pb2 as api
+from supervisor.container import Container
 from supervisor.events import Event, Outbox
 from supervisor.handover import UpgradeRecord
 from supervisor.reaper import Exit, Reaper
@@ -155,6 +158,24 @@ async def test_upgrade_refusals(tmp_path: Path, prepare: Callable[[daemon.Upgrad
         assert refused.value.code is code and message in refused.value.message
         s.upgrader.snapshot = snapshot
         assert s.upgrader.record.upgrade_attempts == 0
+
+
+async def test_a_process_whose_delete_was_cut_off_is_refused_with_why(tmp_path: Path) -> None:
+    # delete_init closes the streams one by one; a cancelled Delete leaves the container
+    # with closed streams, which are not handed over: refused before quiescing.
+    async with shim(tmp_path) as s:
+        process = SimpleNamespace(io=SimpleNamespace(closed=True),
+                                  describe=lambda: "the init of 'cut'")
+        created = trio.Event()
+        created.set()
+        s.upgrader.service.containers["cut"] = typing.cast("Container", SimpleNamespace(
+            id="cut", created=created, all_processes=lambda: [process]))
+        with pytest.raises(ttrpc.RPCError) as refused:
+            await s.client.call(daemon.UPGRADE_SERVICE, "Upgrade", b"")
+        assert refused.value.code is ttrpc.Code.FAILED_PRECONDITION
+        assert refused.value.message == "the init of 'cut' is being deleted"
+        assert s.upgrader.record.upgrade_attempts == 0
+        del s.upgrader.service.containers["cut"]
 
 
 async def test_settle_exits_takes_what_was_reaped_and_waits_for_reports_then_pauses(
