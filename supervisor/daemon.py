@@ -70,6 +70,9 @@ UPGRADE_SERVICE = "supervisor.upgrade.v1.Upgrade"
 FORWARD_TIMEOUT = 5.0
 SHUTDOWN_GRACE = 5.0
 FLUSH_TIMEOUT = 10.0
+#: How long a shim that must write its code snapshot waits before it does (its first
+#: Create goes first).
+SNAPSHOT_DELAY = 2.0
 #: How long an upgrade waits for calls, exits, stdio and events to settle (by default).
 QUIESCE_TIMEOUT = 10.0
 #: How long the installed code's pre-flight check may take.
@@ -626,6 +629,7 @@ class Upgrader:
         self.closing = closing
         self.snapshot: codesnap.Snapshot | None = None
         self.snapshot_error = "not made yet"
+        self._snapshot_lock = trio.Lock()
         self.under_way = False
 
     def handlers(self) -> dict[str, _unary.Handler]:
@@ -634,13 +638,35 @@ class Upgrader:
                                status_of=status_of, log=log)
 
     async def make_snapshot(self) -> None:
-        """Make sure a copy of the running code exists and hold it (off the hot path)."""
+        """Make sure a copy of the running code exists and hold it (off the hot path).
+
+        Opening one that exists is two syscalls, done here; writing one (the first
+        shim of its code) waits :data:`SNAPSHOT_DELAY` and runs in a worker thread,
+        unless an Upgrade asks for it first (:meth:`_write_snapshot`).  Measured: a
+        worker thread started while the first Create ran delayed ``/tasks/create``
+        by ~15 ms (bench/compare, 2026-11-29).
+        """
         try:
-            self.snapshot = await trio.to_thread.run_sync(codesnap.ensure, self.record.code)
-            self.snapshot_error = ""
-        except (OSError, ValueError) as e:
+            self.snapshot = codesnap.open_existing(self.record.code)
+        except OSError as e:
             self.snapshot_error = str(e)
-            log.warning("no copy of the running code (upgrades are refused): %s", e)
+        if self.snapshot is None:
+            await trio.sleep(SNAPSHOT_DELAY)
+            await self._write_snapshot()
+
+    async def _write_snapshot(self) -> None:
+        """Write (or open) the copy of the running code, once at a time; on failure
+        :attr:`snapshot_error` says why (the code on disk changed: no copy can be made)."""
+        async with self._snapshot_lock:
+            if self.snapshot is not None:
+                return
+            try:
+                self.snapshot = await trio.to_thread.run_sync(codesnap.ensure,
+                                                              self.record.code)
+                self.snapshot_error = ""
+            except (OSError, ValueError) as e:
+                self.snapshot_error = str(e)
+                log.warning("no copy of the running code (upgrades are refused): %s", e)
 
     def _ending(self) -> bool:
         return self.closing() or self.service.group.closing
@@ -653,14 +679,16 @@ class Upgrader:
         timeout = r.quiesce_timeout_seconds or QUIESCE_TIMEOUT
         if not 0 < timeout < math.inf:
             raise errors.InvalidArgument(f"quiesce_timeout_seconds {timeout} is not positive")
-        if self.snapshot is None:
-            raise errors.Unavailable(
-                f"no copy of the running code to fall back to ({self.snapshot_error})")
-        why = self.service.handover_refusal()
-        if why is not None:
-            raise errors.FailedPrecondition(why)
         self.under_way = True
         try:
+            if self.snapshot is None:
+                await self._write_snapshot()  # asked before the shim made it on its own
+            if self.snapshot is None:
+                raise errors.Unavailable(
+                    f"no copy of the running code to fall back to ({self.snapshot_error})")
+            why = self.service.handover_refusal()
+            if why is not None:
+                raise errors.FailedPrecondition(why)
             answer = await preflight(self.service.reaper)
             if handover.FORMAT not in answer["formats"]:
                 raise errors.Unavailable(

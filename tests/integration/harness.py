@@ -47,6 +47,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import psutil
 
+from supervisor import codesnap
 from supervisor.launch import forkclient, procfs
 
 T = TypeVar("T")
@@ -504,6 +505,7 @@ class Containerd:
         path = [str(d) for d in shim_bin_dirs()] + [_search_path()]
         env["PATH"] = os.pathsep.join(p for p in path if p)
         env[forkclient.SOCKET_ENV] = self.forkserver_socket
+        env[codesnap.DIR_ENV] = str(self.dir / "code")  # the shims' copies of their code
         env.update(self.extra_env)
         return env
 

@@ -296,6 +296,26 @@ def test_a_code_snapshot_runs_the_upgrade_entry_from_the_zip(
         snap.close()
 
 
+def test_a_new_snapshot_prunes_the_others_and_theirs_stay_readable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One copy per code installed, not one per code ever run: /run is memory.
+    monkeypatch.setenv("SUPERVISOR_CODE_IDENTITY", "old-code")
+    old = codesnap.ensure("old-code", str(tmp_path))
+    assert codesnap.open_existing("new-code", str(tmp_path)) is None
+    monkeypatch.setenv("SUPERVISOR_CODE_IDENTITY", "new-code")
+    new = codesnap.ensure("new-code", str(tmp_path))
+    try:
+        assert os.listdir(tmp_path) == [os.path.basename(new.path)]
+        with zipfile.ZipFile(f"/proc/self/fd/{old.fd}") as z:  # the old shim's copy lives on
+            assert "supervisor/upgrade.py" in z.namelist()
+        again = codesnap.open_existing("new-code", str(tmp_path))
+        assert again is not None and again.path == new.path
+        again.close()
+    finally:
+        old.close()
+        new.close()
+
+
 def test_no_snapshot_of_code_that_changed_on_disk(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SUPERVISOR_CODE_IDENTITY", "what is on disk now")
