@@ -71,6 +71,8 @@ export PEER_SHIM_DIR=$SHIM_DIR
 # (by the pid in its lock file) when the suites end -- never the machine's default one.
 FORKSERVER_DIR=$(mktemp -d /tmp/supervisor-conformance-fs.XXXXXX)
 export SUPERVISOR_FORKSERVER=$FORKSERVER_DIR/forkserver.sock
+# ... and the shims' copies of their code (in-place upgrades) beside it, removed with it.
+export SUPERVISOR_CODE_DIR=$FORKSERVER_DIR/code
 stop_forkserver() {
 	local pid
 	pid=$(cat "$FORKSERVER_DIR/forkserver.lock" 2>/dev/null || true)
