@@ -5,6 +5,7 @@ the header names the containerd series the real-containerd tests run on
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     rep = yield
     setattr(item, REPORT_ATTR + rep.when, rep)
     return rep
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_code_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Shims the tests start keep the copy of their code (in-place upgrades) in the run's
+    own directory, never the machine's ``/run/containerd/supervisor/code`` (harness
+    containerds name their own; this covers shims started any other way)."""
+    from supervisor.codesnap import DIR_ENV  # noqa: PLC0415 - the package under test
+
+    os.environ.setdefault(DIR_ENV, str(tmp_path_factory.mktemp("code")))
 
 
 def pytest_report_header(config: pytest.Config) -> str:
