@@ -110,20 +110,21 @@ def ensure(code: str, directory: str | None = None) -> Snapshot:
     the files on disk are not the running code any more.
     """
     directory = directory or code_dir()
+    existing = open_existing(code, directory)
+    if existing is not None:
+        return existing
     path = snapshot_path(code, directory)
-    if not os.path.exists(path):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if code_identity() != code:
-            raise ValueError("the code on disk changed since this shim started")
-        _write_zip(path)
-        if code_identity() != code:
-            os.unlink(path)
-            raise ValueError("the code on disk changed while it was copied")
-        log.debug("code snapshot %s written", path)
-        snapshot = Snapshot(os.open(path, os.O_RDONLY | os.O_CLOEXEC), path)
-        _prune(directory, keep=path)
-        return snapshot
-    return Snapshot(os.open(path, os.O_RDONLY | os.O_CLOEXEC), path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if code_identity() != code:
+        raise ValueError("the code on disk changed since this shim started")
+    _write_zip(path)
+    if code_identity() != code:
+        os.unlink(path)
+        raise ValueError("the code on disk changed while it was copied")
+    log.debug("code snapshot %s written", path)
+    snapshot = Snapshot(os.open(path, os.O_RDONLY | os.O_CLOEXEC), path)
+    _prune(directory, keep=path)
+    return snapshot
 
 
 def _prune(directory: str, keep: str) -> None:

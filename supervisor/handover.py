@@ -10,7 +10,8 @@ memfd (:func:`dump`) and execs ``python -I -m supervisor.upgrade --adopt FD
 --fallback FD`` (:func:`adopt_argv`).  The new code loads it (:func:`load`),
 rebuilds its objects from it and serves; if it cannot, it execs the old code
 back from its snapshot (:mod:`supervisor.codesnap`) with the same state and
-``--error`` (:func:`fallback_argv`), and the old code adopts what it wrote.
+``--error`` (:func:`supervisor.upgrade.fallback_argv`), and the old code adopts
+what it wrote.
 
 The schema is the ``TypedDict`` classes below, and only them: :func:`validate`
 reads their annotations, so the checks cannot drift from the types.  Bytes are
@@ -55,7 +56,6 @@ __all__ = [
     "check_argv",
     "clear_cloexec",
     "dump",
-    "fallback_argv",
     "load",
     "read",
     "unb64",
@@ -454,10 +454,3 @@ def adopt_argv(state_fd: int, snapshot_fd: int, cmdline: list[str]) -> list[str]
     return [sys.executable, "-I", "-m", ENTRY, "--adopt", str(state_fd),
             "--fallback", str(snapshot_fd), "--", *cmdline]
 
-
-def fallback_argv(state_fd: int, snapshot_fd: int, error: str,
-                  cmdline: list[str]) -> list[str]:
-    """The old code, from its snapshot (:mod:`supervisor.codesnap`), adopting the state
-    it wrote, told why the new code did not (``cmdline`` as in :func:`adopt_argv`)."""
-    return [sys.executable, "-I", f"/proc/self/fd/{snapshot_fd}", "--adopt", str(state_fd),
-            "--fallback", str(snapshot_fd), "--error", error[:2000], "--", *cmdline]

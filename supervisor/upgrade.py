@@ -51,6 +51,16 @@ def check() -> int:
     return 0
 
 
+def fallback_argv(state_fd: int, snapshot_fd: int, error: str,
+                  cmdline: list[str]) -> list[str]:
+    """The old code, from its snapshot (:mod:`supervisor.codesnap`), adopting the state
+    it wrote, told why the new code did not (``cmdline`` as in
+    :func:`supervisor.handover.adopt_argv`).  Here, not in :mod:`supervisor.handover`,
+    so that it is at hand even when importing that failed."""
+    return [sys.executable, "-I", f"/proc/self/fd/{snapshot_fd}", "--adopt", str(state_fd),
+            "--fallback", str(snapshot_fd), "--error", error[:2000], "--", *cmdline]
+
+
 def _fallback(state_fd: int, snapshot_fd: int, error: str, cmdline: list[str],
               spares: dict[int, int] | None = None) -> None:
     """Exec the old code from its snapshot with the same state; returns only if that fails.
@@ -63,18 +73,16 @@ def _fallback(state_fd: int, snapshot_fd: int, error: str, cmdline: list[str],
     # collection may run once the fds are put back (nothing below makes garbage that
     # refcounting alone would not free).
     gc.disable()
+    argv = fallback_argv(state_fd, snapshot_fd, error, cmdline)
     fds: list[int] = []
     try:
-        from supervisor.handover import fallback_argv, read
+        from supervisor.handover import read
 
         doc = read(state_fd)
         named = doc.get("fds", []) if isinstance(doc, dict) else []
         fds = [fd for fd in named if isinstance(fd, int)] if isinstance(named, list) else []
-        argv = fallback_argv(state_fd, snapshot_fd, error, cmdline)
-    except BaseException as e:  # even the helpers failed to import: build it here
-        print(f"supervisor.upgrade: preparing the fallback: {e!r}", file=sys.stderr)
-        argv = [sys.executable, "-I", f"/proc/self/fd/{snapshot_fd}", "--adopt", str(state_fd),
-                "--fallback", str(snapshot_fd), "--error", error[:2000], "--", *cmdline]
+    except BaseException as e:  # even the reader failed to import: the fds stay as they are
+        print(f"supervisor.upgrade: reading the state for the fallback: {e!r}", file=sys.stderr)
     # Last, each on its own (one bad fd must not leave the others behind): the fds back
     # on their numbers, and everything the old code needs made to survive the exec.
     for fd, spare in (spares or {}).items():

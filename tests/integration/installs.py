@@ -31,8 +31,6 @@ from pathlib import Path
 import trio
 from harness import REPO_ROOT, Containerd
 
-from supervisor.codesnap import DIR_ENV as CODE_DIR_ENV  # where shims keep their code's copy
-
 #: The pytest option / environment variable naming the commit "previous release" is.
 BASE_ENV = "SUPERVISOR_TEST_UPGRADE_BASE"
 MARK_FILE = "supervisor/upgrade.py"
@@ -137,10 +135,8 @@ class PrivateInstall:
 
 
 def use_install(c: Containerd, install: PrivateInstall | None) -> None:
-    """Before ``c.start()``: its shims come from ``install`` (None: the worktree's venv), and
-    their code snapshots go to a directory of ``c``'s own."""
-    code_dir = c.dir / "code"
-    c.extra_env[CODE_DIR_ENV] = str(code_dir)
+    """Before ``c.start()``: its shims come from ``install`` (None: the worktree's venv).
+    Their code snapshots go to a directory of ``c``'s own (``Containerd.env``)."""
     if install is not None:
         c.extra_env.pop("PATH", None)
         c.extra_env["PATH"] = os.pathsep.join([str(install.bin), c.env()["PATH"]])
