@@ -50,13 +50,13 @@ from supervisor.api.events import ttrpc_pb2 as events_api
 from supervisor.api.upgrade import upgrade_pb2
 from supervisor.events import Event, Outbox, Spool
 from supervisor.handover import UpgradeRecord
+from supervisor.io import Streams
 from supervisor.launch import sockfile
 from supervisor.launch.address import address_of, socket_path
 from supervisor.launch.defaults import LISTEN_FD
 from supervisor.launch.flags import Flags
 from supervisor.launch.forkclient import code_identity
 from supervisor.launch.spool import spool_path, work_dir
-from supervisor.process import Process, pause_streams, resume_streams, streams_fds
 from supervisor.reaper import Reaper, spawn
 from supervisor.task import GROUP_SERVICE, RESUMABLE, SERVICE, TaskService, status_of
 from supervisor.ttrpc._frame import MessageType, OversizedFrame
@@ -707,7 +707,7 @@ class Upgrader:
     async def _attempt(self, timeout: float) -> None:
         deadline = trio.current_time() + timeout
         server_quiet = reaper_paused = outbox_paused = False
-        paused: list[Process] = []
+        paused: list[Streams] = []
         try:
             if not await self.server.quiesce(timeout):
                 raise UpgradeAborted(f"calls in flight did not finish within {timeout:g}s")
@@ -717,10 +717,9 @@ class Upgrader:
             with trio.move_on_at(deadline) as waited:
                 reaper_paused = True
                 await self.service.settle_exits()
-                for container in self.service.containers.values():
-                    for process in container.all_processes():
-                        paused.append(process)
-                        await pause_streams(process.io)
+                for streams in self._streams():
+                    paused.append(streams)
+                    await streams.pause()
                 outbox_paused = True
                 await self.outbox.pause()
             if waited.cancelled_caught:
@@ -738,8 +737,8 @@ class Upgrader:
             log.warning("upgrade called off, serving on: %s", error)
             if outbox_paused:
                 self.outbox.resume()
-            for process in reversed(paused):
-                resume_streams(process.io)
+            for streams in reversed(paused):
+                streams.resume()
             if reaper_paused:
                 self.service.reaper.resume()
             if server_quiet or self.server.quiescing:
@@ -747,6 +746,11 @@ class Upgrader:
             self.record.failed(error)
         finally:
             self.under_way = False
+
+    def _streams(self) -> list[Streams]:
+        """The stdio of every process (a process without stdio has none)."""
+        return [process.io for container in self.service.containers.values()
+                for process in container.all_processes() if process.io is not None]
 
     def state(self) -> handover.State:
         """Everything the new code needs (the shim is quiesced)."""
@@ -756,9 +760,8 @@ class Upgrader:
         fds = {self.listener.fileno(), *(c["fd"] for c in connections)}
         if events is not None:
             fds.add(events["fd"])
-        for container in self.service.containers.values():
-            for process in container.all_processes():
-                fds.update(streams_fds(process.io))
+        for streams in self._streams():
+            fds.update(streams.fds())
         record = self.record
         return {
             "format": handover.FORMAT,

@@ -31,10 +31,8 @@ Invariants
   waiting), when Delete's container part is done.  :meth:`Process.wait`
   answers from the stored status at any time after.
 * An in-place upgrade carries the lifecycle as it is (:meth:`Process.export`,
-  :meth:`Process.adopt`); the functions at the end are the one place that
-  asks a process's streams to pause, export, resume or list their fds, and a
-  process whose streams cannot do that refuses the upgrade
-  (:func:`streams_handover_refusal`).
+  :meth:`Process.adopt`); its streams carry themselves (``Streams.pause``,
+  ``export``, ``fds``, ``resume``: :mod:`supervisor.io`).
 * Only the lifecycle lives here.  When an exit may be reported (TaskStart
   before TaskExit, the init's after its execs') is decided by
   :class:`supervisor.exits.ExitOrder`, which the Task service asks.
@@ -160,14 +158,14 @@ class Process:
     # --- an in-place upgrade -----------------------------------------------------
 
     def export(self) -> ProcessState:
-        """The process's facts (JSON-able); its streams' part from ``export_streams``."""
+        """The process's facts (JSON-able); its streams' part is their own ``export()``."""
         return {
             "exec_id": self.exec_id, "state": str(self.state), "pid": self.pid,
             "exit_status": self.exit_status, "exited_at_ns": self.exited_at_ns,
             "exited": self.exited.is_set(),
             "stdio": {"stdin": self.stdio.stdin, "stdout": self.stdio.stdout,
                       "stderr": self.stdio.stderr, "terminal": self.stdio.terminal},
-            "spec": b64(self.spec), "io": export_streams(self.io),
+            "spec": b64(self.spec), "io": None if self.io is None else self.io.export(),
         }
 
     @classmethod
@@ -195,24 +193,3 @@ class Process:
 #: the new code opens the process's (null) stdio afresh.
 NULL_STREAMS: dict[str, object] = {"kind": "none"}
 
-
-def export_streams(io: Streams | None) -> dict[str, object] | None:
-    """``io``'s export (see :mod:`supervisor.io`); a process without stdio carries nothing."""
-    return None if io is None else io.export()
-
-
-async def pause_streams(io: Streams | None) -> None:
-    """Stop ``io``'s copies at a chunk boundary, nothing lost."""
-    if io is not None:
-        await io.pause()
-
-
-def resume_streams(io: Streams | None) -> None:
-    """Copy again after :func:`pause_streams` (the upgrade was called off)."""
-    if io is not None:
-        io.resume()
-
-
-def streams_fds(io: Streams | None) -> list[int]:
-    """The fds ``io`` holds, which must survive the exec."""
-    return [] if io is None else list(io.fds())
