@@ -83,7 +83,6 @@ from supervisor.io import (
     StateFields,
     StreamCounters,
     StreamStateError,
-    fds_of,
     open_stdin,
     read_nowait,
     wait_delivered,
@@ -541,12 +540,6 @@ class Console(Resumable):
             self._in_scope.cancel()
             await self._stopped.wait()
 
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called: :meth:`export` refuses it (an upgrade is
-        refused first, ``TaskService.handover_refusal``)."""
-        return self._closed
-
     def _state(self) -> dict[str, object]:
         return {
             "kind": self.counters.kind,
@@ -576,10 +569,6 @@ class Console(Resumable):
         state = self._state()
         self._exported = True
         return state
-
-    def fds(self) -> list[int]:
-        """Every fd :meth:`export` names: what must stay open across ``execve``."""
-        return fds_of(self._state())
 
     @classmethod
     def adopt(cls, f: StateFields) -> Console:

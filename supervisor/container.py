@@ -405,7 +405,7 @@ class Container:
             io = await self._open_io(process.stdio)
             io.spawned()
             return io
-        return stdio_streams.adopt_streams(data, reaper=self.reaper, spool_dir=self.work_dir)
+        return stdio_streams.adopt_streams(data, spool_dir=self.work_dir)
 
     # --- other operations -----------------------------------------------
 

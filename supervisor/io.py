@@ -554,19 +554,31 @@ class _Output:
 
 
 class Resumable:
-    """:meth:`resume`, the same for both kinds of streams (:class:`ProcessIO` and
-    :class:`~supervisor.console.Console`), over the fields both keep."""
+    """:meth:`resume`, :meth:`fds` and :attr:`closed`, the same for both kinds of streams
+    (:class:`ProcessIO` and :class:`~supervisor.console.Console`), over the fields both
+    keep and their ``_state()`` (what ``export()`` returns)."""
 
     _closed: bool
     _pausing: bool
     _exported: bool
     _nursery: trio.Nursery | None
 
-    def fds(self) -> list[int]:
+    def _state(self) -> dict[str, object]:
         raise NotImplementedError
 
     def start(self, nursery: trio.Nursery) -> None:
         raise NotImplementedError
+
+    def fds(self) -> list[int]:
+        """Every fd :meth:`export` names: what must stay open across ``execve`` (ask
+        after :meth:`pause`: a backlog in memory is in a file only then)."""
+        return fds_of(self._state())
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called: :meth:`export` refuses it (an upgrade is
+        refused first, ``TaskService.handover_refusal``)."""
+        return self._closed
 
     def resume(self) -> None:
         """Undo :meth:`pause` in place (also after :meth:`export`): the copies go on.
@@ -611,7 +623,6 @@ class ProcessIO(Resumable):
         self._stdin_pending = memoryview(b"")  # read from the FIFO, not yet in the pipe
         self._outputs: list[_Output] = []  # every output not yet delivered to its end
         self._output_done = trio.Event()
-        self._outputs_left = 0
         self._stdin_close_requested = False
         self._stdin_scope: trio.CancelScope | None = None
         self._stdin_copying = False  # the stdin copy owns the stdin fds (running or paused)
@@ -696,7 +707,7 @@ class ProcessIO(Resumable):
             for fd in self._child_ends:
                 if fd != devnull:
                     os.fchown(fd, uid, gid)
-        self._outputs_left = self._outputs_total = len(self._outputs)
+        self._outputs_total = len(self._outputs)
         if not self._outputs:
             self._output_done.set()
 
@@ -831,8 +842,7 @@ class ProcessIO(Resumable):
             out.backlog.close()
         if out in self._outputs:
             self._outputs.remove(out)
-            self._outputs_left -= 1
-        if self._outputs_left <= 0:
+        if not self._outputs:
             self._output_done.set()
 
     def _write_some(self, name: str, backlog: Backlog, dest: int, data: bytes) -> bytes:
@@ -963,12 +973,6 @@ class ProcessIO(Resumable):
         for out in self._outputs:
             self._backlog(out).hold_in_file()
 
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called: :meth:`export` refuses it (an upgrade is
-        refused first, ``TaskService.handover_refusal``)."""
-        return self._closed
-
     def _state(self) -> dict[str, object]:
         outputs: list[dict[str, object]] = []
         live = {out.name: out for out in self._outputs}
@@ -1020,11 +1024,6 @@ class ProcessIO(Resumable):
         self._exported = True
         return state
 
-    def fds(self) -> list[int]:
-        """Every fd :meth:`export` names: what must stay open across ``execve`` (ask
-        after :meth:`pause`: a backlog in memory is in a file only then)."""
-        return fds_of(self._state())
-
     @classmethod
     def _adopt(cls, f: StateFields) -> ProcessIO:
         io = cls(Stdio(f.text("stdin"), f.text("stdout"), f.text("stderr")))
@@ -1053,7 +1052,6 @@ class ProcessIO(Resumable):
                 raise StreamStateError(f"{o.where}: a delivered output (dest_fd -1) names fds")
         if io._eofs > io._outputs_total or len(io._outputs) > io._outputs_total:
             raise StreamStateError(f"{f.where}.outputs_total: {io._outputs_total} is too small")
-        io._outputs_left = len(io._outputs)
         if not io._outputs:
             io._output_done.set()
         io._stdin_fifo = f.fd("stdin_fifo_fd", kind="fifo")
@@ -1196,7 +1194,6 @@ ADOPTERS: dict[str, Callable[[StateFields], Streams]] = {
 def adopt_streams(
     data: dict[str, object],
     *,
-    reaper: Reaper | None = None,
     spool_dir: str | None = None,
     where: str = "io",
 ) -> Streams:
@@ -1205,16 +1202,14 @@ def adopt_streams(
 
     ``.start(nursery)`` then goes on copying exactly where the old object
     stopped.  ``spool_dir`` (the container's work dir) replaces the exported
-    one for backlog files made from now on; ``reaper`` is not needed (a
-    logging binary is a child like any other: the shim's reaper reaps it; the
-    pipes it reads are not ours) and is accepted so that every stream kind is
-    adopted alike.  Every fd named is checked (open, of the right kind,
+    one for backlog files made from now on (a logging binary needs nothing: it
+    is a child like any other, which the shim's reaper reaps, and the pipes it
+    reads are not ours).  Every fd named is checked (open, of the right kind,
     named once) and marked close-on-exec again.  Raises
     :class:`StreamStateError` (a ValueError) naming the field (under
     ``where``) for anything wrong; nothing is closed then: the fds still
     belong to ``data``.
     """
-    del reaper
     f = StateFields(data, where)
     kind = f.text("kind")
     adopter = ADOPTERS.get(kind)
