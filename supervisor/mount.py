@@ -335,10 +335,7 @@ def mount_all(specs: Sequence[MountSpec], target: str) -> None:
 
 def is_mountpoint(path: str) -> bool:
     """Whether ``path`` (symlinks resolved) is a mount point in this namespace."""
-    if not os.path.exists(path):
-        return False
-    real = os.path.realpath(path)
-    return any(m.mount_point == real for m in procfs.read_mountinfo())
+    return os.path.exists(path) and procfs.mounted(os.path.realpath(path))
 
 
 # --- internals --------------------------------------------------------------
