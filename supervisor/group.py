@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from supervisor import errors
+from supervisor import errors, identifiers
 
 if TYPE_CHECKING:
     from supervisor.handover import GroupState
@@ -82,8 +82,7 @@ class Group:
     def join(self, container_id: str, limit: int = 0) -> int:
         """Reserve a place for ``container_id`` (idempotent); the containers served or
         reserved, this one included.  ``limit`` (0: none) bounds that count."""
-        if not container_id:
-            raise errors.InvalidArgument("container id must not be empty")
+        identifiers.check(container_id, "container id")
         if self._closing:
             raise errors.Unavailable("the shim is shutting down")
         self._prune()

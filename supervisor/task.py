@@ -639,5 +639,4 @@ class TaskService:
     # --- group --------------------------------------------------------------
 
     async def join(self, r: group_pb2.JoinRequest) -> group_pb2.JoinResponse:
-        identifiers.check(r.id, "container id")
         return group_pb2.JoinResponse(containers=self.group.join(r.id, r.limit))
