@@ -369,7 +369,7 @@ def action_serve(flags: Flags, *, code: str = "") -> int:
     Either way the listening socket is fd 3 and the working directory is the bundle.
     ``code``: the code identity it runs (a fork server's; default: read now).
     """
-    shimlog.setup_logging(flags.debug)
+    shimlog.setup_logging(logging.DEBUG if flags.debug else logging.INFO)
     log.debug("%s", _ksm.apply())
     try:
         listener = socket.socket(fileno=LISTEN_FD)
@@ -428,7 +428,7 @@ def serve_adopted(state: handover.State, *, state_fd: int, snapshot_fd: int, err
     """
     shim = state["shim"]
     try:
-        _adopt_logging(shim)
+        shimlog.setup_logging(shim["root_log_level"], shim["log_fifo"])
         log.debug("%s", _ksm.apply())  # per memory map: a new one since the exec
         if shim["pid"] != os.getpid():
             raise handover.StateError(f"the state is of pid {shim['pid']}, not this one")
@@ -473,20 +473,6 @@ def _set_comm(name: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     buf = ctypes.create_string_buffer(os.fsencode(name)[:15])
     libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0)
-
-
-def _adopt_logging(shim: handover.ShimState) -> None:
-    root = logging.getLogger()
-    handler: logging.Handler
-    try:
-        if not shim["log_fifo"]:
-            raise OSError("no log FIFO")
-        handler = shimlog.FifoLogHandler(shim["log_fifo"])
-    except OSError:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(shimlog.FORMAT))
-    root.addHandler(handler)
-    root.setLevel(shim["root_log_level"])
 
 
 def _connection_state(handed: ttrpc.HandedOver) -> handover.ConnectionState:

@@ -66,13 +66,17 @@ def fifo_handler() -> FifoLogHandler | None:
     return None
 
 
-def setup_logging(debug: bool) -> None:
+def setup_logging(level: int, fifo: str = "log") -> None:
+    """Log at ``level`` to the bundle's log FIFO ``fifo`` (relative: the working
+    directory is the bundle), or to stderr when there is none ("" or unopenable)."""
     root = logging.getLogger()
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.setLevel(level)
     fmt = logging.Formatter(FORMAT)
     handler: logging.Handler
     try:
-        handler = FifoLogHandler("log")
+        if not fifo:
+            raise OSError("no log FIFO")
+        handler = FifoLogHandler(fifo)
     except OSError:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(fmt)
