@@ -29,13 +29,11 @@ OOM watches and the events client start anew around them.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import math
 import os
-import signal
 import socket
 import sys
 import time
@@ -57,7 +55,7 @@ from supervisor.launch.defaults import LISTEN_FD
 from supervisor.launch.flags import Flags
 from supervisor.launch.forkclient import code_identity
 from supervisor.launch.spool import spool_path, work_dir
-from supervisor.reaper import Reaper, spawn
+from supervisor.reaper import Reaper, run_captured
 from supervisor.task import GROUP_SERVICE, RESUMABLE, SERVICE, TaskService, status_of
 from supervisor.ttrpc._frame import MessageType, OversizedFrame
 from supervisor.ttrpc._protocol import ServerSnapshot
@@ -523,45 +521,17 @@ def _handed_over(state: handover.ConnectionState) -> ttrpc.HandedOver:
 async def preflight(reaper: Reaper, timeout: float = CHECK_TIMEOUT) -> dict[str, Any]:
     """Run the installed code's ``--check`` (:mod:`supervisor.upgrade`) as a child:
     its answer, or :class:`errors.Unavailable` with what went wrong."""
-    argv = handover.check_argv()
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    output: dict[int, bytes] = {out_r: b"", err_r: b""}
-
-    async def read_all(fd: int) -> None:
-        async with trio.lowlevel.FdStream(fd) as stream:
-            while len(output[fd]) < 1 << 20:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                output[fd] += data
-
-    status = -1
-    with reaper.subscribe() as sub:
-        try:
-            pid = spawn(argv, fds={1: out_w, 2: err_w})
-        except OSError as e:
-            for fd in (out_r, out_w, err_r, err_w):
-                os.close(fd)
-            raise errors.Unavailable(f"cannot run the installed code: {e}") from e
-        os.close(out_w)
-        os.close(err_w)
-        try:
-            with trio.move_on_after(timeout):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(read_all, out_r)
-                    nursery.start_soon(read_all, err_r)
-                status = (await sub.wait_for(pid)).status
-        finally:
-            if status < 0 and sub.poll(pid) is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-    tail = output[err_r].decode(errors="replace").strip()[-2000:]
+    try:
+        status, out, err = await run_captured(reaper, handover.check_argv(), timeout=timeout,
+                                              limit=1 << 20, stderr=True)
+    except OSError as e:
+        raise errors.Unavailable(f"cannot run the installed code: {e}") from e
+    tail = err.decode(errors="replace").strip()[-2000:]
     if status != 0:
         why = f"exit status {status}" if status >= 0 else f"no answer within {timeout:g}s"
         raise errors.Unavailable(f"the installed code fails its check ({why}): {tail}")
     try:
-        answer = json.loads(output[out_r].decode().strip().splitlines()[-1])
+        answer = json.loads(out.decode().strip().splitlines()[-1])
         if not (isinstance(answer, dict) and isinstance(answer.get("code"), str)
                 and isinstance(answer.get("formats"), list)):
             raise TypeError(f"not an answer: {answer!r:.200}")

@@ -39,7 +39,6 @@ import contextlib
 import logging
 import os
 import platform
-import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -56,7 +55,7 @@ from supervisor.api.introspect import introspect_pb2 as pb
 from supervisor.events import Event, Outbox
 from supervisor.handover import UpgradeRecord
 from supervisor.process import Process
-from supervisor.reaper import Reaper, spawn
+from supervisor.reaper import Reaper, run_captured
 from supervisor.runtime import DEFAULT_BINARY
 from supervisor.ttrpc import Code, RPCError
 
@@ -137,42 +136,13 @@ async def probe_runtime_version(
     reaper: Reaper, binary: str, timeout: float = VERSION_TIMEOUT
 ) -> str:
     """The first line ``<binary> --version`` prints (through the reaper, killed on timeout)."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        with reaper.subscribe() as sub:
-            try:
-                pid = spawn([binary, "--version"], fds={1: w})
-            finally:
-                os.close(w)
-            reaped = False
-            try:
-                with trio.fail_after(timeout):
-                    stream = trio.lowlevel.FdStream(r)
-                    r = -1  # the stream owns it now
-                    chunks: list[bytes] = []
-                    size = 0
-                    async with stream:
-                        while size < _VERSION_OUTPUT_LIMIT:
-                            data = await stream.receive_some(65536)
-                            if not data:
-                                break
-                            chunks.append(data)
-                            size += len(data)
-                    exit_ = await sub.wait_for(pid)
-                    reaped = True
-            except trio.TooSlowError:
-                raise TimeoutError(f"{binary} --version: no answer within {timeout}s") from None
-            finally:
-                # Still ours (not reaped: no checkpoint since poll), so the pid cannot be reused.
-                if not reaped and sub.poll(pid) is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-    finally:
-        if r >= 0:
-            os.close(r)
-    lines = b"".join(chunks).decode(errors="replace").strip().splitlines()
-    if exit_.status != 0 and not lines:
-        raise OSError(f"{binary} --version: exit status {exit_.status}")
+    status, out, _ = await run_captured(reaper, [binary, "--version"], timeout=timeout,
+                                        limit=_VERSION_OUTPUT_LIMIT)
+    if status < 0:
+        raise TimeoutError(f"{binary} --version: no answer within {timeout}s")
+    lines = out.decode(errors="replace").strip().splitlines()
+    if status != 0 and not lines:
+        raise OSError(f"{binary} --version: exit status {status}")
     return lines[0].strip() if lines else ""
 
 

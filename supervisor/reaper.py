@@ -31,6 +31,7 @@ Invariants
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -44,7 +45,8 @@ import trio
 
 from supervisor.launch._spawn import spawn
 
-__all__ = ["Exit", "Reaper", "Subscription", "spawn", "status_from_wait", "zombies"]
+__all__ = ["Exit", "Reaper", "Subscription", "run_captured", "spawn", "status_from_wait",
+           "zombies"]
 
 log = logging.getLogger("supervisor.reaper")
 
@@ -225,3 +227,48 @@ def zombies() -> Iterator[int]:
         fields = stat.rsplit(")", 1)[-1].split()
         if len(fields) >= 2 and fields[0] == "Z" and int(fields[1]) == me:
             yield int(entry)
+
+
+async def run_captured(reaper: Reaper, argv: list[str], *, timeout: float, limit: int,
+                       stderr: bool = False) -> tuple[int, bytes, bytes]:
+    """Run ``argv`` as a child of the shim and collect what it writes to stdout (and
+    stderr, if asked; else /dev/null), at most ``limit`` bytes of each:
+    ``(status, stdout, stderr)``.
+
+    Status -1: the child did not end within ``timeout`` and was killed (while
+    still unreaped, so the pid cannot be someone else's).  OSError if it cannot
+    be started.  Subscribed before the spawn, as every child of the shim is.
+    """
+    pipes = {n: os.pipe2(os.O_CLOEXEC) for n in ((1, 2) if stderr else (1,))}
+    output: dict[int, bytes] = {n: b"" for n in pipes}
+
+    async def read(n: int) -> None:
+        async with trio.lowlevel.FdStream(pipes[n][0]) as stream:
+            while len(output[n]) < limit:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                output[n] += data
+
+    status = -1
+    with reaper.subscribe() as sub:
+        try:
+            pid = spawn(argv, fds={n: w for n, (_r, w) in pipes.items()})
+        except BaseException:
+            for r, w in pipes.values():
+                os.close(r)
+                os.close(w)
+            raise
+        for _r, w in pipes.values():
+            os.close(w)
+        try:
+            with trio.move_on_after(timeout):
+                async with trio.open_nursery() as nursery:
+                    for n in pipes:
+                        nursery.start_soon(read, n)
+                status = (await sub.wait_for(pid)).status
+        finally:
+            if status < 0 and sub.poll(pid) is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    return status, output[1], output.get(2, b"")
