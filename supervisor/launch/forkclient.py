@@ -312,14 +312,9 @@ def request_shim(path: str, request: Request, listener_fd: int,
             raise TimeoutError(f"no answer within {timeout:g} s")
         return remaining
 
-    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    conn = _connect(path, left())
     fds: list[int] = []
     try:
-        conn.settimeout(left())
-        try:
-            conn.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise NoServer(f"nothing serves it ({e.strerror})") from None
         conn.settimeout(left())
         send_fds(conn, [_msgpack.packb(request.to_wire())], [listener_fd])
         conn.settimeout(left())
@@ -328,12 +323,7 @@ def request_shim(path: str, request: Request, listener_fd: int,
             raise ForkServerError("the fork server closed the connection")
         if flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
             raise ForkServerError("answer truncated")
-        try:
-            answer = _msgpack.unpackb(data)
-        except ValueError as e:
-            raise ForkServerError(f"undecodable answer: {e}") from None
-        if not isinstance(answer, dict):
-            raise ForkServerError(f"bad answer {answer!r:.80}")
+        answer = _answer(data)
         if "error" in answer:
             raise (Retired if answer.get("retired") is True else ForkServerError)(
                 str(answer["error"]))
@@ -347,8 +337,6 @@ def request_shim(path: str, request: Request, listener_fd: int,
         for fd in fds:
             os.close(fd)
         conn.close()
-
-
 
 
 def spawn_server(path: str, code: str) -> int | None:
@@ -460,25 +448,39 @@ def read_pid(path: str) -> int | None:
         os.close(fd)
 
 
-def _exchange(path: str, message: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One message to the server at ``path`` and its answer, a map (a ``status`` or a
-    stale request: neither passes an fd)."""
+def _connect(path: str, timeout: float) -> _socket.socket:
+    """A connection to the server at ``path`` (NoServer when nothing serves it)."""
     conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
         conn.settimeout(timeout)
-        try:
-            conn.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise NoServer(f"nothing serves it ({e.strerror})") from None
+        conn.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        conn.close()
+        raise NoServer(f"nothing serves it ({e.strerror})") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _answer(data: bytes) -> dict[str, Any]:
+    """The server's answer decoded: a map, or ForkServerError."""
+    try:
+        answer = _msgpack.unpackb(data)
+    except ValueError as e:
+        raise ForkServerError(f"undecodable answer: {e}") from None
+    if not isinstance(answer, dict):
+        raise ForkServerError(f"bad answer {answer!r:.80}")
+    return answer
+
+
+def _exchange(path: str, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One message to the server at ``path`` and its answer, a map (a ``status`` or a
+    stale request: neither passes an fd)."""
+    conn = _connect(path, timeout)
+    try:
         conn.send(_msgpack.packb(message))
-        data = conn.recv(MAX_MESSAGE)
-        try:
-            answer = _msgpack.unpackb(data)
-        except ValueError as e:
-            raise ForkServerError(f"undecodable answer: {e}") from None
-        if not isinstance(answer, dict):
-            raise ForkServerError(f"bad answer {answer!r:.120}")
-        return answer
+        return _answer(conn.recv(MAX_MESSAGE))
     finally:
         conn.close()
 
