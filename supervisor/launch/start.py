@@ -193,6 +193,20 @@ def note(level: str, message: str) -> None:
         os.close(fd)
 
 
+def _spawn_server(path: str, code: str, why: str) -> None:
+    """Spawn a fork server at ``path`` for the next ``start`` (this one goes on cold)."""
+    from supervisor.launch import forkclient
+
+    try:
+        pid = forkclient.spawn_server(path, code)
+    except Exception as e:
+        note("warning", f"fork server {path}: {why}; cannot start one: {e}; "
+             "starting the shim cold")
+    else:
+        started = f"started one (pid {pid})" if pid else "another start is starting one"
+        note("info", f"fork server {path}: {why}; {started}; starting the shim cold")
+
+
 def start_daemon(flags: Flags, listener: _socket.socket) -> tuple[int, bool]:
     """Start the daemon serving ``listener``: (its pid, whether the fork server forked it).
 
@@ -207,8 +221,7 @@ def start_daemon(flags: Flags, listener: _socket.socket) -> tuple[int, bool]:
 
     path = forkclient.socket_path()
     if path:
-        spawn_server = False
-        code = why = ""
+        code = ""
         try:
             code = forkclient.code_identity()
             request = forkclient.Request.of_this_process(
@@ -216,19 +229,9 @@ def start_daemon(flags: Flags, listener: _socket.socket) -> tuple[int, bool]:
                 debug=flags.debug, argv=daemon_argv(flags), code=code)
             return forkclient.request_shim(path, request, listener.fileno()), True
         except (forkclient.NoServer, forkclient.Retired) as e:
-            spawn_server = True
-            why = str(e)
+            _spawn_server(path, code, str(e))
         except Exception as e:  # whatever went wrong, the cold start below still works
             note("warning", f"fork server {path}: {e}; starting the shim cold")
-        if spawn_server:
-            try:
-                pid = forkclient.spawn_server(path, code)
-            except Exception as e:
-                note("warning", f"fork server {path}: {why}; cannot start one: {e}; "
-                     "starting the shim cold")
-            else:
-                started = f"started one (pid {pid})" if pid else "another start is starting one"
-                note("info", f"fork server {path}: {why}; {started}; starting the shim cold")
     from supervisor.launch._spawn import spawn
 
     return spawn(daemon_argv(flags), fds={LISTEN_FD: listener.fileno()}, setsid=True), False
