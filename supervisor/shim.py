@@ -43,7 +43,7 @@ import sys
 
 from supervisor import __version__
 from supervisor.launch.flags import EXIT_USAGE, UsageError, parse_flags
-from supervisor.launch.launcher import full_site
+from supervisor.launch.launcher import NAME, full_site
 
 TYPE_CHECKING = False  # not typing's: importing typing costs `start` ~2 ms
 if TYPE_CHECKING:
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
     from supervisor.launch.settings import Settings
 
-NAME = "containerd-shim-supervisor-v2"
 #: What ``-version`` and ``-info`` name as the revision (there is no build commit).
 REVISION = "python"
 

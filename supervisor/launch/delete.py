@@ -35,13 +35,14 @@ import time
 
 from supervisor.launch import address, procfs, runcmd, spool
 from supervisor.launch._pbwire import field_bytes, field_varint
+from supervisor.launch.launcher import NAME
 from supervisor.launch.settings import Settings
 
 SIGKILL_STATUS = 128 + 9
 
 
 def warn(message: str) -> None:
-    sys.stderr.write(f"containerd-shim-supervisor-v2 delete: {message}\n")
+    sys.stderr.write(f"{NAME} delete: {message}\n")
 
 
 def encode_delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:

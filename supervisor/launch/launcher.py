@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import sys
 
+#: The binary containerd runs (``containerd-shim-<runtime>-v2``): one name for all.
 NAME = "containerd-shim-supervisor-v2"
 #: The interpreter flags of the entry script: isolated (``-I``), no ``site`` (``-S``).
 FLAGS = "-IS"
