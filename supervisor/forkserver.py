@@ -366,9 +366,14 @@ def _arrange_fds(listener_fd: int, status_fd: int, go_fd: int) -> None:
     os.dup2(lifted[1], LISTEN_FD)  # inheritable, as posix_spawn's dup2 leaves it cold
     os.dup2(lifted[2], STATUS_FD, inheritable=False)
     os.dup2(lifted[3], GO_FD, inheritable=False)
+    _close_fds_but({LISTEN_FD, STATUS_FD, GO_FD})
+
+
+def _close_fds_but(keep: set[int]) -> None:
+    """Close every fd above 2 not in ``keep`` (what the server held stays out of a shim)."""
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd > GO_FD:
+        if fd > 2 and fd not in keep:
             try:
                 os.close(fd)
             except OSError:
@@ -534,13 +539,7 @@ def _park(control: int, server_sockets: Sequence[_socket.socket], native: Native
         for target in (0, 1, 2):
             os.dup2(devnull, target)
         lifted = fcntl.fcntl(control, fcntl.F_DUPFD_CLOEXEC, 16)
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            if fd > 2 and fd != lifted:
-                try:
-                    os.close(fd)
-                except OSError:
-                    continue  # the directory listing's own fd, closed already
+        _close_fds_but({lifted})
         control = lifted
         _title = native.show_as(SPARE_TITLE, os.environ)  # kept: _park never returns
         sock = _socket.socket(fileno=control)
