@@ -421,7 +421,7 @@ class Row:
 
 
 def build_rows(bundles: Sequence[Bundle], reports: dict[str, Report],
-               installed: str = "") -> list[Row]:
+               installed: str) -> list[Row]:
     """``ls``'s rows; ``installed`` is the code identity shims are compared with."""
     rows: list[Row] = []
     seen: set[tuple[str, str, str]] = set()
@@ -497,7 +497,7 @@ def format_ls(rows: Sequence[Row], out: TextIO) -> None:
     out.write(table(LS_HEADERS, cells))
 
 
-def shim_summary(report: Report, bundles: Sequence[Bundle], installed: str = ""
+def shim_summary(report: Report, bundles: Sequence[Bundle], installed: str
                  ) -> dict[str, Any]:
     """One entry of ``ls --json``'s ``shims``."""
     shim, events = report.shim, report.events

@@ -848,8 +848,9 @@ class Containerd:
         found = []
         if any(proc.poll() is None for proc in self._procs):
             found.append(f"containerd pids {self.pids_started}")
-        if self.forkservers():
-            found.append(f"fork servers {self.forkservers()}")
+        servers = self.forkservers()
+        if servers:
+            found.append(f"fork servers {servers}")
         shims = shims_for(self)
         if shims:
             found.append(f"shims {shims}")
