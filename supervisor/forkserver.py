@@ -146,7 +146,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from supervisor import __version__, _ksm
+import trio
+
+from supervisor import __version__, _ksm, cow
 from supervisor.daemon import OwnSocket, action_serve
 from supervisor.launch import _msgpack, sockfile
 from supervisor.launch.defaults import LISTEN_FD
@@ -977,13 +979,33 @@ def check_listener(fd: int) -> None:
         sock.close()
 
 
+async def _trio_warm_up() -> None:
+    for delay in (0, 0.001):
+        await trio.sleep(delay)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep, 0)
+            nursery.start_soon(trio.sleep, delay)
+
+
 def preload(log: logging.Logger) -> None:
-    """Import what a daemon uses, then freeze it all out of the collector's reach."""
+    """Import what a daemon uses, keep it shared with the shims to come
+    (:mod:`supervisor.cow`), then freeze it all out of the collector's reach."""
     for name in PRELOAD:
         importlib.import_module(name)
+    # Run trio's scheduler a little, so that the interpreter specialises its bytecode
+    # here, once, and not in every shim's copy of the pages (see supervisor.cow).
+    for _ in range(3):
+        trio.run(_trio_warm_up)
     gc.collect()
+    # What a shim would copy of the server's pages, cut first (see supervisor.cow).
+    why_not = (f"${cow.IMMORTAL_ENV}=0" if os.environ.get(cow.IMMORTAL_ENV) == "0"
+               else cow.immortal_supported())
+    made = cow.immortalize() if why_not is None else 0
+    plugged = cow.plug_small_block_holes()
     gc.freeze()
-    log.debug("preloaded %d modules, %d objects frozen", len(sys.modules), gc.get_freeze_count())
+    log.debug("preloaded %d modules, %d objects frozen, %d made immortal%s, %d free small "
+              "blocks filled", len(sys.modules), gc.get_freeze_count(), made,
+              f" (not: {why_not})" if why_not else "", plugged)
 
 
 def bind(path: str) -> socket.socket:

@@ -1,0 +1,160 @@
+"""Keeping a fork server's memory shared with the shims it forks (copy-on-write).
+
+A forked shim shares every page of the fork server until one of them writes to
+it; the first write copies the page, and from then on it is the shim's own
+(``Private_Dirty``).  ``gc.freeze()`` already keeps the collector from writing
+into the imported objects.  Measured per page (a forked shim against its
+server, ``/proc/PID/pagemap`` and the changed words, 2026-11-30), what was left
+to copy an idle shim's ~7.4 MiB was, in order:
+
+1. **Reference counts.**  Every use of a function, class, module dict or
+   constant increments and decrements its count, so a shim copies each page it
+   merely reads an object from.  CPython 3.12 made some objects *immortal*
+   (PEP 683): their count is never written.  :func:`immortalize` makes every
+   object the server holds immortal, so nothing it shares is written for being
+   used.  That is a write of the reference count field itself, the layout
+   PEP 683 fixes for 3.12 and 3.13 (``_Py_IMMORTAL_REFCNT``, all of the low 32
+   bits set); it is checked on a probe first and skipped on any other
+   interpreter.  The price: those objects are never freed, in the server
+   (where they live for its whole life anyway) or in a shim (which drops
+   little of them: modules, classes, functions, constants).
+2. **Free small blocks.**  pymalloc hands a new object the free block of a
+   partly used pool first, and the server's pools have a few thousand such
+   holes spread over hundreds of pages; each new object of a shim landed in one
+   and copied its page.  :func:`plug_small_block_holes` fills them with inert
+   objects the server keeps, so a shim's new objects go to fresh pools, packed.
+3. **Specialised bytecode** (left): the adaptive interpreter writes its caches
+   into the code objects a shim runs; that is most of what a shim still copies
+   besides its own new objects (docs/benchmarks.md).
+
+Both steps run once, in the fork server, after the imports and
+``gc.collect()``, before ``gc.freeze()`` and the first fork
+(:func:`supervisor.forkserver.preload`).  Never call them in a process that
+expects its objects to be freed: a test runs them in a child process.
+``$SUPERVISOR_FORKSERVER_IMMORTAL=0`` turns step 1 off (for measuring it, or on
+an interpreter that misbehaves with it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import re
+import sys
+import types
+from collections.abc import Iterable
+
+#: Environment: "0" keeps the fork server's objects mortal (see the module docstring).
+IMMORTAL_ENV = "SUPERVISOR_FORKSERVER_IMMORTAL"
+#: The reference count that makes an object immortal in CPython 3.12 and 3.13
+#: (``_Py_IMMORTAL_REFCNT`` on 64-bit builds: UINT_MAX).
+IMMORTAL_REFCNT = 0xFFFFFFFF
+#: Interpreters whose immortality is that count (checked on a probe as well).
+IMMORTAL_VERSIONS = ((3, 12), (3, 13))
+#: pymalloc's size classes are filled, by block size, with ``bytes`` objects of
+#: ``size - BYTES_OVERHEAD`` bytes (the header and the trailing NUL)...
+BYTES_OVERHEAD = sys.getsizeof(b"")
+#: ...and one-digit ``int`` objects in the block size just above theirs.
+INT_BLOCK = (sys.getsizeof(1_000_000) + 15) // 16 * 16
+#: ``sys._debugmallocstats()``: "class size num_pools blocks_in_use avail_blocks".
+_SIZE_CLASS_LINE = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$", re.M)
+
+_plugs: list[object] = []  # the fillers: kept for the server's life
+
+
+def immortal_supported() -> str | None:
+    """None if :func:`immortalize` can work here, else why not."""
+    if sys.implementation.name != "cpython" or sys.version_info[:2] not in IMMORTAL_VERSIONS:
+        return f"not CPython {' or '.join(f'{a}.{b}' for a, b in IMMORTAL_VERSIONS)}"
+    if ctypes.sizeof(ctypes.c_ssize_t) != 8:
+        return "not a 64-bit build"
+    if not getattr(sys, "_is_gil_enabled", lambda: True)():
+        return "a free-threaded build"
+    return _probe()
+
+
+def _probe() -> str | None:
+    probe = [None]  # an object of ours, dropped after the check
+    field = ctypes.c_ssize_t.from_address(id(probe))
+    before = field.value
+    field.value = IMMORTAL_REFCNT
+    holders = [probe] * 8
+    ok = sys.getrefcount(probe) == IMMORTAL_REFCNT
+    del holders
+    ok = ok and field.value == IMMORTAL_REFCNT
+    field.value = before
+    return None if ok else "this interpreter does not keep an immortal count"
+
+
+def _referents(obj: object) -> Iterable[object]:
+    if type(obj) is types.CodeType:
+        # Code objects are not tracked by the collector (no tp_traverse): what they
+        # hold is named here, nested code objects among the constants.
+        return (obj.co_consts, obj.co_names, obj.co_varnames, obj.co_freevars,
+                obj.co_cellvars, obj.co_filename, obj.co_name, obj.co_qualname,
+                obj.co_linetable, obj.co_exceptiontable)
+    return gc.get_referents(obj)
+
+
+def immortalize() -> int:
+    """Make every object reachable from the collector's objects and ``sys.modules``
+    immortal; return how many were not yet.  Caller: check :func:`immortal_supported`.
+
+    An object made immortal here is thereby marked as seen, so the walk keeps no
+    set of its own (a set of ~100,000 ids would leave as many free blocks behind);
+    of the objects immortal before, only types hold others, and they are few.
+    """
+    stack: list[object] = gc.get_objects()
+    stack.append(sys.modules)
+    types_seen: set[int] = set()
+    made = 0
+    while stack:
+        obj = stack.pop()
+        if sys.getrefcount(obj) == IMMORTAL_REFCNT:
+            if not isinstance(obj, type) or id(obj) in types_seen:
+                continue
+            types_seen.add(id(obj))
+        else:
+            ctypes.c_ssize_t.from_address(id(obj)).value = IMMORTAL_REFCNT
+            made += 1
+        stack.extend(_referents(obj))
+    return made
+
+
+def parse_mallocstats(text: str) -> dict[int, int]:
+    """Free blocks per block size, from ``sys._debugmallocstats()``'s table."""
+    return {int(m[2]): int(m[5]) for m in _SIZE_CLASS_LINE.finditer(text)}
+
+
+def mallocstats() -> str:
+    """What ``sys._debugmallocstats()`` writes (to fd 2, from C), captured."""
+    fd = os.memfd_create("mallocstats", os.MFD_CLOEXEC)
+    saved = os.dup(2)
+    try:
+        sys.stderr.flush()
+        os.dup2(fd, 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+        size = os.lseek(fd, 0, os.SEEK_CUR)
+        return os.pread(fd, size, 0).decode(errors="replace")
+    finally:
+        os.close(saved)
+        os.close(fd)
+
+
+def plug_small_block_holes() -> int:
+    """Fill the free blocks of pymalloc's partly used pools with inert objects kept for
+    the process's life; return how many.  0 when pymalloc is not in use."""
+    made = 0
+    for size, free in parse_mallocstats(mallocstats()).items():
+        if size - BYTES_OVERHEAD >= 0:
+            _plugs.extend(bytes(size - BYTES_OVERHEAD) for _ in range(free))
+        elif size == INT_BLOCK:
+            _plugs.extend(1_000_000 + i for i in range(free))
+        else:
+            continue
+        made += free
+    return made

@@ -1,0 +1,156 @@
+"""supervisor.cow: what keeps a fork server's pages shared with the shims it forks.
+
+Each check runs in a child interpreter: immortalizing the test process's own objects
+would keep them from ever being freed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from supervisor import cow
+
+needs_immortal = pytest.mark.skipif(cow.immortal_supported() is not None,
+                                    reason=f"no immortal objects here: {cow.immortal_supported()}")
+
+
+def run_child(code: str, env: dict[str, str] | None = None) -> dict[str, object]:
+    """Run ``code`` (which sets ``result``) in a fresh interpreter; its ``result``."""
+    script = textwrap.dedent(code) + "\nimport json, sys\nsys.stdout.write(json.dumps(result))\n"
+    out = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True,
+                         text=True, env={**os.environ, **(env or {})}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    loaded: dict[str, object] = json.loads(out.stdout)
+    return loaded
+
+
+SAMPLE_STATS = """\
+Small block threshold = 512, in 32 size classes.
+
+class   size   num pools   blocks in use  avail blocks
+-----   ----   ---------   -------------  ------------
+    0     16           1             296           725
+    1     32          12            5724           396
+   31    512           7             193            24
+
+# arenas allocated total           =                   15
+14 arenas * 1048576 bytes/arena    =           14,680,064
+"""
+
+
+def test_the_free_blocks_per_size_are_read_from_the_interpreters_table() -> None:
+    assert cow.parse_mallocstats(SAMPLE_STATS) == {16: 725, 32: 396, 512: 24}
+    assert cow.parse_mallocstats("") == {}
+    stats = cow.parse_mallocstats(cow.mallocstats())
+    if stats:  # pymalloc in use: its 32 classes, 16 bytes apart
+        assert sorted(stats) == list(range(16, 513, 16))
+
+
+@needs_immortal
+def test_immortal_objects_pages_stay_shared_with_a_forked_child() -> None:
+    # Each object below is one 1 MiB bytes (mmap'd on its own): the page of its header
+    # holds its reference count and nothing else.  The child uses both the way a shim
+    # uses what it shares with its fork server; only the mortal one's page is copied.
+    result = run_child("""
+        import os, struct, sys
+        from supervisor import cow
+        PAGE = os.sysconf("SC_PAGE_SIZE")
+
+        def frame(obj):
+            with open("/proc/self/pagemap", "rb") as f:
+                f.seek(id(obj) // PAGE * 8)
+                return struct.unpack("Q", f.read(8))[0] & ((1 << 55) - 1)
+
+        shared = bytes(1 << 20)
+        made = cow.immortalize()
+        mortal = bytes(1 << 20)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            held = [shared, mortal] * 100
+            os.write(w, struct.pack("QQ", frame(shared), frame(mortal)))
+            os._exit(0)
+        child = struct.unpack("QQ", os.read(r, 16))
+        os.waitpid(pid, 0)
+        result = {"made": made, "parent": [frame(shared), frame(mortal)], "child": child,
+                  "immortal": sys.getrefcount(shared) == cow.IMMORTAL_REFCNT,
+                  "mortal": sys.getrefcount(mortal) != cow.IMMORTAL_REFCNT}
+    """)
+    assert result["made"] and result["immortal"] and result["mortal"]
+    parent, child = result["parent"], result["child"]
+    assert isinstance(parent, list) and isinstance(child, list)
+    if not any(parent):  # pagemap hides frame numbers from an unprivileged reader
+        pytest.skip("page frame numbers not readable here")
+    assert child[0] == parent[0], "the immortal object's page was copied"
+    assert child[1] != parent[1], "the control's page was not copied: the check proves nothing"
+
+
+@needs_immortal
+def test_immortalize_reaches_functions_code_and_constants_not_what_comes_after() -> None:
+    result = run_child("""
+        import sys
+        from supervisor import cow
+
+        def used():
+            return "a constant only this code holds, " + str(len(sys.argv))
+
+        made = cow.immortalize()
+        later = ["made after"]
+        mortal_later = sys.getrefcount(later) != cow.IMMORTAL_REFCNT
+        code = used.__code__
+        result = {
+            "made": made,
+            "again": cow.immortalize() < made // 10,
+            "immortal": [sys.getrefcount(o) == cow.IMMORTAL_REFCNT
+                         for o in (used, code, code.co_consts[1], code.co_names, cow,
+                                   cow.immortalize, sys.modules)],
+            "later": mortal_later,
+            "works": used().startswith("a constant"),
+        }
+    """)
+    assert result["made"] and result["again"] and result["later"] and result["works"]
+    assert result["immortal"] == [True] * 7
+
+
+def test_plugging_fills_the_free_blocks_of_partly_used_pools() -> None:
+    result = run_child("""
+        from supervisor import cow
+        kept = [bytes(n) for n in (20, 60, 100, 200, 400) for _ in range(300)]
+        del kept[::3]  # free blocks here and there, in five size classes
+        before = cow.parse_mallocstats(cow.mallocstats())
+        plugged = cow.plug_small_block_holes()
+        after = cow.parse_mallocstats(cow.mallocstats())
+        result = {"plugged": plugged, "before": before, "after": after}
+    """)
+    before, after = result["before"], result["after"]
+    assert isinstance(before, dict) and isinstance(after, dict)
+    if not before:
+        pytest.skip("pymalloc is not in use")
+    filled = [s for s in before if int(s) >= 48]
+    assert result["plugged"] >= sum(before[s] for s in filled)
+    # What is free afterwards is at most the rest of one new pool per size (16 KiB, a
+    # 48-byte header): what the check itself allocated, not holes spread over many pages.
+    assert all(after[s] <= (16384 - 48) // int(s) for s in filled), (before, after)
+    assert sum(before[s] for s in filled if int(s) in (64, 96, 144, 240, 448)) >= 500
+
+
+def test_the_fork_servers_preload_makes_its_objects_immortal_unless_told_not_to() -> None:
+    code = """
+        import logging, sys
+        from supervisor import cow, forkserver
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+        forkserver.preload(logging.getLogger("t"))
+        result = {"immortal": sys.getrefcount(forkserver.preload) == cow.IMMORTAL_REFCNT,
+                  "frozen": __import__("gc").get_freeze_count() > 0}
+    """
+    on = run_child(code)
+    off = run_child(code, env={cow.IMMORTAL_ENV: "0"})
+    assert on["frozen"] and off["frozen"]
+    assert on["immortal"] is (cow.immortal_supported() is None)
+    assert off["immortal"] is False
