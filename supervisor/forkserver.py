@@ -1105,8 +1105,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         log.error("cannot lock %s: %s", sibling(args.socket, ".lock"), e)
         return 1
-    preload(log)
-    log.info("%s", _ksm.apply())
     sock: socket.socket | None = None
     own: OwnSocket | None = None
     server: ForkServer | None = None
@@ -1117,6 +1115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("cannot serve %s: %s", args.socket, e)
             return 1
         own = OwnSocket(sock)
+        # Bound first: a start that comes meanwhile waits in the backlog for a forked
+        # shim (~0.1-0.3 s) instead of starting one more cold one.
+        preload(log)
+        log.info("%s", _ksm.apply())
         server = ForkServer(sock, log, path=args.socket, code=code, lock_fd=lock_fd, own=own,
                             spare=not args.no_spare)
         log.info("pid %d serving %s (version %s, code %s)", os.getpid(), args.socket,
