@@ -148,7 +148,7 @@ from typing import Any
 
 import trio
 
-from supervisor import __version__, _ksm, cow
+from supervisor import __version__, _ksm, cow, ttrpc
 from supervisor.daemon import OwnSocket, action_serve
 from supervisor.launch import _msgpack, sockfile
 from supervisor.launch.defaults import LISTEN_FD
@@ -979,12 +979,27 @@ def check_listener(fd: int) -> None:
         sock.close()
 
 
-async def _trio_warm_up() -> None:
-    for delay in (0, 0.001):
-        await trio.sleep(delay)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.sleep, 0)
-            nursery.start_soon(trio.sleep, delay)
+async def _warm_up() -> None:
+    """A little of what every shim runs, run here once first: trio's scheduler, and a
+    ttrpc server and client talking over a socket pair.  The interpreter specialises
+    the bytecode it runs, writing into the code objects; done here, before the fork,
+    the shims find it done instead of each copying those pages (see supervisor.cow)."""
+
+    async def echo(ctx: ttrpc.CallContext, payload: bytes) -> bytes:
+        return payload
+
+    quiet = logging.getLogger("supervisor.forkserver.warm-up")
+    quiet.disabled = True
+    server = ttrpc.Server(logger=quiet)
+    server.register("supervisor.WarmUp", {"Echo": echo})
+    ours, theirs = trio.socket.socketpair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, trio.SocketStream(ours))
+        async with ttrpc.Client(trio.SocketStream(theirs)) as client:
+            for size in (16, 64, 4096) * 3:
+                await client.call("supervisor.WarmUp", "Echo", bytes(size))
+                await trio.sleep(0)
+        await server.shutdown()
 
 
 def preload(log: logging.Logger) -> None:
@@ -992,10 +1007,8 @@ def preload(log: logging.Logger) -> None:
     (:mod:`supervisor.cow`), then freeze it all out of the collector's reach."""
     for name in PRELOAD:
         importlib.import_module(name)
-    # Run trio's scheduler a little, so that the interpreter specialises its bytecode
-    # here, once, and not in every shim's copy of the pages (see supervisor.cow).
     for _ in range(3):
-        trio.run(_trio_warm_up)
+        trio.run(_warm_up)
     gc.collect()
     # What a shim would copy of the server's pages, cut first (see supervisor.cow).
     why_not = (f"${cow.IMMORTAL_ENV}=0" if os.environ.get(cow.IMMORTAL_ENV) == "0"
