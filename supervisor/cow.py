@@ -23,9 +23,11 @@ to copy an idle shim's ~7.4 MiB was, in order:
    holes spread over hundreds of pages; each new object of a shim landed in one
    and copied its page.  :func:`plug_small_block_holes` fills them with inert
    objects the server keeps, so a shim's new objects go to fresh pools, packed.
-3. **Specialised bytecode** (left): the adaptive interpreter writes its caches
-   into the code objects a shim runs; that is most of what a shim still copies
-   besides its own new objects (docs/benchmarks.md).
+3. **Specialised bytecode**: the adaptive interpreter writes its caches into
+   the code objects a shim runs.  The fork server runs trio and a ttrpc round
+   trip once before it forks (``forkserver._warm_up``); the code only a shim
+   runs (the Task service, the runtime, stdio) is most of what a shim still
+   copies besides its own new objects (docs/benchmarks.md).
 
 Both steps run once, in the fork server, after the imports and
 ``gc.collect()``, before ``gc.freeze()`` and the first fork

@@ -6,8 +6,10 @@ A cold shim daemon is a new interpreter importing trio, protobuf and our
 modules: ~190 ms before it answers containerd and ~20 MB of private memory
 each.  The fork server imports all of that once, runs ``gc.collect();
 gc.freeze()`` (so the collector never writes to those objects, whose pages
-then stay shared) and forks one shim per request.  A forked shim answers in a
-few milliseconds and shares the imported code and objects copy-on-write.
+then stay shared; before that it makes them immortal, fills its free small
+blocks and warms up, :mod:`supervisor.cow`) and forks one shim per request.
+A forked shim answers in a few milliseconds and shares the imported code and
+objects copy-on-write.
 ``start`` asks the fork server, falls back to the cold start on any failure,
 and spawns one when none serves (on demand: nothing to install); its side
 of the protocol, and what both sides share (the
