@@ -313,7 +313,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.runtimes: dict[str, str] = {"ours": args.runtime_ours, "go": args.runtime_go}
-        self.c = harness.Containerd(runtime=args.runtime_ours)
+        self.c = harness.Containerd(runtime=args.runtime_ours, log_level=args.log_level)
         self.rootfs = Path()
         self.rows: list[Row] = []
         self.notes: list[str] = []
@@ -851,7 +851,8 @@ class Bench:
             f"- machine: nproc {os.cpu_count()}, {mem:.1f} GiB RAM, kernel "
             f"{platform.release()} ({platform.machine()}), load average at end {_loadavg()} "
             f"(at start {self.load_at_start})",
-            f"- containerd: {_first_line(['containerd', '--version'])}",
+            f"- containerd: {_first_line(['containerd', '--version'])}, log level "
+            f"{self.args.log_level}",
             f"- runc: {_first_line(['runc', '--version'])}",
             f"- ours: {self.runtimes['ours']} = {ours} "
             f"({_first_line([sys.executable, '--version'])}); "
@@ -894,6 +895,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "bench/compare runs this script with its python, e.g. one made with "
                         "`make venv PYTHON=python3.12 VENV=.venv-3.12`")
     p.add_argument("--markdown-out", type=Path, help="also write facts and table to this file")
+    p.add_argument("--log-level", default="info",
+                   help="containerd's log level (default info, containerd's own default: what a "
+                        "new user runs; at debug both shims log every request, ours also every "
+                        "event; runs before 2026-11-30 used debug)")
     p.add_argument("--runtime-ours", default=OURS_RUNTIME, help=f"default {OURS_RUNTIME}")
     p.add_argument("--runtime-go", default=GO_RUNTIME, help=f"default {GO_RUNTIME}")
     layout = p.add_mutually_exclusive_group()

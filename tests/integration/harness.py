@@ -407,6 +407,7 @@ class Containerd:
         env: dict[str, str] | None = None,
         start_timeout: float = 20.0,
         adopt_dir: str | Path | None = None,
+        log_level: str | None = None,
     ) -> None:
         """Prepare (not start) a containerd in a new ``sv-ctd-*`` dir below ``base_dir``
         (``$SUPERVISOR_TEST_TMP`` or /tmp).
@@ -416,7 +417,9 @@ class Containerd:
         environment (its shims inherit it). ``namespace``: a fixed namespace instead of a
         generated one; cleanup then never kills by cgroup nor removes runc's dir for it.
         ``adopt_dir``: take over the directory of an instance a crashed process left
-        behind, only to :meth:`cleanup` it (see :func:`cleanup_dir`).
+        behind, only to :meth:`cleanup` it (see :func:`cleanup_dir`). ``log_level``:
+        containerd's ``[debug] level`` (default :func:`daemon_log_level`, what the tests
+        read; benchmarks pass containerd's own default, ``info``).
         """
         meta: dict[str, object] = {}
         if adopt_dir is not None:
@@ -446,6 +449,7 @@ class Containerd:
         # ctr's default FIFO dir is the shared /run/containerd/fifo; run() uses this one.
         self.fifo_dir: Path = self.dir / "fifo"
         self.start_timeout = start_timeout
+        self.log_level = log_level or daemon_log_level()
         self.extra_env: dict[str, str] = dict(env or {})
         self.namespaces_used: set[str] = {self.namespace, *_strs(meta.get("namespaces_used"))}
         # Namespaces the harness generated (random, so nobody else uses them): only for these
@@ -494,7 +498,7 @@ class Containerd:
             "\n[grpc]\n"
             f"  address = {json.dumps(self.address)}\n"
             "\n[debug]\n"
-            f"  level = {json.dumps(daemon_log_level())}\n"
+            f"  level = {json.dumps(self.log_level)}\n"
             f"\n{extra}\n"
         )
 
