@@ -29,12 +29,21 @@ to copy an idle shim's ~7.4 MiB was, in order:
    runs (the Task service, the runtime, stdio) is most of what a shim still
    copies besides its own new objects (docs/benchmarks.md).
 
-Both steps run once, in the fork server, after the imports and
-``gc.collect()``, before ``gc.freeze()`` and the first fork
-(:func:`supervisor.forkserver.preload`).  Never call them in a process that
-expects its objects to be freed: a test runs them in a child process.
-``$SUPERVISOR_FORKSERVER_IMMORTAL=0`` turns step 1 off (for measuring it, or on
-an interpreter that misbehaves with it).
+Both steps, in this order, and the ``gc.collect()`` before and ``gc.freeze()``
+after them, are :func:`keep_shared`: the fork server runs it once, after its
+imports and warm-up, before its first fork (:func:`supervisor.forkserver.preload`).
+Never call any of it in a process that expects its objects to be freed: the
+tests run it in a child process.  ``$SUPERVISOR_FORKSERVER_IMMORTAL=0`` turns
+step 1 off (for measuring it, or on an interpreter that misbehaves with it).
+
+What immortality changes for a forked shim, besides its memory: nothing it
+inherited is ever finalized.  The server's root log handler, which a shim
+replaces, is not closed when dropped (``logging.shutdown`` flushes it at exit:
+its stream is ``/dev/null`` by then); the server's listening socket object,
+which a shim detaches, never closes a reused fd number.  An extension module
+built against headers older than 3.12 (an ``abi3`` wheel) increments an
+immortal count like any other, which makes that object mortal again: safe
+(PEP 683 allows it), only its page is copied again.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ import gc
 import os
 import re
 import sys
+import sysconfig
 import types
 from collections.abc import Iterable
 
@@ -71,8 +81,10 @@ def immortal_supported() -> str | None:
         return f"not CPython {' or '.join(f'{a}.{b}' for a, b in IMMORTAL_VERSIONS)}"
     if ctypes.sizeof(ctypes.c_ssize_t) != 8:
         return "not a 64-bit build"
-    if not getattr(sys, "_is_gil_enabled", lambda: True)():
-        return "a free-threaded build"
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return "a free-threaded build"  # another object header, even with the GIL enabled
+    if hasattr(sys, "getobjects"):
+        return "a Py_TRACE_REFS build"  # another object header
     return _probe()
 
 
@@ -105,21 +117,18 @@ def immortalize() -> int:
 
     An object made immortal here is thereby marked as seen, so the walk keeps no
     set of its own (a set of ~100,000 ids would leave as many free blocks behind);
-    of the objects immortal before, only types hold others, and they are few.
+    one immortal before the walk is static (None, small ints, interned strings,
+    the built-in types) and holds nothing the walk needs to reach.
     """
     stack: list[object] = gc.get_objects()
     stack.append(sys.modules)
-    types_seen: set[int] = set()
     made = 0
     while stack:
         obj = stack.pop()
         if sys.getrefcount(obj) == IMMORTAL_REFCNT:
-            if not isinstance(obj, type) or id(obj) in types_seen:
-                continue
-            types_seen.add(id(obj))
-        else:
-            ctypes.c_ssize_t.from_address(id(obj)).value = IMMORTAL_REFCNT
-            made += 1
+            continue
+        ctypes.c_ssize_t.from_address(id(obj)).value = IMMORTAL_REFCNT
+        made += 1
         stack.extend(_referents(obj))
     return made
 
@@ -147,9 +156,19 @@ def mallocstats() -> str:
         os.close(fd)
 
 
+def debug_allocator() -> bool:
+    """Whether blocks carry a debug allocator's padding (a debug build, ``-X dev``, or
+    ``$PYTHONMALLOC=...debug``): then no object size maps to one size class."""
+    env = "" if sys.flags.ignore_environment else os.environ.get("PYTHONMALLOC", "")
+    return hasattr(sys, "gettotalrefcount") or sys.flags.dev_mode or env.endswith("debug")
+
+
 def plug_small_block_holes() -> int:
     """Fill the free blocks of pymalloc's partly used pools with inert objects kept for
-    the process's life; return how many.  0 when pymalloc is not in use."""
+    the process's life; return how many.  0 when pymalloc is not in use, or is wrapped
+    by a debug allocator."""
+    if debug_allocator():
+        return 0
     made = 0
     for size, free in parse_mallocstats(mallocstats()).items():
         if size - BYTES_OVERHEAD >= 0:
@@ -160,3 +179,16 @@ def plug_small_block_holes() -> int:
             continue
         made += free
     return made
+
+
+def keep_shared() -> str:
+    """Steps 1 and 2 above, between ``gc.collect()`` and ``gc.freeze()``: what a process
+    about to fork shims runs last.  Returns what it did, for the log."""
+    gc.collect()
+    why_not = (f"${IMMORTAL_ENV}=0" if os.environ.get(IMMORTAL_ENV) == "0"
+               else immortal_supported())
+    made = immortalize() if why_not is None else 0
+    plugged = plug_small_block_holes()
+    gc.freeze()
+    return (f"{gc.get_freeze_count()} objects frozen, {made} made immortal"
+            f"{f' (not: {why_not})' if why_not else ''}, {plugged} free small blocks filled")

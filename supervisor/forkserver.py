@@ -4,10 +4,11 @@ Why
 ---
 A cold shim daemon is a new interpreter importing trio, protobuf and our
 modules: ~190 ms before it answers containerd and ~20 MB of private memory
-each.  The fork server imports all of that once, runs ``gc.collect();
-gc.freeze()`` (so the collector never writes to those objects, whose pages
-then stay shared; before that it makes them immortal, fills its free small
-blocks and warms up, :mod:`supervisor.cow`) and forks one shim per request.
+each.  The fork server imports all of that once, warms it up, keeps it
+shared (:func:`supervisor.cow.keep_shared`: every object immortal, so no shim
+writes a reference count into the server's pages; its free small blocks
+filled; ``gc.freeze()``, so the collector never writes to them either) and
+forks one shim per request.
 A forked shim answers in a few milliseconds and shares the imported code and
 objects copy-on-write.
 ``start`` asks the fork server, falls back to the cold start on any failure,
@@ -113,7 +114,9 @@ Invariants
   shim takes from its request is set after the request arrives, and the
   spare holds no fd of the server's (the shim has 0-2, the listener on 3 and,
   until it serves, the go pipe on 5).
-* The server runs no trio, starts no threads (fork safety), handles one
+* The server runs trio only in its preload's :func:`warm_up`, which ends
+  before the first fork and leaves no thread behind; it starts no threads
+  (fork safety), handles one
   connection at a time with every read and write of it bounded by
   :data:`REQUEST_TIMEOUT` (the shim's report by :data:`SETUP_TIMEOUT`, a
   spare still parking by :data:`SPARE_WAIT`, the stale-socket probe at start-up by
@@ -134,7 +137,6 @@ import argparse
 import ctypes
 import errno
 import fcntl
-import gc
 import importlib
 import logging
 import os
@@ -981,46 +983,63 @@ def check_listener(fd: int) -> None:
         sock.close()
 
 
-async def _warm_up() -> None:
-    """A little of what every shim runs, run here once first: trio's scheduler, and a
-    ttrpc server and client talking over a socket pair.  The interpreter specialises
-    the bytecode it runs, writing into the code objects; done here, before the fork,
-    the shims find it done instead of each copying those pages (see supervisor.cow)."""
+#: How many times :func:`warm_up` runs its round: the interpreter specialises an
+#: instruction once it has run it a few times (its warm-up counter), so a path run
+#: once would still be specialised by each shim.
+WARM_UP_RUNS = 3
+WARM_UP_TIMEOUT = 2.0  # seconds for each round; a round that fails is only logged
 
+
+async def _warm_up_round() -> None:
     async def echo(ctx: ttrpc.CallContext, payload: bytes) -> bytes:
         return payload
 
     quiet = logging.getLogger("supervisor.forkserver.warm-up")
     quiet.disabled = True
-    server = ttrpc.Server(logger=quiet)
-    server.register("supervisor.WarmUp", {"Echo": echo})
-    ours, theirs = trio.socket.socketpair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.serve_stream, trio.SocketStream(ours))
-        async with ttrpc.Client(trio.SocketStream(theirs)) as client:
-            for size in (16, 64, 4096) * 3:
-                await client.call("supervisor.WarmUp", "Echo", bytes(size))
-                await trio.sleep(0)
-        await server.shutdown()
+    with trio.fail_after(WARM_UP_TIMEOUT):
+        server = ttrpc.Server(logger=quiet)
+        server.register("supervisor.WarmUp", {"Echo": echo})
+        ours, theirs = trio.socket.socketpair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve_stream, trio.SocketStream(ours))
+            async with ttrpc.Client(trio.SocketStream(theirs)) as client:
+                for size in (16, 64, 4096) * 3:
+                    await client.call("supervisor.WarmUp", "Echo", bytes(size))
+                    await trio.sleep(0)
+            await server.shutdown()
+
+
+def warm_up(log: logging.Logger) -> None:
+    """Run a little of what every shim runs, here, before the first fork: trio's
+    scheduler, and a ttrpc server and client talking over a socket pair.
+
+    The interpreter specialises the bytecode it runs, writing into the code
+    objects; done here, the shims find it done instead of each copying those
+    pages (:mod:`supervisor.cow`).  Each round is a ``trio.run`` of its own
+    that returns with no thread, fd, signal handler or wakeup fd left behind
+    (``tests/unit/test_cow.py`` compares them).  Only an optimisation: a round
+    that fails or exceeds :data:`WARM_UP_TIMEOUT` is logged and the server goes
+    on.  SIGTERM and SIGINT are held meanwhile, so that a stop lands as
+    :class:`_Stop` in the server's own code, not inside trio.
+    """
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        for _ in range(WARM_UP_RUNS):
+            trio.run(_warm_up_round)
+    except Exception as e:
+        log.warning("warm-up failed (each shim copies a little more memory): %s", e)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def preload(log: logging.Logger) -> None:
-    """Import what a daemon uses, keep it shared with the shims to come
-    (:mod:`supervisor.cow`), then freeze it all out of the collector's reach."""
+    """Import what a daemon uses, warm it up, and keep it shared with the shims to come
+    (:func:`supervisor.cow.keep_shared`: immortal, the free blocks filled, frozen out of
+    the collector's reach)."""
     for name in PRELOAD:
         importlib.import_module(name)
-    for _ in range(3):
-        trio.run(_warm_up)
-    gc.collect()
-    # What a shim would copy of the server's pages, cut first (see supervisor.cow).
-    why_not = (f"${cow.IMMORTAL_ENV}=0" if os.environ.get(cow.IMMORTAL_ENV) == "0"
-               else cow.immortal_supported())
-    made = cow.immortalize() if why_not is None else 0
-    plugged = cow.plug_small_block_holes()
-    gc.freeze()
-    log.debug("preloaded %d modules, %d objects frozen, %d made immortal%s, %d free small "
-              "blocks filled", len(sys.modules), gc.get_freeze_count(), made,
-              f" (not: {why_not})" if why_not else "", plugged)
+    warm_up(log)
+    log.debug("preloaded %d modules: %s", len(sys.modules), cow.keep_shared())
 
 
 def bind(path: str) -> socket.socket:
@@ -1130,12 +1149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("cannot serve %s: %s", args.socket, e)
             return 1
         own = OwnSocket(sock)
-        # Bound first: a start that comes meanwhile waits in the backlog for a forked
-        # shim (~0.1-0.3 s) instead of starting one more cold one.
-        preload(log)
-        log.info("%s", _ksm.apply())
         server = ForkServer(sock, log, path=args.socket, code=code, lock_fd=lock_fd, own=own,
                             spare=not args.no_spare)
+        # Bound first: a start that comes meanwhile waits in the backlog for a forked
+        # shim (~0.1-0.3 s) instead of starting one more cold one.  The server's own
+        # objects (above) are preloaded with the rest: frozen and immortal too.
+        preload(log)
+        log.info("%s", _ksm.apply())
         log.info("pid %d serving %s (version %s, code %s)", os.getpid(), args.socket,
                  __version__, code)
         server.serve_forever()
