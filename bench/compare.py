@@ -12,7 +12,9 @@ metric starts with ``--warmup`` unrecorded runs per runtime.  Metrics (``--only`
 ``run``         ``ctr run --rm`` of ``/bin/true`` on the rootfs: wall time of the ctr process.
 ``runbusy``     ``run`` while one idle container per runtime runs in the namespace (with
                 ``--shared`` our ``start`` joins its shim instead of starting a new one).
-``exec``        ``ctr task exec`` of ``true`` into a running (``sleep``) container.
+``exec``        ``ctr task exec`` of ``true`` into a running (``sleep``) container; and the
+                CPU its shim spent on each (its threads' ``se.sum_exec_runtime``, read
+                before and after the exec; a thread that ends in between is lost).
 ``events``      time from spawning ``ctr run --rm`` until ``/tasks/create``, ``/tasks/start``,
                 ``/tasks/exit`` and ``/tasks/delete`` for that container arrive on one
                 ``ctr events`` stream that runs for the whole metric.
@@ -538,24 +540,30 @@ class Bench:
 
     def m_exec(self) -> None:
         row = Row("`ctr task exec` true", "ms", "lower")
+        cpu = Row("shim CPU per `ctr task exec` (threads' sum_exec_runtime)", "ms", "lower")
         target = {w: self.new_id(w, "exec-target") for w in self.order()}
         for which, cid in target.items():
             self.start_idle(which, cid)
         counter = {"n": 0}
         try:
+            pids = self.shim_pids()
 
             def one(which: str, record: bool) -> None:
                 counter["n"] += 1
                 argv = self.c.ctr_argv("task", "exec", "--exec-id", f"e{counter['n']}",
                                        "--fifo-dir", str(self.c.fifo_dir), target[which], "true")
+                before = cpu_sample(pids[target[which]]).exec_ms
                 ms = self.timed(argv, f"exec into {target[which]}")
                 if record:
                     getattr(row, which).append(ms)
+                    getattr(cpu, which).append(
+                        thread_delta(before, cpu_sample(pids[target[which]]).exec_ms))
 
             self.alternate(self.args.runs, one)
         finally:
             self.parallel(self.remove, target.values(), 2)
         self.add(row)
+        self.add(cpu)
 
     def m_events(self) -> None:
         rows = {t: Row(f"`ctr run --rm` spawn → `{t}` event", "ms", "lower")
