@@ -91,7 +91,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests" / "integration"))
 import harness  # noqa: E402
 
-from supervisor.launch import forkclient  # noqa: E402
+from supervisor.launch import forkclient, procfs  # noqa: E402
 
 OURS_RUNTIME = "io.containerd.supervisor.v2"
 GO_RUNTIME = "io.containerd.runc.v2"
@@ -239,6 +239,18 @@ def thread_delta(before: dict[int, float], after: dict[int, float]) -> float:
 # --------------------------------------------------------------------------- the bench
 
 
+def _fstype(path: Path) -> str:
+    """The file system ``path`` is on, as ``/proc/self/mountinfo`` names it."""
+    mount = procfs.mount_of(str(path.resolve()), procfs.read_mountinfo())
+    return mount.fstype if mount else "?"
+
+
+def _default_base_dir() -> str | None:
+    """/dev/shm when it is a tmpfs (see ``--base-dir``), else None (the harness's)."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and _fstype(shm) == "tmpfs" else None
+
+
 def _loadavg() -> str:
     with open("/proc/loadavg", encoding="ascii") as f:
         return " ".join(f.read().split()[:3])
@@ -315,7 +327,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.runtimes: dict[str, str] = {"ours": args.runtime_ours, "go": args.runtime_go}
-        self.c = harness.Containerd(runtime=args.runtime_ours, log_level=args.log_level)
+        self.c = harness.Containerd(runtime=args.runtime_ours, log_level=args.log_level,
+                                    base_dir=args.base_dir or None)
         self.rootfs = Path()
         self.rows: list[Row] = []
         self.notes: list[str] = []
@@ -860,7 +873,8 @@ class Bench:
             f"{platform.release()} ({platform.machine()}), load average at end {_loadavg()} "
             f"(at start {self.load_at_start})",
             f"- containerd: {_first_line(['containerd', '--version'])}, log level "
-            f"{self.args.log_level}",
+            f"{self.args.log_level}, its directory in {self.c.dir.parent} "
+            f"({_fstype(self.c.dir)})",
             f"- runc: {_first_line(['runc', '--version'])}",
             f"- ours: {self.runtimes['ours']} = {ours} "
             f"({_first_line([sys.executable, '--version'])}); "
@@ -903,6 +917,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "bench/compare runs this script with its python, e.g. one made with "
                         "`make venv PYTHON=python3.12 VENV=.venv-3.12`")
     p.add_argument("--markdown-out", type=Path, help="also write facts and table to this file")
+    p.add_argument("--base-dir", default=None,
+                   help="where containerd's own directory goes (root, state with the "
+                        "bundles, sockets, FIFOs): default /dev/shm when it is a tmpfs, as "
+                        "the /run a host keeps containerd's state in is; empty: the "
+                        "harness's ($SUPERVISOR_TEST_TMP or /tmp; runs before 2026-11-30 01:00)")
     p.add_argument("--log-level", default="info",
                    help="containerd's log level (default info, containerd's own default: what a "
                         "new user runs; at debug both shims log every request, ours also every "
@@ -931,6 +950,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.throughput_runs = 1 if args.quick else 5
     if args.cpu_seconds is None:
         args.cpu_seconds = 5.0 if args.quick else 60.0
+    if args.base_dir is None:
+        args.base_dir = _default_base_dir()
     try:
         args.memory_counts = [int(n) for n in
                               (args.memory_counts or ("3,6" if args.quick else "10,50")).split(",")]
