@@ -22,11 +22,7 @@ With a :class:`Spool`, every event is written to a file (msgpack records,
 each framed with its length and a checksum) before ``publish`` returns -- so
 it survives the shim being killed -- and the file is fsync'd before the event
 is forwarded (one fsync covers every event queued so far), so what containerd
-may have seen survives the machine crashing too.  Unless the file lives on a
-file system in memory (tmpfs: containerd's state, bundles included, is in
-``/run``, which is one on a usual host): no fsync makes that outlive the
-machine, so the spool is never synced there, and the forwarder skips the
-worker thread the sync would take.  An ``ack`` record is
+may have seen survives the machine crashing too.  An ``ack`` record is
 appended once containerd accepted it; when nothing is pending the file is
 truncated.  A shim that starts in a bundle whose spool holds unacknowledged
 events (the previous shim was killed, or replaced by an upgrade) forwards
@@ -73,7 +69,6 @@ from supervisor import identifiers
 from supervisor.api import typeurls
 from supervisor.api.events import task_pb2 as ev
 from supervisor.handover import b64, unb64
-from supervisor.launch import procfs
 from supervisor.launch import spool as spoolfile
 
 if TYPE_CHECKING:
@@ -250,11 +245,8 @@ class Spool:
     the part written is cut off again before the spool gives up (memory only).
     """
 
-    def __init__(self, path: str, *, in_memory: bool | None = None) -> None:
-        """``in_memory``: whether ``path`` is on a file system in memory (never
-        synced); default: told by this process's mounts at the first event."""
+    def __init__(self, path: str) -> None:
         self.path = path
-        self._in_memory = in_memory
         self.error = ""
         self.skipped = 0  # damaged or invalid records skipped by load()
         self.last_seq = 0  # the highest seq any record loaded names
@@ -378,21 +370,9 @@ class Spool:
         except OSError as e:
             self._fail(e)
 
-    @property
-    def in_memory(self) -> bool:
-        """Whether the file is on a file system in memory (see "Durability")."""
-        if self._in_memory is None:
-            try:
-                folder = os.path.realpath(os.path.dirname(os.path.abspath(self.path)))
-                mount = procfs.mount_of(folder, procfs.read_mountinfo())
-            except OSError:
-                mount = None  # unknown: synced, as on a disk
-            self._in_memory = mount is not None and mount.fstype in procfs.MEMORY_FS
-        return self._in_memory
-
     def add(self, event: Event) -> None:
         self._live += 1
-        self._dirty = not self.in_memory
+        self._dirty = True
         self._write(_add_record(event))
 
     @property
@@ -427,8 +407,6 @@ class Spool:
         """Keep the spool at ``path`` from now on (its directory is about to be deleted)."""
         os.rename(self.path, path)  # the open fd follows the file
         self.path = path
-        self._in_memory = None  # another directory: told again
-        self._dirty = self._dirty or (self._live > 0 and not self.in_memory)
 
     def close(self) -> None:
         if self._fd >= 0:

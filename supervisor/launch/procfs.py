@@ -98,23 +98,6 @@ def mounted(path: str) -> bool:
     return any(m.mount_point == path for m in parse_mountinfo(text))
 
 
-#: File systems whose files live in memory: nothing on them outlives the machine.
-MEMORY_FS = frozenset({"tmpfs", "ramfs"})
-
-
-def mount_of(path: str, mounts: list[Mount]) -> Mount | None:
-    """The mount ``path`` (absolute, symlinks resolved) lies on: of the mounts whose
-    mount point is ``path`` or an ancestor of it, the deepest, and of those the last
-    mounted (``mountinfo`` lists mounts in order, so a later one hides an earlier)."""
-    best: Mount | None = None
-    for m in mounts:
-        point = m.mount_point
-        under = path == point or path.startswith(point.rstrip("/") + "/")
-        if under and (best is None or len(point) >= len(best.mount_point)):
-            best = m
-    return best
-
-
 def read_mountinfo(pid: int | str = "self") -> list[Mount]:
     """``/proc/<pid>/mountinfo`` parsed (OSError if unreadable)."""
     with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:

@@ -164,19 +164,3 @@ def test_delete_reads_the_address_file_once(tmp_path: Path,
     monkeypatch.setattr(delete.sys, "stdout", io.TextIOWrapper(io.BytesIO()))
     assert delete.action_delete("ns", "c1", str(bundle)) == 0
     assert reads == [str(bundle)]
-
-
-def test_the_mount_a_path_lies_on_is_the_deepest_and_the_last_mounted() -> None:
-    def m(point: str, fstype: str) -> procfs.Mount:
-        return procfs.Mount(root="/", mount_point=point, fstype=fstype, source="x",
-                            super_options="rw")
-
-    mounts = [m("/", "ext4"), m("/run", "tmpfs"), m("/run/containerd", "ext4"),
-              m("/run", "ramfs"), m("/runx", "tmpfs")]
-    on = [procfs.mount_of(p, mounts) for p in
-          ("/", "/etc/x", "/run", "/run/a/b", "/run/containerd/x", "/runx/y", "/ru")]
-    assert [(x.mount_point, x.fstype) if x else None for x in on] == [
-        ("/", "ext4"), ("/", "ext4"), ("/run", "ramfs"), ("/run", "ramfs"),
-        ("/run/containerd", "ext4"), ("/runx", "tmpfs"), ("/", "ext4")]
-    assert procfs.mount_of("/x", []) is None
-    assert {"tmpfs", "ramfs"} <= procfs.MEMORY_FS and "ext4" not in procfs.MEMORY_FS

@@ -278,54 +278,6 @@ def v1_add(e: Event) -> list[object]:
     return [1, e.seq, e.timestamp_ns, e.namespace, e.topic, e.type_url, e.payload]
 
 
-def forwarded_and_synced(spool: Spool) -> tuple[list[int], int]:
-    """Publish two events through an Outbox on ``spool``, forward them; what was accepted
-    and how many times the spool was synced."""
-    sender = EnvelopeSender()
-    synced = []
-    real_sync = spool.sync
-
-    def sync() -> None:
-        synced.append(1)
-        real_sync()
-
-    spool.sync = sync  # type: ignore[method-assign]
-
-    async def main() -> None:
-        outbox = Outbox(sender.send, "ns", spool=spool)
-        outbox.publish(ev.TaskExit(container_id="c1", id="c1", pid=1))
-        outbox.publish(ev.TaskExit(container_id="c2", id="c2", pid=2))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(outbox.run)
-            assert await outbox.flush(10)
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
-    return sender.accepted, len(synced)
-
-
-def test_a_spool_in_memory_is_never_synced(tiny_tmpfs: Path) -> None:
-    spool = Spool(str(tiny_tmpfs / "spool"))
-    assert spool.in_memory  # told by this process's mounts
-    assert forwarded_and_synced(spool) == ([1, 2], 0)
-    assert not spool.dirty
-
-
-def test_a_spool_on_a_disk_is_synced_before_forwarding(tmp_path: Path) -> None:
-    spool = Spool(str(tmp_path / "spool"), in_memory=False)
-    assert forwarded_and_synced(spool) == ([1, 2], 1)  # one sync covers both
-
-
-def test_a_moved_spool_asks_its_new_file_system_and_syncs_what_is_pending(
-    tmp_path: Path,
-) -> None:
-    spool = Spool(str(tmp_path / "a"), in_memory=True)
-    spool.add(event(1))
-    assert not spool.dirty
-    spool.move(str(tmp_path / "b"))  # told again, by the mounts this time
-    assert spool.dirty is not spool.in_memory
-
-
 def test_an_old_format_spool_is_replayed_then_rewritten(tmp_path: Path) -> None:
     path = tmp_path / "spool"
     path.write_bytes(v1(v1_add(event(1)), v1_add(event(2)), [2, 1], v1_add(event(3))))

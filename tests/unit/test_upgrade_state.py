@@ -327,7 +327,7 @@ def test_no_snapshot_of_code_that_changed_on_disk(tmp_path: Path,
 async def test_pause_waits_for_the_forwarders_spool_sync(tmp_path: Path) -> None:
     # Spool.sync clears `dirty` before its fsync: a pause that only looked at `dirty`
     # returned while the forwarder's sync ran in its thread, and the exec cut it off.
-    spool = Spool(str(tmp_path / "spool"), in_memory=False)  # synced wherever tmp_path is
+    spool = Spool(str(tmp_path / "spool"))
     in_sync, release = threading.Event(), threading.Event()
     real_sync = spool.sync
 
