@@ -240,15 +240,13 @@ def thread_delta(before: dict[int, float], after: dict[int, float]) -> float:
 
 
 def _fstype(path: Path) -> str:
-    """The file system ``path`` is on, as ``/proc/self/mountinfo`` names it."""
-    mount = procfs.mount_of(str(path.resolve()), procfs.read_mountinfo())
-    return mount.fstype if mount else "?"
-
-
-def _default_base_dir() -> str | None:
-    """/dev/shm when it is a tmpfs (see ``--base-dir``), else None (the harness's)."""
-    shm = Path("/dev/shm")
-    return str(shm) if shm.is_dir() and _fstype(shm) == "tmpfs" else None
+    """The file system ``path`` is on: of the mounts ``/proc/self/mountinfo`` lists at it
+    or above it, the deepest (for the facts line only: overmounts are not told apart)."""
+    where = str(path.resolve())
+    best = max((m for m in procfs.read_mountinfo()
+                if where == m.mount_point or where.startswith(m.mount_point.rstrip("/") + "/")),
+               key=lambda m: len(m.mount_point), default=None)
+    return best.fstype if best else "?"
 
 
 def _loadavg() -> str:
@@ -565,12 +563,13 @@ class Bench:
                 counter["n"] += 1
                 argv = self.c.ctr_argv("task", "exec", "--exec-id", f"e{counter['n']}",
                                        "--fifo-dir", str(self.c.fifo_dir), target[which], "true")
-                before = cpu_sample(pids[target[which]]).exec_ms
+                pid = pids.get(target[which], 0)  # not found: no CPU row, the latency still
+                before = cpu_sample(pid).exec_ms if pid else {}
                 ms = self.timed(argv, f"exec into {target[which]}")
                 if record:
                     getattr(row, which).append(ms)
-                    getattr(cpu, which).append(
-                        thread_delta(before, cpu_sample(pids[target[which]]).exec_ms))
+                    if pid:
+                        getattr(cpu, which).append(thread_delta(before, cpu_sample(pid).exec_ms))
 
             self.alternate(self.args.runs, one)
         finally:
@@ -918,14 +917,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "`make venv PYTHON=python3.12 VENV=.venv-3.12`")
     p.add_argument("--markdown-out", type=Path, help="also write facts and table to this file")
     p.add_argument("--base-dir", default=None,
-                   help="where containerd's own directory goes (root, state with the "
-                        "bundles, sockets, FIFOs): default /dev/shm when it is a tmpfs, as "
-                        "the /run a host keeps containerd's state in is; empty: the "
-                        "harness's ($SUPERVISOR_TEST_TMP or /tmp; runs before 2026-11-30 01:00)")
+                   help="where containerd's whole directory goes (root, state, sockets, "
+                        "FIFOs; default the harness's: $SUPERVISOR_TEST_TMP or /tmp).  A host "
+                        "keeps the state on a tmpfs (/run) but the root on a disk, and our "
+                        "shim's event spool is in the root: /dev/shm here is not a host")
     p.add_argument("--log-level", default="info",
+                   choices=("trace", "debug", "info", "warn", "error", "fatal", "panic"),
                    help="containerd's log level (default info, containerd's own default: what a "
                         "new user runs; at debug both shims log every request, ours also every "
-                        "event; runs before 2026-11-30 used debug)")
+                        "event; runs before 2026-11-30 00:36 used debug)")
     p.add_argument("--runtime-ours", default=OURS_RUNTIME, help=f"default {OURS_RUNTIME}")
     p.add_argument("--runtime-go", default=GO_RUNTIME, help=f"default {GO_RUNTIME}")
     layout = p.add_mutually_exclusive_group()
@@ -950,8 +950,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.throughput_runs = 1 if args.quick else 5
     if args.cpu_seconds is None:
         args.cpu_seconds = 5.0 if args.quick else 60.0
-    if args.base_dir is None:
-        args.base_dir = _default_base_dir()
     try:
         args.memory_counts = [int(n) for n in
                               (args.memory_counts or ("3,6" if args.quick else "10,50")).split(",")]
