@@ -763,13 +763,20 @@ class ForkServer:
         """
         self.log.info("retiring: %s", why)
         self.retired = True
+        self.close()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+    def close(self) -> None:
+        """Let the socket go: the spare dropped, the file removed while it is still this
+        server's (:class:`~supervisor.daemon.OwnSocket`: at most once), the listener
+        closed.  Idempotent.  The lock stays held until :meth:`retire` releases it or the
+        process ends."""
         self.drop_spare()
         if self.own is not None:
             self.own.remove()
         self.sock.close()
-        if self.lock_fd >= 0:
-            os.close(self.lock_fd)
-            self.lock_fd = -1
 
     def handle(self, conn: _socket.socket) -> None:
         conn.settimeout(REQUEST_TIMEOUT)
@@ -1139,8 +1146,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         log.error("cannot lock %s: %s", sibling(args.socket, ".lock"), e)
         return 1
-    sock: socket.socket | None = None
-    own: OwnSocket | None = None
     server: ForkServer | None = None
     try:
         try:
@@ -1148,9 +1153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as e:
             log.error("cannot serve %s: %s", args.socket, e)
             return 1
-        own = OwnSocket(sock)
-        server = ForkServer(sock, log, path=args.socket, code=code, lock_fd=lock_fd, own=own,
-                            spare=not args.no_spare)
+        # (A stop before the next line leaves the socket file behind: the next server
+        # replaces it, as any stale one, see bind.)
+        server = ForkServer(sock, log, path=args.socket, code=code, lock_fd=lock_fd,
+                            own=OwnSocket(sock), spare=not args.no_spare)
         # Bound first: a start that comes meanwhile waits in the backlog for a forked
         # shim (~0.1-0.3 s) instead of starting one more cold one.  The server's own
         # objects (above) are preloaded with the rest: frozen and immortal too.
@@ -1163,11 +1169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("stopping on signal %s", e)
     finally:
         if server is not None:
-            server.drop_spare()
-        if own is not None:  # at most once (retire may have), and only our own
-            own.remove()
-        if sock is not None:
-            sock.close()
+            server.close()  # a retired server has already: a no-op then
     return 0
 
 
