@@ -166,12 +166,17 @@ class Report:
         return not self.error
 
 
+#: The reason for a socket file with nothing listening on it (a killed shim's or fork
+#: server's): ``renew_forkserver`` tells such a fork server from one that answered badly.
+REFUSED = "connection refused"
+
+
 def reason(exc: BaseException, timeout: float) -> str:
     """A short, human reason a shim could not be asked."""
     if isinstance(exc, FileNotFoundError):
         return "no such socket"
     if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
+        return REFUSED
     if isinstance(exc, PermissionError):
         return "permission denied"
     if isinstance(exc, (trio.TooSlowError, TimeoutError)):
@@ -527,7 +532,7 @@ def forkserver_status(path: str, timeout: float) -> dict[str, Any] | None:
     except forkclient.NoServer:
         if not os.path.exists(path):
             return None
-        found["error"] = "connection refused"
+        found["error"] = REFUSED
         return found
     except (forkclient.ForkServerError, OSError) as e:
         found["error"] = str(e) or type(e).__name__
@@ -1000,7 +1005,7 @@ def renew_forkserver(path: str, installed: str, timeout: float) -> dict[str, Any
     every ``start``.
     """
     found = forkserver_status(path, timeout)
-    if found is None or found["error"] == "connection refused":
+    if found is None or found["error"] == REFUSED:
         return None  # nothing serves it (a killed server's file): the next start spawns one
     result: dict[str, Any] = {"socket": path, "pid": found["pid"], "code": found["code"],
                               "installed_code": installed, "action": "failed",
