@@ -69,8 +69,6 @@ Invariants
 
 from __future__ import annotations
 
-import base64
-import binascii
 import errno
 import fcntl
 import logging
@@ -83,7 +81,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import trio
 
-from supervisor.handover import b64
+from supervisor.handover import StateError, b64, unb64
 from supervisor.reaper import Reaper, spawn
 
 log = logging.getLogger("supervisor.io")
@@ -488,8 +486,7 @@ class Backlog:
         """
         if self._fd >= 0 or self.empty:
             return
-        start = self._read - (self._write - len(self._memory))
-        data = memoryview(bytes(self._memory[start:]))
+        data = memoryview(self.peek(self.held))
         fd = os.memfd_create("supervisor-backlog", os.MFD_CLOEXEC)
         try:
             done = 0
@@ -1110,8 +1107,9 @@ def fds_of(state: object) -> list[int]:
     return fds
 
 
-class StreamStateError(ValueError):
-    """An exported stream state that cannot be adopted (the message names the field)."""
+#: An exported stream state that cannot be adopted (the message names the field): the
+#: state document's own error (:class:`supervisor.handover.StateError`), by this name here.
+StreamStateError = StateError
 
 
 class StateFields:
@@ -1149,10 +1147,7 @@ class StateFields:
 
     def blob(self, key: str) -> bytes:
         """A base64 field."""
-        try:
-            return base64.b64decode(self.text(key), validate=True)
-        except binascii.Error as e:
-            raise StreamStateError(f"{self.where}.{key}: not base64 ({e})") from None
+        return unb64(self.text(key), f"{self.where}.{key}")
 
     def objects(self, key: str) -> list[StateFields]:
         value = self._get(key)
