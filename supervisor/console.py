@@ -331,7 +331,7 @@ class Console(Resumable):
 
     def _paused_by(self, scope: trio.CancelScope) -> bool:
         """Whether a copy that ``scope`` stopped stopped for :meth:`pause` (fds kept)."""
-        return scope.cancelled_caught and self._pausing and not self._closed
+        return scope.cancelled_caught and self._keep_fds()
 
     # --- master -> stdout -------------------------------------------------
 
@@ -556,19 +556,12 @@ class Console(Resumable):
             "in_pending": b64(self._in_pending),
         }
 
-    def export(self) -> dict[str, object]:
-        """The paused console as JSON-able data for :func:`supervisor.io.adopt_streams`.
-
-        From now on its fds belong to that data: :meth:`close` leaves them
-        open, until :meth:`resume` takes them back.
-        """
+    def _export_refusal(self) -> str | None:
         if self._closed:
-            raise RuntimeError("a closed console is not exported")
+            return "a closed console is not exported"
         if self._copies or (self._started and not self._pausing and not self.output_done):
-            raise RuntimeError("pause the console before exporting it")
-        state = self._state()
-        self._exported = True
-        return state
+            return "pause the console before exporting it"
+        return None
 
     @classmethod
     def adopt(cls, f: StateFields) -> Console:
@@ -600,11 +593,7 @@ class Console(Resumable):
 
         Exported fds are not ours: they are left open.
         """
-        if self._closed:
-            return
-        self._closed = True
-        if self._exported:
-            self._output_done.set()
+        if not self._closing():
             return
         self._in_scope.cancel()
         self._out_scope.cancel()

@@ -551,17 +551,54 @@ class _Output:
 
 
 class Resumable:
-    """:meth:`resume`, :meth:`fds` and :attr:`closed`, the same for both kinds of streams
-    (:class:`ProcessIO` and :class:`~supervisor.console.Console`), over the fields both
-    keep and their ``_state()`` (what ``export()`` returns)."""
+    """What both kinds of streams (:class:`ProcessIO` and
+    :class:`~supervisor.console.Console`) do alike across an upgrade: :meth:`export`
+    (each says when it must refuse, ``_export_refusal()``, and what it exports,
+    ``_state()``), :meth:`resume`, :meth:`fds`, :attr:`closed`, the start of ``close()``
+    (:meth:`_closing`) and whether a stopping copy keeps its fds (:meth:`_keep_fds`),
+    over the fields both keep."""
 
     _closed: bool
     _pausing: bool
     _exported: bool
     _nursery: trio.Nursery | None
+    _output_done: trio.Event
 
     def _state(self) -> dict[str, object]:
         raise NotImplementedError
+
+    def _export_refusal(self) -> str | None:
+        """Why :meth:`export` must refuse now (closed, not paused...), or None."""
+        raise NotImplementedError
+
+    def export(self) -> dict[str, object]:
+        """The paused object as JSON-able data for :func:`adopt_streams` (fds by number).
+
+        From now on its fds belong to that data: :meth:`close` leaves them
+        open, until :meth:`resume` takes them back.
+        """
+        why = self._export_refusal()
+        if why:
+            raise RuntimeError(why)
+        state = self._state()
+        self._exported = True
+        return state
+
+    def _closing(self) -> bool:
+        """:meth:`close`'s start: marks the object closed; whether the caller has fds of
+        its own to release (False when closed before, or exported: those fds are the
+        exported state's, and the output is done as far as this object goes)."""
+        if self._closed:
+            return False
+        self._closed = True
+        if self._exported:
+            self._output_done.set()
+            return False
+        return True
+
+    def _keep_fds(self) -> bool:
+        """Whether a copy that stops now stops for :meth:`pause` (its fds stay with us)."""
+        return self._pausing and not self._closed
 
     def start(self, nursery: trio.Nursery) -> None:
         raise NotImplementedError
@@ -767,10 +804,6 @@ class ProcessIO(Resumable):
         finally:
             self._running = False
             self._stopped.set()
-
-    def _keep_fds(self) -> bool:
-        """Whether a copy that stops now stops for :meth:`pause` (its fds stay with us)."""
-        return self._pausing and not self._closed
 
     async def _copy_out(self, out: _Output) -> None:
         """Pipe -> destination.  Reading never waits for the destination's reader.
@@ -1005,21 +1038,14 @@ class ProcessIO(Resumable):
             "stdin_close": self._stdin_close_requested,
         }
 
-    def export(self) -> dict[str, object]:
-        """The paused object as JSON-able data for :func:`adopt_streams` (fds by number).
-
-        From now on the fds belong to that data: :meth:`close` leaves them
-        open, until :meth:`resume` takes them back.
-        """
+    def _export_refusal(self) -> str | None:
         if self._closed:
-            raise RuntimeError("closed streams are not exported")
+            return "closed streams are not exported"
         if self._running or (self._outputs and not self._pausing):
-            raise RuntimeError("pause the streams before exporting them")
+            return "pause the streams before exporting them"
         if self._child_ends:
-            raise RuntimeError("the process's ends are still ours (spawned() not called)")
-        state = self._state()
-        self._exported = True
-        return state
+            return "the process's ends are still ours (spawned() not called)"
+        return None
 
     @classmethod
     def _adopt(cls, f: StateFields) -> ProcessIO:
@@ -1065,11 +1091,7 @@ class ProcessIO(Resumable):
 
         Exported fds are not ours: they are left open.
         """
-        if self._closed:
-            return
-        self._closed = True
-        if self._exported:
-            self._output_done.set()
+        if not self._closing():
             return
         for fd in self._child_ends:
             os.close(fd)
