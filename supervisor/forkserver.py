@@ -148,7 +148,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -172,6 +172,8 @@ from supervisor.launch.forkclient import (
     sibling,
     write_pid,
 )
+
+_T = TypeVar("_T")
 
 REQUEST_TIMEOUT = 2.0  # server: each read and write of one connection
 SETUP_TIMEOUT = 5.0  # server: fork until the shim reports its pid
@@ -586,18 +588,8 @@ class Spare:
     def assign(self, request: Request, listener_fd: int) -> tuple[int, int]:
         """Hand it ``request``: (status pipe's read end, go pipe's write end), as
         :meth:`ForkServer.fork_shim` gives; OSError if it is gone."""
-        status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        go_r, go_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            send_fds(self.control, [_msgpack.packb(request.to_wire())],
-                     [listener_fd, status_w, go_r])
-        except BaseException:
-            os.close(status_r)
-            os.close(go_w)
-            raise
-        finally:
-            os.close(status_w)
-            os.close(go_r)
+        status_r, go_w, _ = _shim_pipes(lambda status_w, go_r: send_fds(
+            self.control, [_msgpack.packb(request.to_wire())], [listener_fd, status_w, go_r]))
         return status_r, go_w
 
     def kill(self) -> None:
@@ -861,26 +853,28 @@ class ForkServer:
                         self.log.warning("spare %d is gone (%s); forking", spare.pid, e)
                     else:
                         try:
-                            return self.await_shim(status_r), go_w, 0, True
+                            return self._reported(status_r, go_w), go_w, 0, True
                         except ShimDied:
-                            os.close(go_w)
                             self.log.warning("spare %d died before its report; forking",
                                              spare.pid)
-                        except BaseException:
-                            os.close(go_w)
-                            raise
-                        finally:
-                            os.close(status_r)
                 else:
                     self.log.warning("the spare is gone or not parked; forking")
             finally:
                 spare.close()
         status_r, go_w, intermediate = self.fork_shim(request, listener_fd, conn)
         try:
-            return self.await_shim(status_r), go_w, intermediate, False
+            return self._reported(status_r, go_w), go_w, intermediate, False
+        except BaseException:
+            os.waitpid(intermediate, 0)
+            raise
+
+    def _reported(self, status_r: int, go_w: int) -> int:
+        """:meth:`await_shim` on ``status_r``, closed either way; ``go_w`` closed too if
+        there is no pid (nobody will send the go byte)."""
+        try:
+            return self.await_shim(status_r)
         except BaseException:
             os.close(go_w)
-            os.waitpid(intermediate, 0)
             raise
         finally:
             os.close(status_r)
@@ -939,22 +933,16 @@ class ForkServer:
         The status pipe's read end gets the shim's report; the go pipe's write
         end is for the client.  The intermediate exits at once; reap it.
         """
+        def fork(status_w: int, go_r: int) -> int:
+            try:
+                return _fork_detached(
+                    lambda: _become_shim(request, listener_fd, status_w, go_r,
+                                         server_sockets=[self.sock, conn], native=self.native),
+                    on_error=lambda e: _report_error(status_w, e))
+            except OSError as e:
+                raise ForkServerError(f"fork: {e}") from None
 
-        status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        go_r, go_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            child = _fork_detached(
-                lambda: _become_shim(request, listener_fd, status_w, go_r,
-                                     server_sockets=[self.sock, conn], native=self.native),
-                on_error=lambda e: _report_error(status_w, e))
-        except OSError as e:
-            for fd in (status_r, go_w):
-                os.close(fd)
-            raise ForkServerError(f"fork: {e}") from None
-        finally:
-            os.close(status_w)
-            os.close(go_r)
-        return status_r, go_w, child
+        return _shim_pipes(fork)
 
     def await_shim(self, status_r: int) -> int:
         """The shim's pid from its report on the status pipe (ForkServerError if none)."""
@@ -968,6 +956,25 @@ class ForkServer:
         if status.startswith(b"E"):
             raise ForkServerError("shim setup failed: " + status[1:].decode(errors="replace"))
         raise ShimDied("the shim died during its setup")
+
+
+def _shim_pipes(hand: Callable[[int, int], _T]) -> tuple[int, int, _T]:
+    """A shim's status and go pipes: ``hand(status_w, go_r)`` gives the shim its ends (a
+    spare by fd passing, a fork by inheritance); returns (``status_r``, ``go_w``, what
+    ``hand`` returned).  The shim's ends are closed here after ``hand`` either way, ours
+    too if it raises."""
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        handed = hand(status_w, go_r)
+    except BaseException:
+        os.close(status_r)
+        os.close(go_w)
+        raise
+    finally:
+        os.close(status_w)
+        os.close(go_r)
+    return status_r, go_w, handed
 
 
 class ShimDied(ForkServerError):
