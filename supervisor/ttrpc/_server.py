@@ -298,11 +298,15 @@ class _Connection:
     def redispatch(self) -> None:
         """Run the calls handed over again, in place (the quiesce was called off)."""
         calls, self.handed_over = self.handed_over, {}
-        assert self.nursery is not None or not calls
-        for stream_id, call in sorted(calls.items()):
+        self._dispatch(RequestReceived(stream_id, call.request)
+                       for stream_id, call in sorted(calls.items()))
+
+    def _dispatch(self, events: Iterable[ServerEvent]) -> None:
+        """Answer each event in a task of its own, counted in :attr:`active`."""
+        for event in events:
             self.active += 1
             assert self.nursery is not None
-            self.nursery.start_soon(self._answer, RequestReceived(stream_id, call.request))
+            self.nursery.start_soon(self._answer, event)
 
     def export(self) -> HandedOver:
         """This connection, handed over whole (the server is quiesced)."""
@@ -330,10 +334,8 @@ class _Connection:
             with self.scope:
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
-                    for event in initial:
-                        self.active += 1
-                        nursery.start_soon(self._answer, event)
-                    reason, level = await self._read_loop(nursery)
+                    self._dispatch(initial)
+                    reason, level = await self._read_loop()
                     # Nobody is left to read answers: cancel in-flight handlers.
                     self.close(reason, level)
         finally:
@@ -341,7 +343,7 @@ class _Connection:
             self.server.logger.log(self.close_level, "ttrpc %s: closed: %s", self.name, reason)
             await trio.aclose_forcefully(self.stream)
 
-    async def _read_loop(self, nursery: trio.Nursery) -> tuple[str, int]:
+    async def _read_loop(self) -> tuple[str, int]:
         """Read until the connection ends; return (reason, log level).
 
         Reads only while ``proto.can_receive``: otherwise it waits for a call
@@ -358,9 +360,7 @@ class _Connection:
             if events:
                 first_deadline = math.inf
                 self.spoke = True
-            for event in events:
-                self.active += 1
-                nursery.start_soon(self._answer, event)
+            self._dispatch(events)
             events = []
             if self.server.quiescing:
                 await self._park()
@@ -399,9 +399,7 @@ class _Connection:
                 finally:
                     self._read_scope = None
             if data is not None and not data:
-                for event in events:
-                    self.active += 1
-                    nursery.start_soon(self._answer, event)
+                self._dispatch(events)
                 return "peer closed the connection", logging.DEBUG
 
     async def _park(self) -> None:
