@@ -38,7 +38,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
@@ -190,7 +190,9 @@ class ShimFacts:
     first: str  # the container whose start started it
     bundle: str
     ttrpc_address: str
-    cmdline: tuple[str, ...] = ()  # as it first showed (/proc/self/cmdline), kept across execs
+    #: As it first showed (/proc/self/cmdline, /proc/self/comm), kept across execs: read
+    #: when the first upgrade needs them (nothing changes them before), not at start-up.
+    cmdline: tuple[str, ...] = ()
     comm: str = ""
 
 
@@ -344,7 +346,7 @@ def serve(
     record = UpgradeRecord(code or code_identity())
     # Known now: containerd may remove the bundle (and its address file) before we exit.
     own_socket = OwnSocket(listener)
-    facts = ShimFacts(namespace, container_id, bundle, ttrpc_address, *_shown_as())
+    facts = ShimFacts(namespace, container_id, bundle, ttrpc_address)
     return _run(functools.partial(_serve, listener, facts, own_socket=own_socket,
                                   record=record), own_socket)
 
@@ -662,12 +664,11 @@ class Upgrader:
 
     async def _attempt(self, timeout: float) -> None:
         deadline = trio.current_time() + timeout
-        server_quiet = reaper_paused = outbox_paused = False
+        reaper_paused = outbox_paused = False
         paused: list[Streams] = []
         try:
             if not await self.server.quiesce(timeout):
                 raise UpgradeAborted(f"calls in flight did not finish within {timeout:g}s")
-            server_quiet = True
             if self._ending():
                 raise UpgradeAborted("the shim began to end")
             with trio.move_on_at(deadline) as waited:
@@ -697,8 +698,7 @@ class Upgrader:
                 streams.resume()
             if reaper_paused:
                 self.service.reaper.resume()
-            if server_quiet or self.server.quiescing:
-                self.server.resume()
+            self.server.resume()  # a no-op unless quiescing (quiesce may have timed out)
             self.record.failed(error)
         finally:
             self.under_way = False
@@ -710,6 +710,9 @@ class Upgrader:
 
     def state(self) -> handover.State:
         """Everything the new code needs (the shim is quiesced)."""
+        if not self.facts.cmdline:  # a shim's first upgrade: how it shows, read now
+            cmdline, comm = _shown_as()
+            self.facts = replace(self.facts, cmdline=cmdline, comm=comm)
         handler = shimlog.fifo_handler()
         connections = [_connection_state(h) for h in self.server.export()]
         events = self.sender.export()
