@@ -41,10 +41,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from supervisor import errors, identifiers, metrics, mount
-from supervisor import io as stdio_streams
 from supervisor.console import Console, ConsoleError, ConsoleSocket
 from supervisor.errors import AlreadyExists, InvalidArgument, NotFound
-from supervisor.io import Opened, Owner, ProcessIO, Stdio, Streams, open_stdio
+from supervisor.io import Opened, Owner, ProcessIO, Stdio, Streams, adopt_streams, open_stdio
 from supervisor.launch import runcmd
 from supervisor.launch.spool import work_dir
 from supervisor.oom import OOMWatcher
@@ -369,7 +368,7 @@ class Container:
     async def adopt(cls, state: ContainerState, *, reaper: Reaper) -> Container:
         """The container :meth:`export` described, its processes' streams rebuilt
         (paused: the Task service starts them) and ``created`` set."""
-        settings = Settings.from_json(json.dumps(state["settings"]))
+        settings = Settings.from_dict(state["settings"])
         init = Process.adopt(state["id"], state["init"])
         container = cls(
             state["id"], state["bundle"], namespace=state["namespace"], settings=settings,
@@ -405,7 +404,7 @@ class Container:
             io = await self._open_io(process.stdio)
             io.spawned()
             return io
-        return stdio_streams.adopt_streams(data, spool_dir=self.work_dir)
+        return adopt_streams(data, spool_dir=self.work_dir)
 
     # --- other operations -----------------------------------------------
 

@@ -87,6 +87,12 @@ class Settings:
         data = parse_json(text)
         if not isinstance(data, dict):
             raise ValueError("the settings file is not a JSON object")  # noqa: TRY004
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Settings:
+        """The settings in ``data`` (what :meth:`to_dict` gives, or a settings file
+        parsed); unknown keys and values of the wrong type are ignored."""
         settings = cls()
         for key in cls.__slots__:
             value = data.get(key)
