@@ -397,7 +397,7 @@ class Bench:
             return f"fork server (exited with {proc.returncode} before the end!)"
         roll = smaps_rollup_kib(proc.pid)
         try:
-            spare = spare_facts(forkclient.status(str(self.c.dir / "forkserver.sock")))
+            spare = spare_facts(forkclient.status(self.c.extra_env[FORKSERVER_ENV]))
         except (forkclient.ForkServerError, OSError):
             spare = ""
         return (f"fork server `supervisor-forkserver` (pid {proc.pid}; its own Pss "

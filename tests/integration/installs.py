@@ -93,9 +93,9 @@ class PrivateInstall:
         # bytecode now, as pip does: a __pycache__ made later would change the identity.
         subprocess.run([str(self.python), "-I", "-m", "compileall", "-q", str(target)],
                        check=True, capture_output=True, timeout=120)
-        subprocess.run([str(self.python), "-I", "-m", "supervisor.launch.launcher",
-                        str(self.bin / "containerd-shim-supervisor-v2")], check=True,
-                       capture_output=True, timeout=60)
+        # The launcher's default: the binary (launcher.NAME) beside this interpreter.
+        subprocess.run([str(self.python), "-I", "-m", "supervisor.launch.launcher"],
+                       check=True, capture_output=True, timeout=60)
         self.installed = label
 
     def append(self, module: str, text: str) -> None:

@@ -13,14 +13,14 @@ import json
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from test_forkserver_spawn import answering, wait_for
 
 from supervisor import cli, ttrpc
 from supervisor.api.introspect import introspect_pb2 as pb
@@ -322,26 +322,6 @@ async def test_cmd_upgrade_table_json_and_exit_status(short_dir: Path, nursery: 
 
 
 # --- the fork server ---------------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waiting for {predicate}")
-        time.sleep(0.01)
-
-
-def answering(path: str) -> bool:
-    try:
-        forkclient.status(path)
-    except forkclient.NoServer:
-        return False
-    return True
-
-
-
-
 
 
 def test_a_forkserver_of_other_code_is_retired_and_one_of_this_code_kept(
