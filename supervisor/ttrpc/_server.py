@@ -453,7 +453,7 @@ class _Connection:
         payload = b""
         call: _Call | None = None
         if self.server.is_resumable(request.service, request.method):
-            call = _Call(request, deadline, trio.CancelScope())
+            call = _Call(request, deadline)
             self.resumable[event.stream_id] = call
         with (call.scope if call is not None else trio.CancelScope()) as scope:
             scope.deadline = math.inf if deadline is None else deadline
