@@ -88,6 +88,33 @@ async def test_spool_replays_after_a_shim_dies(tmp_path: Path) -> None:
     assert Spool(path).load() == []
 
 
+async def test_forwarding_never_syncs_nor_needs_a_thread(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The spool outlives the shim, not the machine (after a reboot containerd removes
+    # the work directories before reading them): an fsync per event, from a worker
+    # thread, cost CPU per exec and a thread in every shim for nothing.
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the outbox must neither fsync nor start a thread")
+
+    monkeypatch.setattr(os, "fsync", refused)
+    monkeypatch.setattr(os, "fdatasync", refused)
+    monkeypatch.setattr(trio.to_thread, "run_sync", refused)
+    path = str(tmp_path / "spool")
+    sender = FlakySender(failures=1)
+    outbox = Outbox(sender.send, "ns", spool=Spool(path))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.run)
+        for i in range(3):
+            outbox.publish(exit_event(i))
+            # In the file as soon as publish returns: a shim killed now loses nothing.
+            assert [e.seq for e in Spool(path).load()] == list(range(1, i + 2))
+        assert await outbox.flush(10)
+        await outbox.pause()
+        nursery.cancel_scope.cancel()
+    assert [e.seq for e in sender.accepted] == [1, 2, 3]
+    assert not outbox.stats.spool_error and Spool(path).load() == []
+
+
 def test_spool_ignores_a_torn_tail(tmp_path: Path) -> None:
     path = tmp_path / "spool"
     spool = Spool(str(path))

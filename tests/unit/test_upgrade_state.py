@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -322,45 +321,3 @@ def test_no_snapshot_of_code_that_changed_on_disk(tmp_path: Path,
     with pytest.raises(ValueError, match="changed"):
         codesnap.ensure("what this shim started with", str(tmp_path))
     assert os.listdir(tmp_path) == []
-
-
-async def test_pause_waits_for_the_forwarders_spool_sync(tmp_path: Path) -> None:
-    # Spool.sync clears `dirty` before its fsync: a pause that only looked at `dirty`
-    # returned while the forwarder's sync ran in its thread, and the exec cut it off.
-    spool = Spool(str(tmp_path / "spool"))
-    in_sync, release = threading.Event(), threading.Event()
-    real_sync = spool.sync
-
-    def slow_sync() -> None:  # Spool.sync's order: `dirty` cleared, then the fsync
-        if not spool.dirty:
-            return
-        spool._dirty = False
-        in_sync.set()
-        release.wait(10)
-        spool._dirty = True
-        real_sync()
-
-    spool.sync = slow_sync  # type: ignore[method-assign]
-    outbox = Outbox(_never_sent, "ns", spool=spool)
-    paused = trio.Event()
-
-    async def pause() -> None:
-        await outbox.pause()
-        paused.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(outbox.run)
-        outbox.publish(_exit_event())
-        await trio.to_thread.run_sync(in_sync.wait)
-        nursery.start_soon(pause)
-        await trio.testing.wait_all_tasks_blocked()
-        assert not paused.is_set()  # the sync under way is waited for
-        release.set()
-        await paused.wait()
-        assert not spool.dirty
-        nursery.cancel_scope.cancel()
-    spool.close()
-
-
-async def _never_sent(event: Event) -> None:
-    raise AssertionError("nothing is sent while the spool syncs and the outbox pauses")
