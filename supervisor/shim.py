@@ -32,8 +32,12 @@ Light on purpose: ``start``, ``delete`` and ``-info`` load only :mod:`supervisor
 (standard library alone; ``tests/unit/test_layering.py`` checks it); the
 daemon side is imported only for the daemon.  The entry script ``make venv``
 writes (:mod:`supervisor.launch.launcher`) runs this module as ``python -IS``,
-without ``site``: whatever imports beyond the standard library (protobuf for
-options, the daemon) calls :func:`~supervisor.launch.launcher.full_site` first.
+without ``site``, possibly in a faster-starting interpreter than the venv's
+(its *light* one), and names the venv's as ``main``'s ``python``: the daemon's
+interpreter.  That is the one ``start`` spawns daemons and fork servers with
+and computes the code identity of; any action beyond the light ones runs
+there (re-executed if need be), after
+:func:`~supervisor.launch.launcher.full_site`.
 """
 
 from __future__ import annotations
@@ -72,8 +76,19 @@ def exit_now(rc: int) -> NoReturn:
     os._exit(rc)
 
 
-def main(argv: list[str] | None = None) -> int:
+def in_daemon_python(python: str, args: list[str]) -> None:
+    """Go on in the daemon's interpreter ``python``: re-execute the entry script there
+    (with ``args``) unless this is it."""
+    if os.path.abspath(sys.executable) != os.path.abspath(python):
+        script = os.path.abspath(sys.argv[0])
+        os.execv(python, [python, script, *args])
+
+
+def main(argv: list[str] | None = None, *, python: str | None = None) -> int:
+    """The binary's entry point; ``python``: the daemon side's interpreter (default: this
+    one), which the entry script names when it runs the light actions in another."""
     args = sys.argv[1:] if argv is None else argv
+    python = python or sys.executable
     try:
         flags = parse_flags(args)
     except UsageError as e:
@@ -93,12 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         if flags.action == "start":
             from supervisor.launch.start import action_start
 
-            exit_now(action_start(flags, decode_options))
+            exit_now(action_start(flags, decode_options, python))
         if flags.action == "delete":
             from supervisor.launch.delete import action_delete
 
             exit_now(action_delete(flags.namespace, flags.id, flags.bundle or os.getcwd()))
         if flags.action == "":
+            in_daemon_python(python, args)
             full_site()
             from supervisor.daemon import action_serve
 

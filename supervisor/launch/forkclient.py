@@ -113,11 +113,14 @@ def sibling(path: str, suffix: str) -> str:
     return (path[:-5] if path.endswith(".sock") else path) + suffix
 
 
-def code_identity() -> str:
+def code_identity(python: str | None = None) -> str:
     """What code a fork server runs, as its ``start`` sees it on disk: equal or retire.
 
-    The package version, the interpreter (version, and the executable's mtime
-    and size: a Python upgrade), the mtime and size of every ``.py`` of the
+    The package version, the daemon side's interpreter ``python`` (default:
+    this one; ``start`` may run in another, see
+    :mod:`supervisor.launch.launcher`, so nothing here is of the interpreter
+    computing it: the executable's mtime and size, a Python upgrade), the
+    mtime and size of every ``.py`` of the
     ``supervisor`` package, the mtime of each of its directories (a file
     added, removed or replaced by rename, as pip and git do) and of the
     site-packages directories it and the venv install into (any ``pip
@@ -141,9 +144,14 @@ def code_identity() -> str:
     parent = os.path.dirname(root)
     # Not sys.prefix: without ``site`` (the entry script's ``-S``) it names the base
     # interpreter, not the venv, and both sides must see the same directories.
-    prefix = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
-    venv = f"{prefix}/lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
-    facts: list[int] = [*mtime_size(sys.executable), mtime_size(venv)[0],
+    python = os.path.abspath(python or sys.executable)
+    lib = os.path.join(os.path.dirname(os.path.dirname(python)), "lib")
+    try:
+        versions = sorted(n for n in os.listdir(lib) if n.startswith("python3."))
+    except OSError:
+        versions = []
+    facts: list[int] = [*mtime_size(python),
+                        *(mtime_size(f"{lib}/{v}/site-packages")[0] for v in versions),
                         mtime_size(parent)[0] if parent.endswith("-packages") else 0]
     stack = [root]
     while stack:
@@ -157,7 +165,7 @@ def code_identity() -> str:
                     facts += (st.st_mtime_ns, st.st_size)
                 elif "." not in name and name != "__pycache__" and entry.is_dir():
                     stack.append(entry.path)
-    digest = sha256_hex(f"{root}\0{sys.version}\0{facts}".encode())[:16]
+    digest = sha256_hex(f"{root}\0{facts}".encode())[:16]
     return f"{supervisor.__version__}+{digest}"
 
 
@@ -339,14 +347,15 @@ def request_shim(path: str, request: Request, listener_fd: int,
         conn.close()
 
 
-def spawn_server(path: str, code: str) -> int | None:
+def spawn_server(path: str, code: str, python: str = "") -> int | None:
     """Start a fork server on ``path`` unless one holds its lock: its pid, or None.
 
     The lock (:func:`sibling` ``.lock``) is taken without waiting and passed to
     the server as fd 3, so it is held from here on for the server's whole life
     (see "On demand").  The server is detached: a new session, the working
     directory ``/`` (it changes there), stdin ``/dev/null``, stdout and stderr
-    its log file (truncated: one server's life), this interpreter with ``-I``
+    its log file (truncated: one server's life), the daemon side's interpreter
+    ``python`` (default: this one) with ``-I``
     (isolated: neither the bundle nor containerd's ``$PYTHONPATH`` on
     ``sys.path``, so it runs the installed code its identity names).  Both
     files are created only in a directory no one else may write
@@ -370,8 +379,9 @@ def spawn_server(path: str, code: str) -> int | None:
             log = open_beside(folder, path, ".log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC
                               | os.O_APPEND)
             try:
-                pid = spawn([sys.executable, "-I", "-m", "supervisor.forkserver", "--socket",
-                             path, "--code-identity", code, "--lock-fd", str(LOCK_FD)],
+                pid = spawn([python or sys.executable, "-I", "-m", "supervisor.forkserver",
+                             "--socket", path, "--code-identity", code, "--lock-fd",
+                             str(LOCK_FD)],
                             fds={1: log, 2: log, LOCK_FD: lock}, setsid=True)
             finally:
                 os.close(log)

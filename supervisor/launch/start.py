@@ -140,12 +140,15 @@ def adjust_oom_score(pid: int) -> None:
         f.write(str(min(score + 1, 1000)))
 
 
-def daemon_argv(flags: Flags) -> list[str]:
+def daemon_argv(flags: Flags, python: str = "") -> list[str]:
+    """The command line of the daemon for ``flags``: the entry script (or the module) run
+    by the daemon side's interpreter ``python`` (default: this one), with ``site``."""
+    python = python or sys.executable
     script = os.path.abspath(sys.argv[0])
     if os.path.basename(script).endswith(".py") or not os.access(script, os.X_OK):
-        head = [sys.executable, "-m", "supervisor.shim"]
+        head = [python, "-m", "supervisor.shim"]
     else:
-        head = [sys.executable, script]
+        head = [python, script]
     argv = [*head, "-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
     if flags.debug:
         argv.append("-debug")
@@ -193,12 +196,13 @@ def note(level: str, message: str) -> None:
         os.close(fd)
 
 
-def _spawn_server(path: str, code: str, why: str) -> None:
-    """Spawn a fork server at ``path`` for the next ``start`` (this one goes on cold)."""
+def _spawn_server(path: str, code: str, why: str, python: str = "") -> None:
+    """Spawn a fork server at ``path`` in ``python`` for the next ``start`` (this one goes
+    on cold)."""
     from supervisor.launch import forkclient
 
     try:
-        pid = forkclient.spawn_server(path, code)
+        pid = forkclient.spawn_server(path, code, python)
     except Exception as e:
         note("warning", f"fork server {path}: {why}; cannot start one: {e}; "
              "starting the shim cold")
@@ -207,8 +211,10 @@ def _spawn_server(path: str, code: str, why: str) -> None:
         note("info", f"fork server {path}: {why}; {started}; starting the shim cold")
 
 
-def start_daemon(flags: Flags, listener: _socket.socket) -> tuple[int, bool]:
-    """Start the daemon serving ``listener``: (its pid, whether the fork server forked it).
+def start_daemon(flags: Flags, listener: _socket.socket, python: str = ""
+                 ) -> tuple[int, bool]:
+    """Start the daemon serving ``listener``: (its pid, whether the fork server forked it);
+    ``python`` is the daemon side's interpreter (default: this one).
 
     The fork server is asked unless ``$SUPERVISOR_FORKSERVER`` is empty; when
     none serves its socket, or the one there retired (other code), a new one
@@ -223,18 +229,19 @@ def start_daemon(flags: Flags, listener: _socket.socket) -> tuple[int, bool]:
     if path:
         code = ""
         try:
-            code = forkclient.code_identity()
+            code = forkclient.code_identity(python)
             request = forkclient.Request.of_this_process(
                 namespace=flags.namespace, id=flags.id, address=flags.address,
-                debug=flags.debug, argv=daemon_argv(flags), code=code)
+                debug=flags.debug, argv=daemon_argv(flags, python), code=code)
             return forkclient.request_shim(path, request, listener.fileno()), True
         except (forkclient.NoServer, forkclient.Retired) as e:
-            _spawn_server(path, code, str(e))
+            _spawn_server(path, code, str(e), python)
         except Exception as e:  # whatever went wrong, the cold start below still works
             note("warning", f"fork server {path}: {e}; starting the shim cold")
     from supervisor.launch._spawn import spawn
 
-    return spawn(daemon_argv(flags), fds={LISTEN_FD: listener.fileno()}, setsid=True), False
+    return spawn(daemon_argv(flags, python), fds={LISTEN_FD: listener.fileno()},
+                 setsid=True), False
 
 
 def group_settings(options: bytes, decode_options: DecodeOptions) -> tuple[str, int, str]:
@@ -319,7 +326,10 @@ def claim_socket(flags: Flags, group: str, limit: int) -> tuple[str, _socket.soc
                   f" ({MAX_GROUP_SOCKETS} sockets tried)")
 
 
-def action_start(flags: Flags, decode_options: DecodeOptions) -> int:
+def action_start(flags: Flags, decode_options: DecodeOptions, python: str = "") -> int:
+    """``start``: claim the container's socket, start (or join) its shim, print its
+    address.  ``python``: the daemon side's interpreter (daemons, fork servers; default:
+    this one)."""
     bundle = os.getcwd()
     options = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
     if options:  # a bare Any (up to containerd 2.2) or a BootstrapParams (2.3)
@@ -338,7 +348,7 @@ def action_start(flags: Flags, decode_options: DecodeOptions) -> int:
     path = socket_path(address)
     try:
         write_file_atomic("address", address)
-        pid, forked = start_daemon(flags, listener)
+        pid, forked = start_daemon(flags, listener, python)
         try:
             if forked:
                 try:

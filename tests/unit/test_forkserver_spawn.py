@@ -291,12 +291,12 @@ def test_start_spawns_a_fork_server_only_when_none_serves(
         assert failure is not None
         raise failure
 
-    def spawn_server(path: str, code: str) -> int:
-        calls.append(f"spawn {path} {code}")
+    def spawn_server(path: str, code: str, python: str) -> int:
+        calls.append(f"spawn {path} {code} {python}")
         return 4242
 
     def cold(argv: list[str], **kwargs: object) -> int:
-        calls.append("cold")
+        calls.append(f"cold {argv[0]}")
         return 99
 
     monkeypatch.setenv(forkclient.SOCKET_ENV, env)
@@ -307,9 +307,11 @@ def test_start_spawns_a_fork_server_only_when_none_serves(
     monkeypatch.chdir(tmp_path)  # the bundle: no log FIFO, notes are dropped
     flags = Flags(namespace="ns", id="c1", address="/a.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        assert start.start_daemon(flags, listener) == (99, False)
+        # The daemon side's interpreter (the entry script's, maybe not this one) is
+        # what a fork server and a cold daemon are started with.
+        assert start.start_daemon(flags, listener, "/venv/bin/python") == (99, False)
     expected = ([f"ask {env}"] if env else []) + (
-        [f"spawn {env} 1.0+me"] if spawns else []) + ["cold"]
+        [f"spawn {env} 1.0+me /venv/bin/python"] if spawns else []) + ["cold /venv/bin/python"]
     assert calls == expected
 
 

@@ -20,7 +20,49 @@ def test_script_names_the_interpreter_with_one_flag_word_and_the_package_dir() -
     # Linux hands everything after the interpreter to it as ONE argument: "-I -S" would not do.
     assert first == "#!/venv/bin/python -IS"
     assert any(line.startswith("sys.path.append('/src')") for line in rest)
-    assert rest[-2:] == ["from supervisor.shim import main", "sys.exit(main())"]
+    # Everything beyond the light actions runs in the interpreter the script names.
+    assert rest[-2:] == ["from supervisor.shim import main",
+                         "sys.exit(main(python='/venv/bin/python'))"]
+
+
+def test_the_light_interpreter_goes_in_the_shebang_the_venvs_in_the_call() -> None:
+    first, *rest = launcher.script_text("/venv/bin/python", "/src", "/usr/bin/python3").splitlines()
+    assert first == "#!/usr/bin/python3 -IS"
+    assert rest[-1] == "sys.exit(main(python='/venv/bin/python'))"
+    with pytest.raises(ValueError, match="spaces"):
+        launcher.script_text("/venv/bin/python", "/src", "/my python/python3")
+
+
+def test_light_min_is_pyprojects_requires_python() -> None:
+    text = (Path(launcher.package_dir()) / "pyproject.toml").read_text()
+    wanted = ".".join(map(str, launcher.LIGHT_MIN))
+    assert f'requires-python = ">={wanted}"' in text
+
+
+def test_choose_light_takes_the_fastest_that_saves_the_margin(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pythons = {}
+    for name in ("venv", "fast", "faster-but-broken", "slow", "almost"):
+        pythons[name] = tmp_path / name
+        pythons[name].write_text("")
+        pythons[name].chmod(0o755)
+    costs = {"venv": 6.0, "fast": 4.0, "faster-but-broken": 1.0, "slow": 9.0, "almost": 5.5}
+    monkeypatch.setattr(launcher, "start_cost", lambda p: costs[Path(p).name])
+    monkeypatch.setattr(launcher, "_runs_light_path",
+                        lambda p, packages: Path(p).name != "faster-but-broken")
+    venv = str(pythons["venv"])
+
+    def choose(*names: str) -> str:
+        return Path(launcher.choose_light(venv, "/src", tuple(str(pythons[n]) for n in names))
+                    ).name
+
+    assert choose("slow", "fast", "faster-but-broken") == "fast"
+    assert choose("almost") == "venv"  # 8 % faster: not worth a second interpreter
+    assert choose("faster-but-broken") == "venv"
+    assert choose() == "venv"
+    (tmp_path / "link").symlink_to(pythons["venv"])  # the venv's own interpreter again
+    costs["link"] = 0.0
+    assert Path(launcher.choose_light(venv, "/src", (str(tmp_path / "link"),))).name == "venv"
 
 
 def test_an_interpreter_path_with_spaces_is_refused() -> None:
@@ -35,7 +77,7 @@ def test_package_dir_holds_the_package() -> None:
 def test_main_writes_an_executable_script_that_runs_the_shim(tmp_path: Path) -> None:
     path = tmp_path / "containerd-shim-supervisor-v2"
     path.write_text("old console script")
-    assert launcher.main([str(path)]) == 0
+    assert launcher.main(["--light", "venv", str(path)]) == 0
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
     assert path.read_text() == launcher.script_text(sys.executable, launcher.package_dir())
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
@@ -45,6 +87,43 @@ def test_main_writes_an_executable_script_that_runs_the_shim(tmp_path: Path) -> 
 
 def test_main_refuses_options() -> None:
     assert launcher.main(["--help"]) == 2
+
+
+def light_candidates() -> list[str]:
+    """The distribution interpreters here that run the light path (none: skip)."""
+    return [p for p in launcher.LIGHT_CANDIDATES
+            if os.access(p, os.X_OK) and launcher._runs_light_path(p, launcher.package_dir())]
+
+
+def test_a_script_with_a_light_interpreter_runs_the_light_actions_there(tmp_path: Path) -> None:
+    found = light_candidates()
+    if not found:
+        pytest.skip("no distribution Python 3.11+ here")
+    path = tmp_path / "containerd-shim-supervisor-v2"
+    assert launcher.main(["--light", found[0], str(path)]) == 0
+    assert path.read_text().startswith(f"#!{found[0]} -IS\n")
+    out = subprocess.run([str(path), "-v"], capture_output=True, text=True, check=True).stdout
+    assert "Version:" in out
+
+
+def test_a_light_interpreter_that_cannot_run_the_light_path_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "containerd-shim-supervisor-v2"
+    assert launcher.main(["--light", "/bin/false", str(path)]) == 1
+    assert not path.exists()
+
+
+def test_the_daemon_action_goes_on_in_the_daemons_interpreter(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from supervisor import shim  # noqa: PLC0415
+
+    execs: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: execs.append((path, argv)))
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/containerd-shim-supervisor-v2"])
+    shim.in_daemon_python(sys.executable, ["-id", "c"])
+    assert execs == []  # already there
+    shim.in_daemon_python("/venv/bin/python", ["-id", "c"])
+    assert execs == [("/venv/bin/python", ["/venv/bin/python",
+                                           "/venv/bin/containerd-shim-supervisor-v2", "-id", "c"])]
 
 
 def run_isolated(code: str) -> str:

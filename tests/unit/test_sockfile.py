@@ -167,7 +167,7 @@ def test_a_failed_start_removes_its_socket_not_a_successors(
             if armed:  # just after start closed its listener: another start looks
                 armed.pop()()
 
-    def fail(flags: object, listener: _socket.socket) -> tuple[int, bool]:
+    def fail(flags: object, listener: _socket.socket, python: str) -> tuple[int, bool]:
         armed.append(lambda: successor.append(sockfile.replace_stale(path)))
         raise RuntimeError("no daemon")
 
