@@ -23,10 +23,11 @@ slower.
 
 Design.  ``-S``: no ``site`` at start-up, so only the ``supervisor`` package
 is importable until :func:`full_site` runs ``site.main()`` -- which the shim
-does before it imports anything beyond the standard library (protobuf for
-runtime options, the daemon side).  ``-I``: no ``PYTHON*`` variables from
-containerd's environment and no script directory on ``sys.path``, so nothing
-but the named package directory decides what a root ``start`` imports.
+does before it imports anything beyond the standard library (the daemon side;
+``start``, ``delete`` and ``-info`` never do, runtime options included).
+``-I``: no ``PYTHON*`` variables from containerd's environment and no script
+directory on ``sys.path``, so nothing but the named package directory decides
+what a root ``start`` imports.
 
 Invariants.  The daemon a cold ``start`` spawns runs the same script
 through ``sys.executable`` with no flags (:func:`supervisor.launch.start.daemon_argv`),
