@@ -41,10 +41,11 @@ Invariants
 * :data:`MESSAGES` copies our ``.proto`` files under ``supervisor/api`` (every
   field's number, name and type); ``tests/unit/test_runopts.py`` checks it
   against the generated classes and this decoder against protobuf's parser.
-* Read as protobuf reads: unknown fields, and known fields of another wire type,
-  are skipped; the last occurrence of a field wins; a ``uint32`` keeps the low
-  32 bits of its varint; a string that is not UTF-8, a truncated field, or a
-  field number 0 is malformed.
+* Read as protobuf reads: unknown fields (groups too), and known fields of
+  another wire type, are skipped; the last occurrence of a field wins; a varint
+  keeps 64 bits, a ``uint32`` the low 32 of them; what protobuf's parser
+  rejects is malformed (a truncated field, a string that is not UTF-8, field
+  number 0, wire type 6 or 7, a group never ended).
 * Standard library and :mod:`supervisor.launch` only (``tests/unit/test_layering.py``).
 """
 
