@@ -20,10 +20,15 @@ socket (``$SUPERVISOR_FORKSERVER`` for every variant; the Go shim ignores it), s
 ``--no-spare`` starts it with ``--no-spare`` (each shim forked on request, as before the spare).
 ``--pause MS`` sleeps that long before each sample (untimed): containerd's starts of one
 container after another are tens of milliseconds apart, not back to back.
+``--options cri`` (or ``runc``) writes runtime options on ``start``'s stdin, as the CRI
+plugin always does: a ``runtimeoptions.v1.Options`` without ``config_path`` (or a
+``containerd.runc.v1.Options`` naming ``runc``), hand-encoded (:data:`OPTIONS`).
 
 Variants default to the venv's shim binary (``ours``: the entry script ``make venv`` writes,
 :mod:`supervisor.launch.launcher`) and the Go shim (``go``); ``--variant NAME=ARGV`` adds one
-(ARGV split on spaces), e.g. ``"ours -m=.venv/bin/python -m supervisor.shim"``.
+(ARGV split on spaces), e.g. ``"ours -m=.venv/bin/python -m supervisor.shim"``; an empty
+ARGV drops one (``--variant go=`` with ``--options cri``, which containerd 1.6's Go shim
+refuses: it sends the Go shim runc's options).
 Needs root (``/run/containerd/s``).
 """
 
@@ -43,11 +48,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from supervisor.launch import forkclient
+from supervisor.launch._pbwire import field_bytes
 from supervisor.launch.address import is_abstract, socket_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = REPO_ROOT / ".venv" / "bin"
 NAMESPACE = "launchbench"
+#: ``start``'s stdin for ``--options``: a serialized ``Any`` (field 6 of runc's Options:
+#: binary_name).
+OPTIONS = {
+    "none": b"",
+    "cri": field_bytes(1, b"runtimeoptions.v1.Options"),
+    "runc": field_bytes(1, b"containerd.runc.v1.Options") + field_bytes(2, field_bytes(6, b"runc")),
+}
 
 
 def default_variants() -> dict[str, list[str]]:
@@ -71,12 +84,17 @@ def pids_with(token: str) -> list[int]:
     return found
 
 
-def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, bytes]:
-    """(wall ms, CPU ms, stdout) of one run of ``argv``."""
+def timed(argv: list[str], cwd: Path, env: dict[str, str], stdin: bytes = b""
+          ) -> tuple[float, float, bytes]:
+    """(wall ms, CPU ms, stdout) of one run of ``argv`` (``stdin`` written to it)."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+    p = subprocess.Popen(argv, cwd=cwd, env=env,
+                         stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert p.stdout is not None
+    if p.stdin is not None:
+        p.stdin.write(stdin)  # a few bytes: the pipe holds them, start reads to EOF
+        p.stdin.close()
     out = p.stdout.read()
     _, status, usage = os.wait4(p.pid, 0)
     wall = (time.perf_counter() - t0) * 1000
@@ -88,8 +106,10 @@ def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float
 
 
 class Bench:
-    def __init__(self, root: Path, variants: dict[str, list[str]], forkserver: str = "") -> None:
+    def __init__(self, root: Path, variants: dict[str, list[str]], forkserver: str = "",
+                 options: bytes = b"") -> None:
         self.root = root
+        self.options = options
         self.variants = variants
         self.n = 0
         self.address = str(root / "containerd.sock")  # nothing listens: start never asks
@@ -114,7 +134,8 @@ class Bench:
         os.mkfifo(log, 0o600)
         reader = os.open(log, os.O_RDONLY | os.O_NONBLOCK)  # as containerd: someone reads
         try:
-            wall, cpu, out = timed(self.argv(variant, cid, "start"), bundle, self.env)
+            wall, cpu, out = timed(self.argv(variant, cid, "start"), bundle, self.env,
+                                   self.options)
         finally:
             for pid in pids_with(cid):
                 os.kill(pid, signal.SIGKILL)
@@ -180,11 +201,16 @@ def main() -> int:
                         help="sleep before each sample (default 0)")
     parser.add_argument("--no-spare", action="store_true",
                         help="with --forkserver: the server keeps no spare shim")
+    parser.add_argument("--options", choices=sorted(OPTIONS), default="none",
+                        help="runtime options on start's stdin (default none)")
     args = parser.parse_args()
     variants = default_variants()
     for spec in args.variant:
         name, _, argv = spec.partition("=")
-        variants[name] = argv.split()
+        if argv:
+            variants[name] = argv.split()
+        else:
+            variants.pop(name, None)
     actions = [args.only] if args.only else ["start", "delete"]
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  nproc {os.cpu_count()}  load "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}  runs {args.runs}  "
@@ -192,7 +218,7 @@ def main() -> int:
     print(f"command: {' '.join(sys.argv)}")
     with tempfile.TemporaryDirectory(prefix="launchbench-") as tmp, \
             forkserver(Path(tmp) if args.forkserver else None, args.no_spare) as socket:
-        bench = Bench(Path(tmp), variants, socket)
+        bench = Bench(Path(tmp), variants, socket, OPTIONS[args.options])
         results: dict[tuple[str, str], tuple[list[float], list[float]]] = {
             (a, v): ([], []) for a in actions for v in variants}
         for i in range(args.runs + 1):

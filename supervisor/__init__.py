@@ -35,7 +35,8 @@ reverse, and no modules import each other in a cycle
   cgroup statistics, OOM kills.
 * :mod:`supervisor.events` -- the ordered, durable outbox to containerd.
 * :mod:`supervisor.options` -- runtime options, decoded into
-  :class:`supervisor.launch.settings.Settings`.
+  :class:`supervisor.launch.settings.Settings` (by :mod:`supervisor.launch.runopts`,
+  which ``start`` uses alone).
 * :mod:`supervisor.ttrpc` -- containerd's ttrpc protocol: a sans-IO core and a
   thin trio transport.  Imports nothing else of ours.
 * :mod:`supervisor.api` -- our own ``.proto`` files for containerd's messages and

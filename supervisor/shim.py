@@ -13,8 +13,8 @@ command line and dispatches:
     :mod:`supervisor.launch.start`: joins a live shim of the container's group
     or starts one (forked by the fork server, or cold) and prints its address.
     Runtime options on stdin (bare, or in containerd 2.3's ``BootstrapParams``:
-    :mod:`supervisor.launch.bootstrap`) are decoded by :mod:`supervisor.options`
-    (protobuf), imported only when containerd sent some.
+    :mod:`supervisor.launch.bootstrap`) are decoded by hand, without protobuf
+    (:mod:`supervisor.launch.runopts`), imported only when containerd sent some.
 
 ``delete``
     :mod:`supervisor.launch.delete`: cleans up after a shim that is gone and
@@ -32,11 +32,12 @@ Light on purpose: ``start``, ``delete`` and ``-info`` load only :mod:`supervisor
 (standard library alone; ``tests/unit/test_layering.py`` checks it); the
 daemon side is imported only for the daemon.  The entry script ``make venv``
 writes (:mod:`supervisor.launch.launcher`) runs this module as ``python -IS``,
-without ``site``, possibly in a faster-starting interpreter than the venv's
-(its *light* one), and names the venv's as ``main``'s ``python``: the daemon's
-interpreter.  That is the one ``start`` spawns daemons and fork servers with
-and computes the code identity of; any action beyond the light ones runs
-there (re-executed if need be), after
+without ``site``: ``start``, ``delete`` and ``-info`` never need site-packages
+(nor protobuf, even for runtime options), so the script may run them in a
+faster-starting interpreter than the venv's (its *light* one).  It names the
+venv's as ``main``'s ``python``: the daemon side's interpreter, which ``start``
+spawns daemons and fork servers with and computes the code identity of; any
+action beyond the light ones runs there (re-executed if need be), after
 :func:`~supervisor.launch.launcher.full_site`.
 """
 
@@ -60,9 +61,9 @@ REVISION = "python"
 
 
 def decode_options(data: bytes) -> Settings:
-    """``start``'s runtime options (a serialized ``Any``) -> settings, through protobuf."""
-    full_site()  # protobuf lives in site-packages
-    from supervisor.options import decode_bytes
+    """``start``'s and ``-info``'s runtime options (a serialized ``Any``) -> settings, by the
+    light hand decoder (no protobuf, no site-packages)."""
+    from supervisor.launch.runopts import decode_bytes
 
     return decode_bytes(data)
 

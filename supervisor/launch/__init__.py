@@ -15,11 +15,13 @@ checks both in a fresh interpreter, and that no import cycle exists).
 * :mod:`~supervisor.launch.info` -- ``-info`` (containerd 2.x): a ``RuntimeInfo``.
 * :mod:`~supervisor.launch.bootstrap` -- ``start``'s stdin from containerd 2.3
   (``BootstrapParams``) told apart from the bare options ``Any``.
+* :mod:`~supervisor.launch.runopts` -- the runtime options ``Any`` (every form,
+  and the CRI plugin's TOML file) -> settings: the one decoder, the daemon's too.
 * :mod:`~supervisor.launch.forkclient` -- ``start``'s side of the fork server
   (the server is :mod:`supervisor.forkserver`, beside the daemon).
 * :mod:`~supervisor.launch._join` -- ``start``'s side of ``Group/Join``.
 * :mod:`~supervisor.launch._pbwire`, :mod:`~supervisor.launch._msgpack` -- the
-  hand codecs for those few messages.
+  hand codecs for those few messages (and the options).
 * :mod:`~supervisor.launch._spawn` -- starting a child nobody registers.
 * :mod:`~supervisor.launch.launcher` -- writes the shim binary as a ``python -IS``
   script (no ``site`` until something needs site-packages: ``full_site``).

@@ -16,7 +16,11 @@ if TYPE_CHECKING:
 VARINT = 0
 FIXED64 = 1
 LENGTH = 2
+START_GROUP = 3
+END_GROUP = 4
 FIXED32 = 5
+#: The largest field number protobuf allows (2**29 - 1).
+MAX_FIELD = 0x1FFFFFFF
 
 
 class WireError(ValueError):
@@ -58,31 +62,65 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
         pos += 1
         value |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            return value, pos
+            return value & 0xFFFFFFFFFFFFFFFF, pos  # as protobuf: 64 bits, the excess dropped
         shift += 7
 
 
-def fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) in order: an int for varints and fixed fields, bytes otherwise."""
+def _value(data: bytes, pos: int, kind: int) -> tuple[int | bytes, int]:
+    """The value of wire type ``kind`` at ``pos``, and the position after it."""
+    if kind == VARINT:
+        return _read_varint(data, pos)
+    if kind == LENGTH:
+        size, pos = _read_varint(data, pos)
+        if pos + size > len(data):
+            raise WireError("truncated length-delimited field")
+        return data[pos:pos + size], pos + size
+    if kind in (FIXED64, FIXED32):
+        width = 8 if kind == FIXED64 else 4
+        if pos + width > len(data):
+            raise WireError("truncated fixed field")
+        return int.from_bytes(data[pos:pos + width], "little"), pos + width
+    raise WireError(f"unsupported wire type {kind}")
+
+
+def _skip_group(data: bytes, pos: int, number: int) -> int:
+    """The position after the group ``number`` whose start key ends at ``pos`` (nested
+    groups too, without recursion)."""
+    open_groups = [number]
+    while open_groups:
+        key, pos = _read_varint(data, pos)
+        kind = key & 7
+        if kind == END_GROUP:
+            if key >> 3 != open_groups.pop():
+                raise WireError("mismatched end of group")
+        elif kind == START_GROUP:
+            open_groups.append(key >> 3)
+        else:
+            _, pos = _value(data, pos, kind)
+    return pos
+
+
+def wire_fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+    """(field number, wire type, value) in order: an int for varints and fixed fields,
+    bytes otherwise.
+
+    Groups (wire types 3 and 4, which no message of ours has) are skipped whole, as
+    protobuf skips an unknown field; anything malformed is a :class:`WireError`.
+    """
     pos = 0
     while pos < len(data):
         key, pos = _read_varint(data, pos)
         number, kind = key >> 3, key & 7
-        value: int | bytes
-        if kind == VARINT:
-            value, pos = _read_varint(data, pos)
-        elif kind == LENGTH:
-            size, pos = _read_varint(data, pos)
-            if pos + size > len(data):
-                raise WireError("truncated length-delimited field")
-            value, pos = data[pos:pos + size], pos + size
-        elif kind in (FIXED64, FIXED32):
-            width = 8 if kind == FIXED64 else 4
-            if pos + width > len(data):
-                raise WireError("truncated fixed field")
-            value, pos = int.from_bytes(data[pos:pos + width], "little"), pos + width
-        else:
-            raise WireError(f"unsupported wire type {kind}")
-        if number == 0:
-            raise WireError("field number 0")
+        if number == 0 or number > MAX_FIELD:
+            raise WireError(f"field number {number}")
+        if kind == START_GROUP:
+            pos = _skip_group(data, pos, number)
+            continue
+        value, pos = _value(data, pos, kind)
+        yield number, kind, value
+
+
+def fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) in order, as :func:`wire_fields` without the wire types."""
+    for number, _, value in wire_fields(data):
         yield number, value

@@ -49,20 +49,16 @@ from __future__ import annotations
 import os
 
 from supervisor.launch._pbwire import WireError, fields
+from supervisor.launch.runopts import MESSAGES
 
 TYPE_CHECKING = False  # not typing's: importing typing costs `start` ~2 ms
 if TYPE_CHECKING:
     from supervisor.launch.flags import Flags
 
 #: Full names of the runtime options messages the shim decodes
-#: (:func:`supervisor.options.decode`; ``tests/unit/test_bootstrap.py`` checks
-#: each is decodable there).
-OPTION_TYPES = (
-    "containerd.runc.v1.Options",
-    "containerd.linux.runc.CreateOptions",
-    "containerd.linux.runc.RuncOptions",
-    "runtimeoptions.v1.Options",
-)
+#: (:data:`supervisor.launch.runopts.MESSAGES`'s; ``tests/unit/test_bootstrap.py``
+#: checks each is decodable).
+OPTION_TYPES = tuple(MESSAGES)
 #: ``LogLevel.LOG_LEVEL_DEBUG``: this or more verbose (more negative) means ``-debug``.
 LOG_LEVEL_DEBUG = -4
 

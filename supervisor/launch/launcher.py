@@ -41,7 +41,8 @@ re-executes any other action there.
 
 Design.  ``-S``: no ``site`` at start-up, so only the ``supervisor`` package
 is importable until :func:`full_site` runs ``site.main()`` -- which the daemon
-side does before it imports anything beyond the standard library.  ``-I``: no
+side does before it imports anything beyond the standard library (``start``,
+``delete`` and ``-info`` never do, runtime options included).  ``-I``: no
 ``PYTHON*`` variables from containerd's environment and no script directory
 on ``sys.path``, so nothing but the named package directory decides what a
 root ``start`` imports.

@@ -30,8 +30,8 @@ empty: never).  A forked shim is moved into ``start``'s own cgroups
 ``start`` prints the address -- nothing else, on stdout or stderr, since
 containerd reads both as the address; a fork-server failure is noted in the
 bundle's ``log`` FIFO.  It imports neither trio nor protobuf (the caller's
-``decode_options`` does, and only when options arrive on stdin), nor
-:mod:`logging`, :mod:`typing` or :mod:`dataclasses`.
+``decode_options`` reads the options by hand, :mod:`supervisor.launch.runopts`),
+nor :mod:`logging`, :mod:`typing` or :mod:`dataclasses`, nor anything of site-packages.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from supervisor.launch.flags import Flags
     from supervisor.launch.settings import Settings
 
-    #: Runtime options (a serialized ``Any``) -> settings; the daemon side's decoder.
+    #: Runtime options (a serialized ``Any``) -> settings (:mod:`supervisor.launch.runopts`).
     DecodeOptions = Callable[[bytes], Settings]
 
 GROUP_LABELS = (
@@ -247,9 +247,8 @@ def start_daemon(flags: Flags, listener: _socket.socket, python: str = ""
 def group_settings(options: bytes, decode_options: DecodeOptions) -> tuple[str, int, str]:
     """(shim_group, shim_group_size, shim_cgroup): the runtime options', else the environment's.
 
-    ``decode_options`` (the daemon side's :func:`supervisor.options.decode_bytes`,
-    passed in by :mod:`supervisor.shim`) imports protobuf, so it is called only
-    when containerd sent options.
+    ``decode_options`` (:func:`supervisor.launch.runopts.decode_bytes`, passed in by
+    :mod:`supervisor.shim`) is called only when containerd sent options.
     """
     mode, size, cgroup = "", 0, ""
     if options:

@@ -141,10 +141,13 @@ def test_the_light_path_runs_without_site() -> None:
 
 
 def test_options_decode_under_the_entry_scripts_flags() -> None:
-    """protobuf is in site-packages: :func:`supervisor.shim.decode_options` runs site first."""
+    """:func:`supervisor.shim.decode_options` reads options by hand: no site, no protobuf
+    (the light path may run under an interpreter without our site-packages)."""
+    options = b"\n\x1acontainerd.runc.v1.Options\x12\x062\x04crun"  # binary_name="crun"
     out = run_isolated("from supervisor.shim import decode_options\n"
-                       "print(decode_options(b'').shim_group_size, 'site' in sys.modules)")
-    assert out.split() == ["0", "True"]
+                       f"print(decode_options({options!r}).binary_name,"
+                       " 'site' in sys.modules, 'google' in sys.modules)")
+    assert out.split() == ["crun", "False", "False"]
 
 
 def test_full_site_runs_site_once() -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import supervisor
+from supervisor.launch._pbwire import field_bytes
 
 PACKAGE = Path(supervisor.__file__).parent
 LAUNCH = "supervisor.launch"
@@ -104,6 +105,12 @@ ACTION_PATHS: dict[str, tuple[str, set[str]]] = {
         "features=b'{}', annotations={'a': 'b'})",
         set(),
     ),
+    "start, with runtime options (CRI's for a non-runc runtime, runc's)": (
+        "import supervisor.shim as s\n"
+        "s.decode_options(b'\\n\\x19runtimeoptions.v1.Options')\n"
+        "s.decode_options(b'\\n\\x1acontainerd.runc.v1.Options\\x12\\x062\\x04crun')",
+        {"tomllib"},  # only for a config_path (below)
+    ),
     "start, joining a group's shim": (
         "import supervisor.launch.start, supervisor.launch._join",
         set(),
@@ -125,6 +132,18 @@ def test_action_paths_stay_light(action: str) -> None:
     loaded = loaded_by(code)
     assert outside_stdlib_and_launch(loaded, allowed={"supervisor.shim"}) == set()
     assert loaded & (HEAVY_STDLIB | forbidden) == set()
+
+
+def test_options_naming_a_settings_file_load_only_the_standard_library(tmp_path: Path) -> None:
+    """The CRI plugin's ``config_path``: :mod:`tomllib` (stdlib), still no protobuf or site."""
+    config = tmp_path / "shim.toml"
+    config.write_text('ShimGroup = "namespace"\n')
+    cri_options = field_bytes(2, str(config).encode())  # runtimeoptions.v1.Options.config_path
+    data = field_bytes(1, b"runtimeoptions.v1.Options") + field_bytes(2, cri_options)
+    loaded = loaded_by("import supervisor.shim as s\n"
+                       f"assert s.decode_options({data!r}).shim_group == 'namespace'")
+    assert "tomllib" in loaded
+    assert outside_stdlib_and_launch(loaded, allowed={"supervisor.shim"}) == set()
 
 
 # --- the import graph -------------------------------------------------------------

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from google.protobuf import any_pb2
 
-from supervisor import options
 from supervisor.api import runtimeoptions_pb2, typeurls
 from supervisor.api.runc import options_pb2, runctypes_pb2
 from supervisor.errors import InvalidArgument
+from supervisor.launch import runopts
 from supervisor.options import Settings, decode, decode_bytes, load_toml
 from supervisor.task import LogLevel
 
@@ -139,6 +139,6 @@ def test_log_level_is_the_most_verbose_any_container_asked_for() -> None:
 
 def test_every_toml_key_names_a_settings_field() -> None:
     # One schema: a TOML key for a field Settings no longer has would fail at load time.
-    assert {name for name, _ in options._TOML_KEYS.values()} <= set(Settings.__slots__)
-    for name, kind in options._TOML_KEYS.values():
+    assert {name for name, _ in runopts._TOML_KEYS.values()} <= set(Settings.__slots__)
+    for name, kind in runopts._TOML_KEYS.values():
         assert type(getattr(Settings(), name)) is kind
