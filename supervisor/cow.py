@@ -28,8 +28,12 @@ to copy an idle shim's ~7.4 MiB was, in order:
    trip once before it forks (``forkserver._warm_up``); the code only a shim
    runs (the Task service, the runtime, stdio) is most of what a shim still
    copies besides its own new objects (docs/benchmarks.md).
+4. **Type version tags.**  A class gets its version tag at its first attribute
+   lookup; one the server never looked anything up on got it in each shim,
+   which copied the page of its type object.  :func:`tag_types` gives every
+   class its tag in the server.
 
-Both steps, in this order, and the ``gc.collect()`` before and ``gc.freeze()``
+Steps 4, 1 and 2, in this order, and the ``gc.collect()`` before and ``gc.freeze()``
 after them, are :func:`keep_shared`: the fork server runs it once, after its
 imports and warm-up, before its first fork (:func:`supervisor.forkserver.preload`).
 Never call any of it in a process that expects its objects to be freed: the
@@ -71,6 +75,9 @@ BYTES_OVERHEAD = sys.getsizeof(b"")
 INT_BLOCK = (sys.getsizeof(1_000_000) + 15) // 16 * 16
 #: ``sys._debugmallocstats()``: "class size num_pools blocks_in_use avail_blocks".
 _SIZE_CLASS_LINE = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$", re.M)
+
+#: An attribute no class has: looking it up gives a class its version tag.
+_NO_SUCH_ATTRIBUTE = "__supervisor_cow_version_tag__"
 
 _plugs: list[object] = []  # the fillers: kept for the server's life
 
@@ -133,6 +140,31 @@ def immortalize() -> int:
     return made
 
 
+def tag_types() -> int:
+    """Give every class the collector tracks its type version tag now; return how many
+    classes were looked at.
+
+    CPython assigns a class its version tag (``tp_version_tag``, and a flag in
+    ``tp_flags``) the first time an attribute is looked up on it through the
+    method cache, and the adaptive interpreter needs one to specialise any access
+    through that class.  A class the server never looked anything up on would get
+    its tag in each shim, which writes (and copies) the page of its type object.
+    The lookup here is ``type.__getattribute__`` of a name no class has: the
+    metaclass's own ``__getattr__``, if any, is not run; nothing is found, so no
+    descriptor runs either.  A class whose tag a shim invalidates later (by setting
+    an attribute on it) gets a new one there: only that page is copied.
+    """
+    looked = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, type):
+            try:
+                type.__getattribute__(obj, _NO_SUCH_ATTRIBUTE)
+            except AttributeError:
+                pass
+            looked += 1
+    return looked
+
+
 def parse_mallocstats(text: str) -> dict[int, int]:
     """Free blocks per block size, from ``sys._debugmallocstats()``'s table."""
     return {int(m[2]): int(m[5]) for m in _SIZE_CLASS_LINE.finditer(text)}
@@ -182,13 +214,18 @@ def plug_small_block_holes() -> int:
 
 
 def keep_shared() -> str:
-    """Steps 1 and 2 above, between ``gc.collect()`` and ``gc.freeze()``: what a process
-    about to fork shims runs last.  Returns what it did, for the log."""
+    """Steps 4, 1 and 2 above, between ``gc.collect()`` and ``gc.freeze()``: what a
+    process about to fork shims runs last.  Returns what it did, for the log.
+
+    The classes are tagged first: the lookups' exceptions, freed at once, leave free
+    blocks that the filling then fills."""
     gc.collect()
+    tagged = tag_types()
     why_not = (f"${IMMORTAL_ENV}=0" if os.environ.get(IMMORTAL_ENV) == "0"
                else immortal_supported())
     made = immortalize() if why_not is None else 0
     plugged = plug_small_block_holes()
     gc.freeze()
-    return (f"{gc.get_freeze_count()} objects frozen, {made} made immortal"
+    return (f"{gc.get_freeze_count()} objects frozen, {tagged} classes tagged, "
+            f"{made} made immortal"
             f"{f' (not: {why_not})' if why_not else ''}, {plugged} free small blocks filled")

@@ -120,6 +120,37 @@ def test_immortalize_reaches_functions_code_and_constants_not_what_comes_after()
     assert result["immortal"] == [True] * 7
 
 
+def test_tagging_gives_each_class_its_version_tag_before_the_fork() -> None:
+    # A lookup on a class with no version tag yet writes one into its type object (a
+    # page a shim would copy); after tag_types, a lookup writes nothing there.  The
+    # control, made after the tagging, shows that a lookup would have written.
+    result = run_child("""
+        import ctypes
+        from supervisor import cow
+
+        def image(cls):
+            return ctypes.string_at(id(cls), type(cls).__basicsize__)
+
+        class Tagged:
+            pass
+
+        looked = cow.tag_types()
+
+        class Control:
+            pass
+
+        images = {}
+        for cls in (Tagged, Control):
+            before = image(cls)
+            getattr(cls, "some_attribute", None)
+            images[cls.__name__] = before == image(cls)
+        result = {"looked": looked, **images}
+    """)
+    assert result["Tagged"] is True
+    assert result["Control"] is False
+    assert isinstance(result["looked"], int) and result["looked"] > 100
+
+
 def test_plugging_fills_the_free_blocks_of_partly_used_pools() -> None:
     result = run_child("""
         from supervisor import cow
