@@ -25,9 +25,11 @@ to copy an idle shim's ~7.4 MiB was, in order:
    objects the server keeps, so a shim's new objects go to fresh pools, packed.
 3. **Specialised bytecode**: the adaptive interpreter writes its caches into
    the code objects a shim runs.  The fork server runs trio and a ttrpc round
-   trip once before it forks (``forkserver._warm_up``); the code only a shim
-   runs (the Task service, the runtime, stdio) is most of what a shim still
-   copies besides its own new objects (docs/benchmarks.md).
+   trip, and rehearses an idle shim's daemon (:mod:`supervisor.rehearsal`),
+   a few times before it forks (:func:`supervisor.forkserver.warm_up`); the
+   code only a shim runs (a container's Create and stdio, the fork's child
+   side) is most of what a shim still copies besides its own new objects
+   (docs/benchmarks.md).
 4. **Type version tags.**  A class gets its version tag at its first attribute
    lookup; one the server never looked anything up on got it in each shim,
    which copied the page of its type object.  :func:`tag_types` gives every

@@ -114,7 +114,8 @@ Invariants
   shim takes from its request is set after the request arrives, and the
   spare holds no fd of the server's (the shim has 0-2, the listener on 3 and,
   until it serves, the go pipe on 5).
-* The server runs trio only in its preload's :func:`warm_up`, which ends
+* The server runs trio only in its preload's :func:`warm_up` (which also
+  rehearses an idle shim's daemon, :mod:`supervisor.rehearsal`), which ends
   before the first fork and leaves no thread behind; it starts no threads
   (fork safety), handles one
   connection at a time with every read and write of it bounded by
@@ -152,7 +153,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from supervisor import __version__, _ksm, cow, ttrpc
+from supervisor import __version__, _ksm, cow, rehearsal, ttrpc
 from supervisor.daemon import OwnSocket, action_serve
 from supervisor.launch import _msgpack, sockfile
 from supervisor.launch.defaults import LISTEN_FD
@@ -1025,12 +1026,14 @@ async def _warm_up_round() -> None:
 
 def warm_up(log: logging.Logger) -> None:
     """Run a little of what every shim runs, here, before the first fork: trio's
-    scheduler, and a ttrpc server and client talking over a socket pair.
+    scheduler, a ttrpc server and client talking over a socket pair, then an idle
+    shim's daemon (:func:`supervisor.rehearsal.rehearse`).
 
     The interpreter specialises the bytecode it runs, writing into the code
     objects; done here, the shims find it done instead of each copying those
     pages (:mod:`supervisor.cow`).  Each round is a ``trio.run`` of its own
-    that returns with no thread, fd, signal handler or wakeup fd left behind
+    that returns with no thread, fd, file, signal handler or wakeup fd left
+    behind, the root logger's handlers as they were and the process no subreaper
     (``tests/unit/test_cow.py`` compares them).  Only an optimisation: a round
     that fails or exceeds :data:`WARM_UP_TIMEOUT` is logged and the server goes
     on.  SIGTERM and SIGINT are held meanwhile, so that a stop lands as
@@ -1040,6 +1043,8 @@ def warm_up(log: logging.Logger) -> None:
     try:
         for _ in range(WARM_UP_RUNS):
             trio.run(_warm_up_round)
+        for _ in range(WARM_UP_RUNS):
+            rehearsal.rehearse()
     except Exception as e:
         log.warning("warm-up failed (each shim copies a little more memory): %s", e)
     finally:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -202,25 +203,91 @@ def test_plugging_is_skipped_under_a_debug_allocator() -> None:
     assert result == {"debug": True, "plugged": 0}
 
 
-def test_the_warm_up_leaves_no_thread_fd_handler_or_wakeup_fd_behind() -> None:
-    result = run_child("""
-        import logging, os, signal, sys, threading
-        from supervisor import forkserver
+WARM_UP_STATE = textwrap.dedent("""
+    import ctypes, logging, os, signal, sys, tempfile, threading
+    from supervisor import forkserver, rehearsal
 
-        def state():
-            return {"threads": threading.active_count(),
-                    "fds": sorted(os.listdir("/proc/self/fd")),
-                    "handlers": [str(signal.getsignal(s)) for s in
-                                 (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)],
-                    "wakeup": signal.set_wakeup_fd(-1),
-                    "mask": sorted(signal.pthread_sigmask(signal.SIG_BLOCK, ()))}
+    def state():
+        flag = ctypes.c_int(-1)
+        ctypes.CDLL(None).prctl(37, ctypes.byref(flag), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER
+        root = logging.getLogger()
+        return {"threads": threading.active_count(),
+                "fds": sorted(os.listdir("/proc/self/fd")),
+                "handlers": [str(signal.getsignal(s)) for s in
+                             (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)],
+                "wakeup": signal.set_wakeup_fd(-1),
+                "mask": sorted(signal.pthread_sigmask(signal.SIG_BLOCK, ())),
+                "subreaper": flag.value,
+                "root": [repr(h) for h in root.handlers] + [root.level],
+                "cwd": os.getcwd(),
+                "files": sorted(os.listdir(tempfile.gettempdir()))}
 
-        signal.signal(signal.SIGTERM, lambda *a: None)  # as the server's own handler
+    class Warnings(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def emit(self, record):
+            self.seen.append(record.getMessage())
+
+    logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+    warnings = Warnings()
+    log = logging.getLogger("t")
+    log.addHandler(warnings)
+    signal.signal(signal.SIGTERM, lambda *a: None)  # as the server's own handler
+""")
+
+
+def test_the_warm_up_leaves_no_thread_fd_handler_or_wakeup_fd_behind(tmp_path: Path) -> None:
+    # With the rehearsal of an idle shim (supervisor.rehearsal): the daemon's reaper
+    # made the process a subreaper, its logging swapped the root handlers, its files
+    # were in a temporary directory: all undone.
+    result = run_child(WARM_UP_STATE + textwrap.dedent("""
         before = state()
-        forkserver.warm_up(logging.getLogger("t"))
-        result = {"before": before, "after": state()}
-    """)
+        forkserver.warm_up(log)
+        result = {"before": before, "after": state(), "warnings": warnings.seen}
+    """), env={"TMPDIR": str(tmp_path)})
     assert result["before"] == result["after"]
+    assert result["warnings"] == []
+
+
+def test_a_failed_rehearsal_is_only_logged_and_cleaned_up(tmp_path: Path) -> None:
+    # The daemon fails after it set up (subreaper, logging, files): the warm-up logs
+    # the failure, undoes what the rehearsal did and returns.
+    result = run_child(WARM_UP_STATE + textwrap.dedent("""
+        def broken(*args, **kwargs):
+            raise RuntimeError("broken on purpose")
+
+        from supervisor import daemon
+        daemon.TaskService.connect = broken
+        before = state()
+        forkserver.warm_up(log)
+        result = {"before": before, "after": state(), "warnings": warnings.seen}
+    """), env={"TMPDIR": str(tmp_path)})
+    assert result["before"] == result["after"]
+    assert len(result["warnings"]) == 1 and "warm-up failed" in result["warnings"][0]
+
+
+def test_a_rehearsal_serves_the_daemon_and_forwards_its_events() -> None:
+    # What the rehearsal runs, counted from outside: the daemon's Task service served
+    # Connect and State, the outbox's events reached the fake containerd.
+    result = run_child("""
+        from supervisor import daemon, rehearsal, task
+        calls = {"connect": 0, "state": 0, "forward": 0}
+
+        def counted(name, method):
+            async def call(*args, **kwargs):
+                calls[name] += 1
+                return await method(*args, **kwargs)
+            return call
+
+        task.TaskService.connect = counted("connect", task.TaskService.connect)
+        task.TaskService.state = counted("state", task.TaskService.state)
+        rehearsal._forward = counted("forward", rehearsal._forward)
+        rehearsal.rehearse()
+        result = calls
+    """)
+    assert result == {"connect": 2, "state": 2, "forward": 4}
 
 
 def test_the_fork_servers_preload_makes_its_objects_immortal_unless_told_not_to() -> None:
