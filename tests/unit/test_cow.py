@@ -177,6 +177,29 @@ def test_plugging_fills_the_free_blocks_of_partly_used_pools() -> None:
     assert all(after[s] <= (16384 - 48) // int(s) + 8 for s in filled), (before, after)
 
 
+@pytest.mark.skipif(not cow.heap_info(), reason="no glibc malloc_info here")
+def test_plugging_fills_the_free_chunks_of_the_c_heap() -> None:
+    # Objects larger than pymalloc's blocks are malloc'd; every other one freed leaves
+    # free chunks among the kept ones, which a forked shim's mallocs would take (and
+    # copy their pages).  After filling, next to none are left.
+    result = run_child("""
+        from supervisor import cow
+
+        def free_chunks():
+            main = cow.heap_info().split('<heap nr="0">', 1)[1].split("</heap>", 1)[0]
+            return sum(int(count) for _, _, count in cow._FREE_CHUNKS.findall(main))
+
+        kept = [bytes(600 + 16 * (i % 40)) for i in range(4000)]
+        del kept[::2]
+        before = free_chunks()
+        made = cow.plug_heap_holes()
+        result = {"before": before, "made": made, "after": free_chunks()}
+    """)
+    assert isinstance(result["before"], int) and result["before"] > 100
+    assert result["made"] >= result["before"]
+    assert isinstance(result["after"], int) and result["after"] * 10 < result["before"]
+
+
 def test_immortality_is_refused_where_the_count_is_not_pep_683s(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
