@@ -41,6 +41,9 @@ def zygote_of(s: Server) -> int:
 
 def test_the_zygote_holds_nothing_of_the_servers(server: Server) -> None:
     zygote = zygote_of(server)
+    spare = spare_of(server)
+    # Between spares: while it forks one, it holds that spare's socket too.
+    wait_for(lambda: len(fds_of(zygote)) == 4)
     proc = psutil.Process(zygote)
     assert proc.ppid() != server.proc.pid  # nobody's child, as the spares and shims
     assert proc.cmdline() == list(forkserver.ZYGOTE_TITLE)
@@ -49,7 +52,7 @@ def test_the_zygote_holds_nothing_of_the_servers(server: Server) -> None:
     assert [fds.pop(n) for n in (0, 1, 2)] == ["/dev/null"] * 3
     assert len(fds) == 1  # its control socket alone: not the server's listener, lock or log
     assert set(fds.values()).isdisjoint(fds_of(server.proc.pid).values())
-    assert set(fds.values()).isdisjoint(fds_of(spare_of(server)).values())
+    assert set(fds.values()).isdisjoint(fds_of(spare).values())
 
 
 def test_with_a_zygote_the_server_sends_it_the_spares_socket_and_forks_nothing() -> None:
