@@ -173,18 +173,24 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 
 def spare_facts(status: dict[str, object]) -> str:
-    """The fork server's idle spare shim (its status's ``spare``) and its memory: it is a
-    process of ours that costs whether or not a container comes (not in the per-container
-    figures, which count shims serving containers)."""
-    pid = status.get("spare")
-    if not isinstance(pid, int):
-        return "; no spare shim parked at the end"
-    try:
-        roll = smaps_rollup_kib(pid)
-    except OSError:
-        return f"; its spare shim {pid} ended while read"
-    return (f"; plus its idle spare shim, pid {pid}: Pss {roll['Pss'] / 1024:.1f} MiB, "
-            f"Private_Dirty {roll['Private_Dirty'] / 1024:.1f} MiB")
+    """The fork server's idle spare shim (its status's ``spare``) and the zygote that forks
+    the spares (``zygote``), and their memory: processes of ours that cost whether or not
+    a container comes (not in the per-container figures, which count shims serving
+    containers)."""
+    facts = ""
+    for key, what in (("spare", "idle spare shim"), ("zygote", "zygote")):
+        pid = status.get(key)
+        if not isinstance(pid, int):
+            facts += f"; no {what} at the end"
+            continue
+        try:
+            roll = smaps_rollup_kib(pid)
+        except OSError:
+            facts += f"; its {what} {pid} ended while read"
+            continue
+        facts += (f"; plus its {what}, pid {pid}: Pss {roll['Pss'] / 1024:.1f} MiB, "
+                  f"Private_Dirty {roll['Private_Dirty'] / 1024:.1f} MiB")
+    return facts
 
 
 def smaps_rollup_kib(pid: int) -> dict[str, int]:

@@ -25,11 +25,22 @@ to copy an idle shim's ~7.4 MiB was, in order:
    objects the server keeps, so a shim's new objects go to fresh pools, packed.
 3. **Specialised bytecode**: the adaptive interpreter writes its caches into
    the code objects a shim runs.  The fork server runs trio and a ttrpc round
-   trip once before it forks (``forkserver._warm_up``); the code only a shim
-   runs (the Task service, the runtime, stdio) is most of what a shim still
-   copies besides its own new objects (docs/benchmarks.md).
+   trip, and rehearses an idle shim's daemon (:mod:`supervisor.rehearsal`),
+   a few times before it forks (:func:`supervisor.forkserver.warm_up`); the
+   code only a shim runs (a container's Create and stdio, the fork's child
+   side) is most of what a shim still copies besides its own new objects
+   (docs/benchmarks.md).
+4. **Type version tags.**  A class gets its version tag at its first attribute
+   lookup; one the server never looked anything up on got it in each shim,
+   which copied the page of its type object.  :func:`tag_types` gives every
+   class its tag in the server.
+5. **Free C heap chunks.**  The same as step 2 for glibc's heap, where CPython
+   puts what is larger than pymalloc's blocks (most code objects, dict and list
+   tables): a shim's ``malloc`` took the free chunks among the server's data
+   first.  :func:`plug_heap_holes` fills them (``malloc_info`` tells their
+   sizes; a few passes, as taking a larger chunk leaves a smaller one).
 
-Both steps, in this order, and the ``gc.collect()`` before and ``gc.freeze()``
+Steps 4, 1, 2 and 5, in this order, and the ``gc.collect()`` before and ``gc.freeze()``
 after them, are :func:`keep_shared`: the fork server runs it once, after its
 imports and warm-up, before its first fork (:func:`supervisor.forkserver.preload`).
 Never call any of it in a process that expects its objects to be freed: the
@@ -71,6 +82,9 @@ BYTES_OVERHEAD = sys.getsizeof(b"")
 INT_BLOCK = (sys.getsizeof(1_000_000) + 15) // 16 * 16
 #: ``sys._debugmallocstats()``: "class size num_pools blocks_in_use avail_blocks".
 _SIZE_CLASS_LINE = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$", re.M)
+
+#: An attribute no class has: looking it up gives a class its version tag.
+_NO_SUCH_ATTRIBUTE = "__supervisor_cow_version_tag__"
 
 _plugs: list[object] = []  # the fillers: kept for the server's life
 
@@ -133,6 +147,31 @@ def immortalize() -> int:
     return made
 
 
+def tag_types() -> int:
+    """Give every class the collector tracks its type version tag now; return how many
+    classes were looked at.
+
+    CPython assigns a class its version tag (``tp_version_tag``, and a flag in
+    ``tp_flags``) the first time an attribute is looked up on it through the
+    method cache, and the adaptive interpreter needs one to specialise any access
+    through that class.  A class the server never looked anything up on would get
+    its tag in each shim, which writes (and copies) the page of its type object.
+    The lookup here is ``type.__getattribute__`` of a name no class has: the
+    metaclass's own ``__getattr__``, if any, is not run; nothing is found, so no
+    descriptor runs either.  A class whose tag a shim invalidates later (by setting
+    an attribute on it) gets a new one there: only that page is copied.
+    """
+    looked = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, type):
+            try:
+                type.__getattribute__(obj, _NO_SUCH_ATTRIBUTE)
+            except AttributeError:
+                pass
+            looked += 1
+    return looked
+
+
 def parse_mallocstats(text: str) -> dict[int, int]:
     """Free blocks per block size, from ``sys._debugmallocstats()``'s table."""
     return {int(m[2]): int(m[5]) for m in _SIZE_CLASS_LINE.finditer(text)}
@@ -181,14 +220,81 @@ def plug_small_block_holes() -> int:
     return made
 
 
+#: ``malloc_info``'s free chunks of the main arena: "<size from=F to=T total=N count=C/>".
+_FREE_CHUNKS = re.compile(r'<(?:size|unsorted) from="(\d+)" to="(\d+)" total="\d+" count="(\d+)"/>')
+#: Passes of :func:`plug_heap_holes`: a chunk larger than asked for is split, and its
+#: rest is a free chunk for the next pass (measured: 248, 113, 30, 16, 9 chunks left).
+HEAP_PASSES = 5
+_heap_plugs: list[int] = []  # addresses of the C heap's fillers: kept (never freed)
+
+
+def heap_info() -> str:
+    """glibc's ``malloc_info`` XML ("" when it cannot be had: another libc)."""
+    libc = ctypes.CDLL(None)
+    try:
+        open_memstream, malloc_info = libc.open_memstream, libc.malloc_info
+    except AttributeError:
+        return ""
+    open_memstream.restype = ctypes.c_void_p
+    open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
+    malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    libc.free.argtypes = [ctypes.c_void_p]
+    buf, size = ctypes.c_void_p(), ctypes.c_size_t()
+    stream = open_memstream(ctypes.byref(buf), ctypes.byref(size))
+    if not stream:
+        return ""
+    try:
+        malloc_info(0, stream)
+    finally:
+        libc.fclose(stream)
+    try:
+        return ctypes.string_at(buf.value, size.value).decode(errors="replace") if buf.value else ""
+    finally:
+        libc.free(buf)
+
+
+def plug_heap_holes() -> int:
+    """Fill the free chunks of the C heap's main arena (glibc) with blocks kept for the
+    process's life, in up to :data:`HEAP_PASSES` passes; return how many.  0 where
+    ``malloc_info`` is not glibc's."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    made = 0
+    for _ in range(HEAP_PASSES):
+        text = heap_info()
+        if '<heap nr="0">' not in text:
+            break
+        main = text.split('<heap nr="0">', 1)[1].split("</heap>", 1)[0]
+        before = made
+        for low, _high, count in _FREE_CHUNKS.findall(main):
+            request = max(int(low) - 1 - 8, 8)  # a chunk of that size: its header is 8 bytes
+            for _ in range(int(count)):
+                address = libc.malloc(request)
+                if address:
+                    _heap_plugs.append(address)
+                    made += 1
+        if made == before:
+            break
+    return made
+
+
 def keep_shared() -> str:
-    """Steps 1 and 2 above, between ``gc.collect()`` and ``gc.freeze()``: what a process
-    about to fork shims runs last.  Returns what it did, for the log."""
+    """Steps 4, 1, 2 and 5 above, between ``gc.collect()`` and ``gc.freeze()``: what a
+    process about to fork shims runs last.  Returns what it did, for the log.
+
+    The classes are tagged first: the lookups' exceptions, freed at once, leave free
+    blocks that the filling then fills."""
     gc.collect()
+    tagged = tag_types()
     why_not = (f"${IMMORTAL_ENV}=0" if os.environ.get(IMMORTAL_ENV) == "0"
                else immortal_supported())
     made = immortalize() if why_not is None else 0
     plugged = plug_small_block_holes()
+    chunks = plug_heap_holes()
     gc.freeze()
-    return (f"{gc.get_freeze_count()} objects frozen, {made} made immortal"
-            f"{f' (not: {why_not})' if why_not else ''}, {plugged} free small blocks filled")
+    return (f"{gc.get_freeze_count()} objects frozen, {tagged} classes tagged, "
+            f"{made} made immortal"
+            f"{f' (not: {why_not})' if why_not else ''}, {plugged} free small blocks and "
+            f"{chunks} free C heap chunks filled")

@@ -46,7 +46,8 @@ One ``SOCK_SEQPACKET`` connection per shim on a 0600 unix socket
 
     client -> server   {"op": "status"}
     server -> client   {"pid", "version", "code", "protocol", "started",
-                        "served", "socket", "spare": pid of the parked spare or nil}
+                        "served", "socket", "spare": pid of the parked spare or nil,
+                        "zygote": pid of the zygote or nil}
 
 The server forks an intermediate child that forks the shim and exits at once
 (the server reaps it), so the shim is nobody's child, like a cold shim whose
@@ -87,6 +88,22 @@ dies it reads end of file and exits.  It is an idle process of ours that costs
 memory (``bench/compare`` reports it with the server's); ``supervisor ls``
 shows its pid (the status answer's ``spare``).
 
+The zygote
+----------
+A spare keeps as its own every page its parent writes after forking it (the
+old copy is mapped by nobody else), and the server writes ~95 pages serving
+each request (its code's counters, its allocations, the interpreter's own
+state): ~0.37 MiB more private memory per shim (measured, docs/benchmarks.md).
+So, with a spare, the server forks once, right after its preload, a *zygote*
+(:func:`_zygote`) that does nothing but fork the spares: the server sends it
+each spare's end of the control socketpair (``fork_spare``), it forks the
+spare via an intermediate it reaps, and writes only what that read and fork
+need (~44 pages).  It holds no fd of the server's (0-2 on /dev/null, its
+control socket), shows as ``supervisor-forkserver zygote``, tells the server
+``Z<pid>`` (the status answer's ``zygote``) and exits at end of file: when
+the server ends, retires or dies.  A zygote that is gone is dropped; the
+server then forks the spares itself, as it does before the zygote reports.
+
 Invariants
 ----------
 * At most one daemon serves a listener: the client's write of the go byte is
@@ -114,7 +131,8 @@ Invariants
   shim takes from its request is set after the request arrives, and the
   spare holds no fd of the server's (the shim has 0-2, the listener on 3 and,
   until it serves, the go pipe on 5).
-* The server runs trio only in its preload's :func:`warm_up`, which ends
+* The server runs trio only in its preload's :func:`warm_up` (which also
+  rehearses an idle shim's daemon, :mod:`supervisor.rehearsal`), which ends
   before the first fork and leaves no thread behind; it starts no threads
   (fork safety), handles one
   connection at a time with every read and write of it bounded by
@@ -137,6 +155,7 @@ import argparse
 import ctypes
 import errno
 import fcntl
+import functools
 import importlib
 import logging
 import os
@@ -152,7 +171,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from supervisor import __version__, _ksm, cow, ttrpc
+from supervisor import __version__, _ksm, cow, rehearsal, ttrpc
 from supervisor.daemon import OwnSocket, action_serve
 from supervisor.launch import _msgpack, sockfile
 from supervisor.launch.defaults import LISTEN_FD
@@ -562,6 +581,48 @@ def _park(control: int, server_sockets: Sequence[_socket.socket], native: Native
     _assume(request, fds[0], fds[1], fds[2], native)
 
 
+#: How the zygote shows in ``ps`` (``/proc/PID/cmdline``).
+ZYGOTE_TITLE = ("supervisor-forkserver", "zygote")
+
+
+def _zygote(control: int, server_sockets: Sequence[_socket.socket], native: Native) -> None:
+    """The zygote: a grandchild forked once, right after the preload, that forks the spares.
+
+    Why: a spare keeps, as its own, every page its parent writes after forking
+    it (it is the only other process that still maps the old copy).  The
+    server writes ~95 pages in each request it serves (measured: its code's
+    counters, its allocations, the interpreter's state); the zygote writes
+    only what a read and a fork need.  It does what a spare does first
+    (:func:`_leave_server`, 0-2 on /dev/null, every fd but ``control`` closed),
+    shows as ``supervisor-forkserver zygote``, tells the server ``Z<pid>``
+    and then, for each message from the server with one fd (a spare's end of
+    its control socketpair), forks a spare (:func:`_park`) via an intermediate
+    it reaps.  End of file (the server ended or let it go) or anything else:
+    it exits.  Never returns.
+    """
+    try:
+        _leave_server(server_sockets)
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        for target in (0, 1, 2):
+            os.dup2(devnull, target)
+        lifted = fcntl.fcntl(control, fcntl.F_DUPFD_CLOEXEC, 16)
+        _close_fds_but({lifted})
+        _title = native.show_as(ZYGOTE_TITLE, os.environ)  # kept: _zygote never returns
+        sock = _socket.socket(fileno=lifted)
+        sock.send(b"Z%d" % os.getpid())
+        while True:
+            data, fds, flags, _ = recv_fds(sock, 16, 1)
+            if not data or len(fds) != 1 or flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
+                break
+            spare_control = fds[0]
+            intermediate = _fork_detached(functools.partial(_park, spare_control, [sock], native))
+            os.close(spare_control)
+            os.waitpid(intermediate, 0)
+    except BaseException:
+        pass
+    os._exit(0)
+
+
 class Spare:
     """The server's handle on its spare: the control socket, and its pid once parked."""
 
@@ -672,6 +733,11 @@ class ForkServer:
         self.spare: Spare | None = None
         #: A pidfd of the last client served a shim, until the next spare is forked.
         self.last_client = -1
+        #: The control socket of the zygote that forks the spares (:func:`_zygote`), and
+        #: its pid; None (then the server forks them) until :meth:`start_zygote`, or
+        #: once it is gone.
+        self.zygote: _socket.socket | None = None
+        self.zygote_pid = 0
 
     def serve_forever(self) -> None:
         """Accept and handle one connection at a time until retired.
@@ -726,7 +792,8 @@ class ForkServer:
         return {"pid": os.getpid(), "version": __version__, "code": self.code,
                 "protocol": PROTOCOL, "started": self.started, "served": self.served,
                 "socket": self.path,
-                "spare": self.spare.pid if self.spare and self.spare.ready(0) else None}
+                "spare": self.spare.pid if self.spare and self.spare.ready(0) else None,
+                "zygote": self.zygote_pid or None}
 
     def stale(self, wire: object) -> str | None:
         """Why a request shows this server to be of other code than its client's, or None.
@@ -766,6 +833,7 @@ class ForkServer:
         closed.  Idempotent.  The lock stays held until :meth:`retire` releases it or the
         process ends."""
         self.drop_spare()
+        self.drop_zygote()
         if self.own is not None:
             self.own.remove()
         self.sock.close()
@@ -883,7 +951,10 @@ class ForkServer:
         """Fork :attr:`spare` (:func:`_park`) via an intermediate child, reaped here.
 
         Called between connections, never on a client's clock.  A failure is
-        logged: the next request is served by a fresh fork.
+        logged: the next request is served by a fresh fork.  With a zygote
+        (:meth:`start_zygote`) the zygote forks it: the server only sends it the
+        spare's end of the socketpair (a zygote that is gone is dropped, and the
+        server forks this spare and the next ones itself).
         """
         try:
             ours, theirs = _socket.socketpair(_socket.AF_UNIX,
@@ -891,6 +962,16 @@ class ForkServer:
         except OSError as e:
             self.log.warning("no spare: %s", e)
             return
+        if self.zygote is not None:
+            try:
+                send_fds(self.zygote, [b"S"], [theirs.fileno()])
+            except OSError as e:
+                self.log.warning("the zygote is gone (%s); forking spares here", e)
+                self.drop_zygote()
+            else:
+                theirs.close()
+                self.spare = Spare(ours)
+                return
         try:
             child = _fork_detached(
                 lambda: _park(theirs.detach(), [self.sock, ours], self.native))
@@ -902,6 +983,44 @@ class ForkServer:
             theirs.close()
         os.waitpid(child, 0)
         self.spare = Spare(ours)
+
+    def start_zygote(self) -> None:
+        """Fork the zygote that forks the spares from now on (:func:`_zygote`), via an
+        intermediate reaped here, and wait up to :data:`SPARE_WAIT` for its ``Z<pid>``.
+        A failure is logged: the server forks its spares itself."""
+        try:
+            ours, theirs = _socket.socketpair(_socket.AF_UNIX,
+                                              _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+        except OSError as e:
+            self.log.warning("no zygote: %s", e)
+            return
+        try:
+            child = _fork_detached(
+                lambda: _zygote(theirs.detach(), [self.sock, ours], self.native))
+        except OSError as e:
+            ours.close()
+            self.log.warning("no zygote: fork: %s", e)
+            return
+        finally:
+            theirs.close()
+        os.waitpid(child, 0)
+        ours.settimeout(SPARE_WAIT)
+        try:
+            message = ours.recv(64)
+        except OSError:
+            message = b""
+        if not (message.startswith(b"Z") and message[1:].isdigit()):
+            ours.close()
+            self.log.warning("no zygote: it did not report")
+            return
+        ours.settimeout(REQUEST_TIMEOUT)  # each spare's fd is sent within this
+        self.zygote, self.zygote_pid = ours, int(message[1:])
+
+    def drop_zygote(self) -> None:
+        """Let the zygote go: it reads end of file and exits (its spares are the server's)."""
+        zygote, self.zygote, self.zygote_pid = self.zygote, None, 0
+        if zygote is not None:
+            zygote.close()
 
     def watch_client(self, pid: int) -> None:
         """Remember a pidfd of the client ``pid`` for :meth:`quiet` (none if it is gone;
@@ -1025,12 +1144,14 @@ async def _warm_up_round() -> None:
 
 def warm_up(log: logging.Logger) -> None:
     """Run a little of what every shim runs, here, before the first fork: trio's
-    scheduler, and a ttrpc server and client talking over a socket pair.
+    scheduler, a ttrpc server and client talking over a socket pair, then an idle
+    shim's daemon (:func:`supervisor.rehearsal.rehearse`).
 
     The interpreter specialises the bytecode it runs, writing into the code
     objects; done here, the shims find it done instead of each copying those
     pages (:mod:`supervisor.cow`).  Each round is a ``trio.run`` of its own
-    that returns with no thread, fd, signal handler or wakeup fd left behind
+    that returns with no thread, fd, file, signal handler or wakeup fd left
+    behind, the root logger's handlers as they were and the process no subreaper
     (``tests/unit/test_cow.py`` compares them).  Only an optimisation: a round
     that fails or exceeds :data:`WARM_UP_TIMEOUT` is logged and the server goes
     on.  SIGTERM and SIGINT are held meanwhile, so that a stop lands as
@@ -1040,6 +1161,8 @@ def warm_up(log: logging.Logger) -> None:
     try:
         for _ in range(WARM_UP_RUNS):
             trio.run(_warm_up_round)
+        for _ in range(WARM_UP_RUNS):
+            rehearsal.rehearse()
     except Exception as e:
         log.warning("warm-up failed (each shim copies a little more memory): %s", e)
     finally:
@@ -1168,6 +1291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # shim (~0.1-0.3 s) instead of starting one more cold one.  The server's own
         # objects (above) are preloaded with the rest: frozen and immortal too.
         preload(log)
+        if server.keep_spare:
+            server.start_zygote()
         log.info("%s", _ksm.apply())
         log.info("pid %d serving %s (version %s, code %s)", os.getpid(), args.socket,
                  __version__, code)

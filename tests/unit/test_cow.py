@@ -12,6 +12,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -120,6 +121,37 @@ def test_immortalize_reaches_functions_code_and_constants_not_what_comes_after()
     assert result["immortal"] == [True] * 7
 
 
+def test_tagging_gives_each_class_its_version_tag_before_the_fork() -> None:
+    # A lookup on a class with no version tag yet writes one into its type object (a
+    # page a shim would copy); after tag_types, a lookup writes nothing there.  The
+    # control, made after the tagging, shows that a lookup would have written.
+    result = run_child("""
+        import ctypes
+        from supervisor import cow
+
+        def image(cls):
+            return ctypes.string_at(id(cls), type(cls).__basicsize__)
+
+        class Tagged:
+            pass
+
+        looked = cow.tag_types()
+
+        class Control:
+            pass
+
+        images = {}
+        for cls in (Tagged, Control):
+            before = image(cls)
+            getattr(cls, "some_attribute", None)
+            images[cls.__name__] = before == image(cls)
+        result = {"looked": looked, **images}
+    """)
+    assert result["Tagged"] is True
+    assert result["Control"] is False
+    assert isinstance(result["looked"], int) and result["looked"] > 100
+
+
 def test_plugging_fills_the_free_blocks_of_partly_used_pools() -> None:
     result = run_child("""
         from supervisor import cow
@@ -143,6 +175,29 @@ def test_plugging_fills_the_free_blocks_of_partly_used_pools() -> None:
     assert sum(before[s] for s in punched) >= 500, before
     assert all(after[s] < before[s] for s in punched), (before, after)
     assert all(after[s] <= (16384 - 48) // int(s) + 8 for s in filled), (before, after)
+
+
+@pytest.mark.skipif(not cow.heap_info(), reason="no glibc malloc_info here")
+def test_plugging_fills_the_free_chunks_of_the_c_heap() -> None:
+    # Objects larger than pymalloc's blocks are malloc'd; every other one freed leaves
+    # free chunks among the kept ones, which a forked shim's mallocs would take (and
+    # copy their pages).  After filling, next to none are left.
+    result = run_child("""
+        from supervisor import cow
+
+        def free_chunks():
+            main = cow.heap_info().split('<heap nr="0">', 1)[1].split("</heap>", 1)[0]
+            return sum(int(count) for _, _, count in cow._FREE_CHUNKS.findall(main))
+
+        kept = [bytes(600 + 16 * (i % 40)) for i in range(4000)]
+        del kept[::2]
+        before = free_chunks()
+        made = cow.plug_heap_holes()
+        result = {"before": before, "made": made, "after": free_chunks()}
+    """)
+    assert isinstance(result["before"], int) and result["before"] > 100
+    assert result["made"] >= result["before"]
+    assert isinstance(result["after"], int) and result["after"] * 10 < result["before"]
 
 
 def test_immortality_is_refused_where_the_count_is_not_pep_683s(
@@ -171,25 +226,91 @@ def test_plugging_is_skipped_under_a_debug_allocator() -> None:
     assert result == {"debug": True, "plugged": 0}
 
 
-def test_the_warm_up_leaves_no_thread_fd_handler_or_wakeup_fd_behind() -> None:
-    result = run_child("""
-        import logging, os, signal, sys, threading
-        from supervisor import forkserver
+WARM_UP_STATE = textwrap.dedent("""
+    import ctypes, logging, os, signal, sys, tempfile, threading
+    from supervisor import forkserver, rehearsal
 
-        def state():
-            return {"threads": threading.active_count(),
-                    "fds": sorted(os.listdir("/proc/self/fd")),
-                    "handlers": [str(signal.getsignal(s)) for s in
-                                 (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)],
-                    "wakeup": signal.set_wakeup_fd(-1),
-                    "mask": sorted(signal.pthread_sigmask(signal.SIG_BLOCK, ()))}
+    def state():
+        flag = ctypes.c_int(-1)
+        ctypes.CDLL(None).prctl(37, ctypes.byref(flag), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER
+        root = logging.getLogger()
+        return {"threads": threading.active_count(),
+                "fds": sorted(os.listdir("/proc/self/fd")),
+                "handlers": [str(signal.getsignal(s)) for s in
+                             (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)],
+                "wakeup": signal.set_wakeup_fd(-1),
+                "mask": sorted(signal.pthread_sigmask(signal.SIG_BLOCK, ())),
+                "subreaper": flag.value,
+                "root": [repr(h) for h in root.handlers] + [root.level],
+                "cwd": os.getcwd(),
+                "files": sorted(os.listdir(tempfile.gettempdir()))}
 
-        signal.signal(signal.SIGTERM, lambda *a: None)  # as the server's own handler
+    class Warnings(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def emit(self, record):
+            self.seen.append(record.getMessage())
+
+    logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+    warnings = Warnings()
+    log = logging.getLogger("t")
+    log.addHandler(warnings)
+    signal.signal(signal.SIGTERM, lambda *a: None)  # as the server's own handler
+""")
+
+
+def test_the_warm_up_leaves_no_thread_fd_handler_or_wakeup_fd_behind(tmp_path: Path) -> None:
+    # With the rehearsal of an idle shim (supervisor.rehearsal): the daemon's reaper
+    # made the process a subreaper, its logging swapped the root handlers, its files
+    # were in a temporary directory: all undone.
+    result = run_child(WARM_UP_STATE + textwrap.dedent("""
         before = state()
-        forkserver.warm_up(logging.getLogger("t"))
-        result = {"before": before, "after": state()}
-    """)
+        forkserver.warm_up(log)
+        result = {"before": before, "after": state(), "warnings": warnings.seen}
+    """), env={"TMPDIR": str(tmp_path)})
     assert result["before"] == result["after"]
+    assert result["warnings"] == []
+
+
+def test_a_failed_rehearsal_is_only_logged_and_cleaned_up(tmp_path: Path) -> None:
+    # The daemon fails after it set up (subreaper, logging, files): the warm-up logs
+    # the failure, undoes what the rehearsal did and returns.
+    result = run_child(WARM_UP_STATE + textwrap.dedent("""
+        def broken(*args, **kwargs):
+            raise RuntimeError("broken on purpose")
+
+        from supervisor import daemon
+        daemon.TaskService.connect = broken
+        before = state()
+        forkserver.warm_up(log)
+        result = {"before": before, "after": state(), "warnings": warnings.seen}
+    """), env={"TMPDIR": str(tmp_path)})
+    assert result["before"] == result["after"]
+    assert len(result["warnings"]) == 1 and "warm-up failed" in result["warnings"][0]
+
+
+def test_a_rehearsal_serves_the_daemon_and_forwards_its_events() -> None:
+    # What the rehearsal runs, counted from outside: the daemon's Task service served
+    # Connect and State, the outbox's events reached the fake containerd.
+    result = run_child("""
+        from supervisor import daemon, rehearsal, task
+        calls = {"connect": 0, "state": 0, "forward": 0}
+
+        def counted(name, method):
+            async def call(*args, **kwargs):
+                calls[name] += 1
+                return await method(*args, **kwargs)
+            return call
+
+        task.TaskService.connect = counted("connect", task.TaskService.connect)
+        task.TaskService.state = counted("state", task.TaskService.state)
+        rehearsal._forward = counted("forward", rehearsal._forward)
+        rehearsal.rehearse()
+        result = calls
+    """)
+    assert result == {"connect": 2, "state": 2, "forward": 4}
 
 
 def test_the_fork_servers_preload_makes_its_objects_immortal_unless_told_not_to() -> None:
