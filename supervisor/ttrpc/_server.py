@@ -436,10 +436,10 @@ class _Connection:
                     if self.proto.can_receive:
                         paused_at_cap = False
                         if first_deadline == math.inf:
-                            data = await self.stream.receive_some(_RECEIVE_SIZE)
+                            data = await self._receive()
                         else:
                             with trio.move_on_at(first_deadline):
-                                data = await self.stream.receive_some(_RECEIVE_SIZE)
+                                data = await self._receive()
                         if data is None:
                             return (f"sent no request within {timeout:g}s of connecting",
                                     logging.INFO)
@@ -635,6 +635,30 @@ class _Connection:
             self.progress.set()
             self.progress = trio.Event()
 
+
+    async def _receive(self) -> bytes:
+        """The next bytes from the peer (``b""``: it closed its side), as ``receive_some``.
+
+        On a socket: wait until it is readable, then read once -- where
+        ``receive_some`` reads first, fails (nothing there yet, as it is after
+        each request), waits, reads again and then checkpoints once more.
+        Errors as ``receive_some``'s: :class:`trio.ClosedResourceError` once
+        closed here, :class:`trio.BrokenResourceError` for a socket error.
+        """
+        if not isinstance(self.stream, trio.SocketStream):
+            return bytes(await self.stream.receive_some(_RECEIVE_SIZE))
+        sock = self.stream.socket
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("socket was closed")
+            try:
+                return os.read(fd, _RECEIVE_SIZE)
+            except BlockingIOError:
+                continue  # woken with nothing to read: wait again
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
 
     def _write_now(self, data: bytes) -> int:
         """Write what a socket takes without blocking; how many bytes that was.

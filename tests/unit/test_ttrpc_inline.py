@@ -8,6 +8,8 @@ that every invariant of a call still holds on it.
 
 from __future__ import annotations
 
+import errno
+import logging
 import socket
 import types
 from collections.abc import AsyncIterator, Generator
@@ -252,3 +254,24 @@ def test_go_on_returns_when_the_coroutine_ends() -> None:
     with pytest.raises(StopIteration):
         driver.send("value")
     assert log == ["value"]
+
+
+async def test_a_socket_error_while_reading_ends_that_connection_as_broken(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gate = Gate()
+    server = make_server(gate)
+    ours, theirs = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    caplog.set_level(logging.INFO, logger="supervisor.ttrpc")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, trio.SocketStream(theirs))
+        peer = RawPeer(trio.SocketStream(ours))
+        await peer.call("Echo", b"unread")
+        await trio.testing.wait_all_tasks_blocked()
+        # Closing a unix socket with an answer unread in it: the server's next
+        # read fails with ECONNRESET.
+        ours.close()
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.connections == 0
+    assert gate.echoed == [b"unread"]
+    assert f"connection broken by the peer: [Errno {errno.ECONNRESET}]" in caplog.text
