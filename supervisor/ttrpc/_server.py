@@ -635,8 +635,7 @@ class _Connection:
             self.progress.set()
             self.progress = trio.Event()
 
-
-    async def _receive(self) -> bytes:
+    async def _receive(self) -> bytes | bytearray:
         """The next bytes from the peer (``b""``: it closed its side), as ``receive_some``.
 
         On a socket: wait until it is readable, then read once -- where
@@ -646,7 +645,7 @@ class _Connection:
         closed here, :class:`trio.BrokenResourceError` for a socket error.
         """
         if not isinstance(self.stream, trio.SocketStream):
-            return bytes(await self.stream.receive_some(_RECEIVE_SIZE))
+            return await self.stream.receive_some(_RECEIVE_SIZE)
         sock = self.stream.socket
         while True:
             await trio.lowlevel.wait_readable(sock)
