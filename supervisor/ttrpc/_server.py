@@ -1,10 +1,20 @@
-"""The trio ttrpc server: accept connections, run each request as its own task.
+"""The trio ttrpc server: accept connections, answer each request as it comes.
 
 Structure (one nursery level per line)::
 
     serve(listener)        accept loop; one task per accepted connection
       serve_stream(stream) peer check, then a reader loop feeding ServerConnection
-        call task          one per request: handler under its deadline, then reply
+        reader             the one task reading; answers in itself each request
+                           whose handler does not wait (State: most of them)
+        call task          the reader that met a handler which waits: it stays
+                           with that call, a new reader reads on
+
+A request is run in the reader up to the first point where its handler waits
+(a trio checkpoint): if it has finished by then (answer written), the reader
+reads on; if not, the reader hands reading over to a new task and becomes that
+call's task.  Either way the call runs the same code (handler under its
+deadline, then reply), so everything below holds for both; calls handed back
+by a successor (``adopt``) or resumed after a quiesce get a task each.
 
 Behaviour and invariants:
 
@@ -12,6 +22,8 @@ Behaviour and invariants:
   in any order (containerd parks ``Wait`` on a connection for hours).  Writes to
   a connection are serialised by one FIFO lock, so frames never interleave; a
   write is only ever interrupted when the whole connection is being torn down.
+  When the lock is free, a reply takes it without a checkpoint and writes what
+  the socket takes at once; only what did not fit waits (holding the lock).
 * ``timeout_nano`` becomes the call's deadline: the handler runs in a cancel
   scope with that deadline and, if it is cancelled by it, the reply is
   ``DEADLINE_EXCEEDED``.  A negative timeout is already expired; zero means none.
@@ -70,6 +82,7 @@ Behaviour and invariants:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -77,8 +90,18 @@ import math
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+import types
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Generator,
+    Iterable,
+    Mapping,
+)
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import trio
 
@@ -236,6 +259,33 @@ async def open_unix_listener(
     return trio.SocketListener(sock)
 
 
+@types.coroutine
+def _go_on(coroutine: Coroutine[Any, Any, None], trap: Any) -> Generator[Any, Any, None]:
+    """Await ``coroutine``, which already ran up to a wait that yielded ``trap``.
+
+    ``yield from`` for a coroutine started with ``send(None)``: the trap goes to
+    trio as if the awaiting task had yielded it (it did: the coroutine ran in
+    that task), and whatever trio sends or throws back goes on into it.
+    """
+    message = trap
+    while True:
+        try:
+            sent = yield message
+        except GeneratorExit:
+            coroutine.close()
+            raise
+        except BaseException as exc:
+            try:
+                message = coroutine.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                message = coroutine.send(sent)
+            except StopIteration:
+                return
+
+
 def _describe(stream: trio.abc.Stream, number: int) -> str:
     try:
         creds = peer_credentials(stream)
@@ -335,16 +385,30 @@ class _Connection:
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
                     self._dispatch(initial)
-                    reason, level = await self._read_loop()
-                    # Nobody is left to read answers: cancel in-flight handlers.
-                    self.close(reason, level)
+                    # What a predecessor had received (adopted) comes first.
+                    await self._read(self.proto.events())
         finally:
             reason = self.close_reason or "cancelled"
             self.server.logger.log(self.close_level, "ttrpc %s: closed: %s", self.name, reason)
             await trio.aclose_forcefully(self.stream)
 
-    async def _read_loop(self) -> tuple[str, int]:
+    async def _read(self, events: list[ServerEvent]) -> None:
+        """Be the connection's reader, answering ``events`` first (see :meth:`_read_loop`).
+
+        When the connection ends it is closed: nobody is left to read answers,
+        so the handlers in flight are cancelled.
+        """
+        ended = await self._read_loop(events)
+        if ended is not None:
+            self.close(*ended)
+
+    async def _read_loop(self, events: list[ServerEvent]) -> tuple[str, int] | None:
         """Read until the connection ends; return (reason, log level).
+
+        The requests read are answered in this task, one after another
+        (:meth:`_answer_inline`), until one has to wait: a new task then goes on
+        reading, this one stays with that call and returns ``None`` once it
+        is answered.  So there is always exactly one reader.
 
         Reads only while ``proto.can_receive``: otherwise it waits for a call
         to finish (backpressure).  Until the first request arrives, reading
@@ -355,12 +419,12 @@ class _Connection:
         timeout = self.server.limits.first_request_timeout
         first_deadline = math.inf if self.spoke else trio.current_time() + timeout
         paused_at_cap = False
-        events = self.proto.events()  # what a predecessor had received (adopted)
         while True:
             if events:
                 first_deadline = math.inf
                 self.spoke = True
-            self._dispatch(events)
+                if not await self._answer_inline(events):
+                    return None  # this task went on with a call; another one reads
             events = []
             if self.server.quiescing:
                 await self._park()
@@ -371,12 +435,14 @@ class _Connection:
                 try:
                     if self.proto.can_receive:
                         paused_at_cap = False
-                        with trio.move_on_at(first_deadline) as waiting:
-                            data = await self.stream.receive_some(_RECEIVE_SIZE)
-                        if waiting.cancelled_caught:
+                        if first_deadline == math.inf:
+                            data = await self._receive()
+                        else:
+                            with trio.move_on_at(first_deadline):
+                                data = await self._receive()
+                        if data is None:
                             return (f"sent no request within {timeout:g}s of connecting",
                                     logging.INFO)
-                        assert data is not None
                         events = self.proto.receive_data(data)
                     else:
                         if not paused_at_cap and self.proto.outstanding >= self.proto.max_calls:
@@ -401,6 +467,30 @@ class _Connection:
             if data is not None and not data:
                 self._dispatch(events)
                 return "peer closed the connection", logging.DEBUG
+
+    async def _answer_inline(self, events: list[ServerEvent]) -> bool:
+        """Answer ``events`` in this task (the reader's) while their calls do not wait.
+
+        Most calls (``State``) finish without waiting for anything, and a task of
+        their own would cost more than the call.  Each runs as :meth:`_answer`
+        would in its own task, up to its first wait: if it finishes there, it
+        was answered; if not, this task hands reading over to a new task (which
+        answers the events left first) and goes on with the call.  Returns
+        whether every event was answered here.  Calls run here share the
+        reader's contextvars context (nothing in a handler sets one).
+        """
+        for i, event in enumerate(events):
+            self.active += 1
+            answer = self._answer(event)
+            try:
+                trap = answer.send(None)
+            except StopIteration:
+                continue
+            assert self.nursery is not None
+            self.nursery.start_soon(self._read, events[i + 1:])
+            await _go_on(answer, trap)
+            return False
+        return True
 
     async def _park(self) -> None:
         self.parked = True
@@ -455,8 +545,13 @@ class _Connection:
         if self.server.is_resumable(request.service, request.method):
             call = _Call(request, deadline)
             self.resumable[event.stream_id] = call
-        with (call.scope if call is not None else trio.CancelScope()) as scope:
-            scope.deadline = math.inf if deadline is None else deadline
+        # A scope only where something can cancel the call: its deadline, or a
+        # quiesce (a resumable call); a call with neither needs none.
+        scope = call.scope if call is not None else None
+        if deadline is not None:
+            scope = scope or trio.CancelScope()
+            scope.deadline = deadline
+        with scope if scope is not None else contextlib.nullcontext():
             try:
                 result = await handler(context, request.payload)
             except RPCError as exc:
@@ -484,14 +579,14 @@ class _Connection:
                     message = f"handler returned {type(result).__name__}, not bytes"
         if call is not None:
             del self.resumable[event.stream_id]
-            if call.handing_over and scope.cancelled_caught:
+            if call.handing_over and call.scope.cancelled_caught:
                 # No reply: whoever serves next (a successor, or this server resumed)
                 # runs the call again.
                 self.handed_over[event.stream_id] = call
                 if not self.server.quiescing:
                     self.redispatch()
                 return
-        if scope.cancelled_caught:
+        if scope is not None and scope.cancelled_caught:
             code, message, details, payload = Code.DEADLINE_EXCEEDED, "deadline exceeded", (), b""
         await self._reply(event.stream_id, payload, code, message, details)
 
@@ -516,8 +611,20 @@ class _Connection:
                 stream_id, code=Code.RESOURCE_EXHAUSTED, message=f"response too large: {exc}"
             )
         try:
-            async with self.send_lock:
-                await self.stream.send_all(data)
+            if self.send_lock.locked():
+                async with self.send_lock:
+                    await self.stream.send_all(data)
+            else:
+                # Nobody is writing (an unlocked trio lock has no waiters): take the
+                # lock without a checkpoint and write what the socket takes now;
+                # only a rest that did not fit waits, still holding the lock.
+                self.send_lock.acquire_nowait()
+                try:
+                    written = self._write_now(data)
+                    if written < len(data):
+                        await self.stream.send_all(memoryview(data)[written:])
+                finally:
+                    self.send_lock.release()
         except trio.BrokenResourceError as exc:
             self.close(f"connection broken by the peer while replying: {exc.__cause__ or exc}")
         except trio.ClosedResourceError:
@@ -527,6 +634,49 @@ class _Connection:
             self.proto.response_written(len(data))
             self.progress.set()
             self.progress = trio.Event()
+
+    async def _receive(self) -> bytes | bytearray:
+        """The next bytes from the peer (``b""``: it closed its side), as ``receive_some``.
+
+        On a socket: wait until it is readable, then read once -- where
+        ``receive_some`` reads first, fails (nothing there yet, as it is after
+        each request), waits, reads again and then checkpoints once more.
+        Errors as ``receive_some``'s: :class:`trio.ClosedResourceError` once
+        closed here, :class:`trio.BrokenResourceError` for a socket error.
+        """
+        if not isinstance(self.stream, trio.SocketStream):
+            return await self.stream.receive_some(_RECEIVE_SIZE)
+        sock = self.stream.socket
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("socket was closed")
+            try:
+                return os.read(fd, _RECEIVE_SIZE)
+            except BlockingIOError:
+                continue  # woken with nothing to read: wait again
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
+
+    def _write_now(self, data: bytes) -> int:
+        """Write what a socket takes without blocking; how many bytes that was.
+
+        As ``send_all`` would, a socket error raises :class:`trio.BrokenResourceError`
+        and a socket closed here :class:`trio.ClosedResourceError`.  A stream that
+        is not a socket (in-memory, in tests) takes nothing here.
+        """
+        if not isinstance(self.stream, trio.SocketStream):
+            return 0
+        fd = self.stream.socket.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("socket was closed")
+        try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
 
 
 class Server:
