@@ -33,11 +33,11 @@ binary twice per container.  ``--light auto`` (the default) therefore times
 (:data:`LIGHT_CANDIDATES`) that run the light path from this package, and
 puts the fastest in the shebang when it saves at least :data:`LIGHT_MARGIN`
 of this one's time (:func:`choose_light`); the chosen one gets its own
-bytecode of the package.  ``--light venv`` keeps this interpreter for
-everything; ``--light PYTHON`` names one.  Everything else (the daemon, the
-fork server, the CLI) runs in the daemon's interpreter, whose
-``site-packages`` hold trio and protobuf: :func:`supervisor.shim.main`
-re-executes any other action there.
+bytecode of the package, or is not used where that cannot be written.
+``--light venv`` keeps this interpreter for everything; ``--light PYTHON``
+names one.  Everything else (the daemon, the fork server, the CLI) runs in
+the daemon's interpreter, whose ``site-packages`` hold trio and protobuf:
+:func:`supervisor.shim.main` re-executes any other action there.
 
 Design.  ``-S``: no ``site`` at start-up, so only the ``supervisor`` package
 is importable until :func:`full_site` runs ``site.main()`` -- which the daemon
@@ -157,14 +157,16 @@ def choose_light(python: str, packages: str,
     return best if cost <= own * (1 - LIGHT_MARGIN) else python
 
 
-def compile_for(python: str, packages: str) -> None:
-    """Bytecode of the package for ``python`` too (best effort: a read-only install
-    only costs the light actions the compiling)."""
+def compile_for(python: str, packages: str) -> bool:
+    """Write the package's bytecode for ``python`` too; whether it could (a package
+    directory we may not write: without bytecode every ``start`` would compile the
+    light path again, which costs more than the faster start saves)."""
     import subprocess
 
-    subprocess.run([python, "-I", "-m", "compileall", "-q",
-                    os.path.join(packages, "supervisor")], stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    return subprocess.run([python, "-I", "-m", "compileall", "-q",
+                           os.path.join(packages, "supervisor")], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          check=False).returncode == 0
 
 
 def write(path: str, python: str | None = None, packages: str | None = None,
@@ -204,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{'.'.join(map(str, LIGHT_MIN))} or later, stdlib only)", file=sys.stderr)
         return 1
     try:
-        if light != sys.executable:
-            compile_for(light, packages)
+        if light != sys.executable and not compile_for(light, packages):
+            print(f"supervisor.launch.launcher: no bytecode for {light} in {packages}: "
+                  f"start and delete stay in {sys.executable}", file=sys.stderr)
+            light = sys.executable
         write(path, packages=packages, light=light)
     except (OSError, ValueError) as e:
         print(f"supervisor.launch.launcher: {path}: {e}", file=sys.stderr)

@@ -106,6 +106,15 @@ def test_a_script_with_a_light_interpreter_runs_the_light_actions_there(tmp_path
     assert "Version:" in out
 
 
+def test_a_light_interpreter_without_bytecode_is_not_used(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "containerd-shim-supervisor-v2"
+    monkeypatch.setattr(launcher, "_runs_light_path", lambda python, packages: True)
+    monkeypatch.setattr(launcher, "compile_for", lambda python, packages: False)
+    assert launcher.main(["--light", "/usr/bin/python3", str(path)]) == 0
+    assert path.read_text() == launcher.script_text(sys.executable, launcher.package_dir())
+
+
 def test_a_light_interpreter_that_cannot_run_the_light_path_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "containerd-shim-supervisor-v2"
     assert launcher.main(["--light", "/bin/false", str(path)]) == 1
