@@ -539,7 +539,7 @@ def forkserver_status(path: str, timeout: float) -> dict[str, Any] | None:
         return found
     found.update(pid=status.get("pid"), version=status.get("version"), code=status.get("code"),
                  started=status.get("started"), shims_forked=status.get("served"),
-                 spare=status.get("spare"))
+                 spare=status.get("spare"), zygote=status.get("zygote"))
     return found
 
 
@@ -550,6 +550,8 @@ def format_forkserver(status: dict[str, Any], out: TextIO, now: float) -> None:
     started = status["started"]
     up = _ago(now - started) if isinstance(started, int) else "?"
     spare = f", spare shim pid {status['spare']}" if status["spare"] else ""
+    if status.get("zygote"):
+        spare += f", zygote pid {status['zygote']}"
     out.write(f"\nfork server pid {status['pid']} ({status['socket']}): version "
               f"{status['version']}, up {up}, {status['shims_forked']} shims forked{spare}\n")
 

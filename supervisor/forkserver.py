@@ -615,8 +615,13 @@ def _zygote(control: int, server_sockets: Sequence[_socket.socket], native: Nati
             if not data or len(fds) != 1 or flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
                 break
             spare_control = fds[0]
-            intermediate = _fork_detached(functools.partial(_park, spare_control, [sock], native))
-            os.close(spare_control)
+            try:
+                intermediate = _fork_detached(
+                    functools.partial(_park, spare_control, [sock], native))
+            except OSError:  # EAGAIN under pids.max, ENOMEM: no spare this time
+                continue  # the server finds the spare's socket closed and forks one itself
+            finally:
+                os.close(spare_control)
             os.waitpid(intermediate, 0)
     except BaseException:
         pass

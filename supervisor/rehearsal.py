@@ -21,8 +21,8 @@ What it runs
 * a client that calls ``Connect``, ``State`` (of no container: NotFound) and
   ``Shutdown``, as containerd does, after which the daemon ends as an idle
   shim does;
-* an :class:`~supervisor.events.Outbox` (without a spool: its sync would start
-  a worker thread) forwarding a ``TaskCreate`` and a ``TaskStart`` through
+* an :class:`~supervisor.events.Outbox` (without a spool: a spool's code is a
+  few writes, not worth a file here) forwarding a ``TaskCreate`` and a ``TaskStart`` through
   :class:`~supervisor.daemon.ContainerdEvents` to a fake ``Events/Forward``.
 
 Invariants

@@ -68,6 +68,13 @@ FLAGS = "-IS"
 #: The oldest Python the light actions run on: pyproject.toml's ``requires-python``
 #: (``tests/unit/test_launcher.py`` checks that they agree).
 LIGHT_MIN = (3, 11)
+#: Every standard module the light actions may import, at any point of their paths (a
+#: distribution may split its standard library: Debian's ``python3-minimal`` has no
+#: ``json``); ``tests/unit/test_layering.py`` checks the list against the code.  (The
+#: sha256 module, ``_sha2`` or ``_sha256`` by version, has a fallback: not listed.)
+LIGHT_STDLIB = ("__future__", "_json", "_signal", "_socket", "collections", "ctypes",
+                "errno", "fcntl", "hashlib", "json", "os", "resource", "shutil", "site",
+                "struct", "subprocess", "sys", "time", "tomllib", "typing", "zlib")
 #: Interpreters ``--light auto`` tries besides the venv's: a distribution's own builds.
 LIGHT_CANDIDATES = ("/usr/bin/python3", "/usr/bin/python3.11", "/usr/bin/python3.12",
                     "/usr/bin/python3.13")
@@ -111,14 +118,21 @@ def script_text(python: str, packages: str, light: str | None = None) -> str:
 
 
 def _runs_light_path(python: str, packages: str) -> bool:
-    """Whether ``python`` is a CPython from :data:`LIGHT_MIN` on that imports the light
-    actions from ``packages`` without ``site``."""
+    """Whether ``python`` is a CPython from :data:`LIGHT_MIN` on that imports, without
+    ``site``, every module of the light actions from ``packages`` and every standard
+    module they may import later (:data:`LIGHT_STDLIB`)."""
     import subprocess
 
+    folder = os.path.join(packages, "supervisor", "launch")
+    try:
+        names = sorted(n[:-3] for n in os.listdir(folder) if n.endswith(".py"))
+    except OSError:
+        return False
+    modules = [*LIGHT_STDLIB, "supervisor.shim",
+               *(f"supervisor.launch.{n}" for n in names if n != "__init__")]
     check = (f"import sys; sys.path.append({packages!r}); "
              f"assert sys.implementation.name == 'cpython' and sys.version_info >= {LIGHT_MIN}; "
-             "import supervisor.shim, supervisor.launch.start, supervisor.launch.delete, "
-             "supervisor.launch.info")
+             f"import {', '.join(modules)}")
     try:
         return subprocess.run([python, FLAGS, "-c", check], stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -23,7 +23,9 @@ Behaviour and invariants:
   a connection are serialised by one FIFO lock, so frames never interleave; a
   write is only ever interrupted when the whole connection is being torn down.
   When the lock is free, a reply takes it without a checkpoint and writes what
-  the socket takes at once; only what did not fit waits (holding the lock).
+  the socket takes at once; only what did not fit waits (holding the lock).  So
+  a reply may still be written after the connection began closing (it is
+  closed once the reader's task gets to a checkpoint).
 * ``timeout_nano`` becomes the call's deadline: the handler runs in a cancel
   scope with that deadline and, if it is cancelled by it, the reply is
   ``DEADLINE_EXCEEDED``.  A negative timeout is already expired; zero means none.

@@ -263,7 +263,10 @@ def test_ls_shows_the_fork_server(place: str, spawned: list[int], tmp_path: Path
     doc = json.loads(ls("--json"))["forkserver"]
     assert (doc["pid"], doc["code"], doc["shims_forked"], doc["error"]) == (pid, "1.0+ls", 0,
                                                                              None)
-    assert ls().rstrip().endswith(f", 0 shims forked, spare shim pid {doc['spare']}")
+    # The zygote that forked the spare is shown beside it (an operator sees it in ps).
+    assert doc["zygote"]
+    assert ls().rstrip().endswith(f", 0 shims forked, spare shim pid {doc['spare']}, "
+                                  f"zygote pid {doc['zygote']}")
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: exited(pid))
     spawned.clear()

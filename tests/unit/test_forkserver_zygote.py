@@ -6,12 +6,13 @@ a test waits for what it needs, then checks who holds what.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -122,3 +123,44 @@ def test_the_zygote_ends_with_the_server(how: str) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_zygote_whose_fork_fails_goes_on_forking_spares(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fork can fail for a while (EAGAIN under the cgroup's pids.max): the zygote
+    # closes that spare's socket (the server sees the spare die and forks one itself)
+    # and serves the next request, instead of ending for the server's whole life.
+    real = forkserver._fork_detached
+    failures = [OSError(errno.EAGAIN, "Resource temporarily unavailable")]
+
+    def flaky(child: Callable[[], object], on_error: Callable[[BaseException], object]
+              = lambda e: None) -> int:
+        if failures:
+            raise failures.pop()
+        return real(child, on_error)
+
+    monkeypatch.setattr(forkserver, "_fork_detached", flaky)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # the zygote, as start_zygote's grandchild runs it
+        forkserver._zygote(theirs.detach(), [ours], forkserver.Native())
+    theirs.close()
+    spares: list[int] = []
+    try:
+        assert ours.recv(16).startswith(b"Z")
+        for failing in (True, False):
+            mine, spares_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with mine:
+                forkclient.send_fds(ours, [b"S"], [spares_end.fileno()])
+                spares_end.close()
+                data = mine.recv(16)
+                if failing:
+                    assert data == b""  # no spare: its socket closed at once
+                else:
+                    assert data.startswith(b"R")  # the next one was forked
+                    spares.append(int(data[1:]))
+        assert spares
+    finally:
+        ours.close()  # the zygote ends at end of file, the spare once its socket closed
+        os.waitpid(pid, 0)
+        wait_for(lambda: all(gone(spare) for spare in spares))

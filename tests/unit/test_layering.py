@@ -241,3 +241,23 @@ def test_ttrpc_imports_nothing_else_of_ours() -> None:
              if m.startswith("supervisor.ttrpc") for t in targets
              if not t.startswith("supervisor.ttrpc")}
     assert wrong == set()
+
+
+def test_the_light_interpreter_check_knows_every_standard_module_the_light_path_imports(
+        ) -> None:
+    """The launcher accepts a light interpreter only if it imports all of
+    :data:`~supervisor.launch.launcher.LIGHT_STDLIB`: imports inside functions included,
+    since a split standard library fails them only when that branch runs."""
+    from supervisor.launch.launcher import LIGHT_STDLIB  # noqa: PLC0415
+
+    paths = [PACKAGE / "shim.py", *sorted((PACKAGE / "launch").glob("*.py"))]
+    found = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(a.name.partition(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.partition(".")[0])
+    stdlib = {m for m in found if m in sys.stdlib_module_names} - {"_sha2", "_sha256"}
+    assert stdlib <= set(LIGHT_STDLIB), sorted(stdlib - set(LIGHT_STDLIB))
+    assert set(LIGHT_STDLIB) <= sys.stdlib_module_names
