@@ -1089,7 +1089,11 @@ class ProcessIO(Resumable):
     def close(self) -> None:
         """Release every fd not owned by a running copy (idempotent).
 
-        Exported fds are not ours: they are left open.
+        A running stdin copy is told to stop as :meth:`close_stdin` tells it: it
+        delivers what the FIFO holds now and closes its fds, instead of waiting
+        for a writer that may never close the FIFO (``ctr task exec`` keeps it
+        open) until :data:`CLOSE_GRACE` ends it.  Exported fds are not ours: they
+        are left open.
         """
         if not self._closing():
             return
@@ -1100,7 +1104,9 @@ class ProcessIO(Resumable):
             for out in list(self._outputs):
                 self._retire(out)
             self._stdin_copying = False
-        if not self._stdin_copying:
+        if self._stdin_copying:
+            self.close_stdin()
+        else:
             self._close_stdin_fds()
         # Copies still running (a reader that never came back) end after a grace period.
         self._copies.deadline = min(self._copies.deadline, trio.current_time() + CLOSE_GRACE)

@@ -288,3 +288,26 @@ def test_pipes_and_terminals_wait_by_one_drain_rule() -> None:
         timers = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
         assert "wait_delivered" in called, method
         assert not timers & {"move_on_after", "fail_after", "sleep"}, method
+
+
+async def test_close_ends_a_stdin_copy_whose_fifo_writer_stays(tmp_path: Path) -> None:
+    """A deleted process's stdin copy stopped at once, not after CLOSE_GRACE: with the
+    FIFO's writer still open (``ctr task exec`` keeps it), it held the FIFO, the pipe and
+    its task for 5 s after every exec's Delete, and each spawn walked those fds."""
+    fifo = tmp_path / "in"
+    os.mkfifo(fifo)
+    before = open_fds()
+    pio = await ProcessIO.create(Stdio(stdin=str(fifo)))
+    writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        pio.spawned()
+        async with trio.open_nursery() as nursery:
+            pio.start(nursery)
+            await trio.testing.wait_all_tasks_blocked()
+            pio.close()
+            await trio.testing.wait_all_tasks_blocked()
+            assert pio._stdin_fifo == pio._stdin_w == -1
+            assert not pio._running
+    finally:
+        os.close(writer)
+    assert open_fds() == before
