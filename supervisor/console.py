@@ -510,6 +510,10 @@ class Console(Resumable):
         poller.register(master, 0)  # POLLHUP is always reported
         return any(events & select.POLLHUP for _, events in poller.poll(0))
 
+    def delivering(self) -> bool:
+        """Every slave fd closed and output still being copied (see ``Streams``)."""
+        return not self.output_done and self.slave_closed()
+
     async def wait_output(self, timeout: float | None = None) -> bool:
         """Wait until output ended (every slave closed, all copied).
 

@@ -117,6 +117,8 @@ class Container:
         self.cgroup: metrics.CgroupPaths | None = None
         self.oom: OOMWatcher | None = None
         self.background = trio.CancelScope()  # the container's own watchers
+        # Stdio of deleted execs whose output was still on its way (delete_exec).
+        self.delivering: list[Streams] = []
         self.created = trio.Event()
 
     @property
@@ -437,6 +439,12 @@ class Container:
         self.init.check("update")
         await self.runtime.update(self.id, resources)
 
+    def _sweep_delivered(self) -> None:
+        """Close the stdio of deleted execs whose output has been delivered since."""
+        for io in [io for io in self.delivering if not io.delivering()]:
+            io.close()
+            self.delivering.remove(io)
+
     async def pids(self) -> list[int]:
         return await self.runtime.ps(self.id)
 
@@ -448,10 +456,19 @@ class Container:
         Delete finishes the job (the caller holds :attr:`Process.deleting`).
         """
         process.check("delete")
+        self._sweep_delivered()
         if process.io is not None:
-            # As containerd's shim does: Delete returns once the output was delivered.
-            await process.io.wait_output(DRAIN_TIMEOUT)
-            process.io.close()
+            # As containerd's shim does: Delete returns once the output was delivered,
+            # or DRAIN_TIMEOUT after it stopped moving.  Output that is only slow to be
+            # read (the process's side has ended: it is finite) is still delivered after
+            # Delete returned, to its end: the client reads to EOF (containerd's shim
+            # likewise leaves its terminal copy running).  Only a source still held open
+            # (a daemonized child) is cut off, so no client waits for it forever.
+            if not await process.io.wait_output(DRAIN_TIMEOUT) and process.io.delivering():
+                log.info("%s deleted; its output goes on being delivered", process.describe())
+                self.delivering.append(process.io)
+            else:
+                process.io.close()
         self.execs.pop(process.exec_id, None)
         process.deleted()
 
@@ -469,10 +486,11 @@ class Container:
             if not e.not_found:
                 raise
         self.background.cancel()
-        for p in self.all_processes():
-            if p.io is not None:
-                await p.io.wait_output(DRAIN_TIMEOUT)
-                p.io.close()
+        for io in [*(p.io for p in self.all_processes()), *self.delivering]:
+            if io is not None:
+                await io.wait_output(DRAIN_TIMEOUT)
+                io.close()
+        self.delivering.clear()
         if self.rootfs:
             try:
                 await trio.to_thread.run_sync(

@@ -126,6 +126,12 @@ class Streams(Protocol):
 
     async def wait_output(self, timeout: float | None = None) -> bool: ...
 
+    def delivering(self) -> bool:
+        """Whether the process's side has ended (every output pipe at EOF, every slave
+        fd of the terminal closed) while its output is still on its way to the
+        reader: what is left is finite, only slow to be read."""
+        ...
+
     async def pause(self) -> None: ...
 
     def resume(self) -> None: ...
@@ -980,9 +986,15 @@ class ProcessIO(Resumable):
         return await wait_delivered(
             self._output_done,
             timeout,
-            ended=lambda: self._eofs >= self._outputs_total,
+            ended=self._ended,
             progress=lambda: self.delivered,
         )
+
+    def _ended(self) -> bool:
+        return self._eofs >= self._outputs_total
+
+    def delivering(self) -> bool:
+        return self._ended() and not self._output_done.is_set()
 
     # --- across an upgrade (issue 17) -------------------------------------
 

@@ -308,6 +308,9 @@ class TaskService:
                 # (they are not handed over); the next Delete finishes it.
                 if process.io is not None and process.io.closed:
                     return f"{process.describe()} is being deleted"
+            if any(io.delivering() for io in container.delivering):
+                # Not handed over: the new code would not go on copying it.
+                return f"a deleted exec of {container.id!r} still delivers its output"
         return None
 
     async def settle_exits(self) -> None:

@@ -20,8 +20,10 @@ import pytest
 import trio
 
 from supervisor.console import Console, ConsoleError, ConsoleSocket
+from supervisor.events import Event, Outbox
 from supervisor.io import Opened, Stdio, open_stdio
 from supervisor.reaper import Reaper, Subscription, spawn
+from supervisor.task import TaskService
 
 # A stand-in for `runc init`: make a pty, send the master over the console
 # socket (name as data, one fd as SCM_RIGHTS), then run argv on the slave.
@@ -484,3 +486,84 @@ async def test_a_chatty_daemon_is_not_waited_for_although_output_moves(
     assert await console.wait_output(10)
     await read_until_eof(reader)
     console.close()
+
+
+#: Left unread while the reader stalls: a little more than the FIFO holds (64 KiB), so
+#: the copy is stuck with the rest in its hands, and little enough that the process can
+#: write it all (into the pty) and exit.
+STALL_TAIL = 68 * 1024
+
+
+async def read_stalling_at_the_end(fd: int, size: int, resume: trio.Event, got: bytearray
+                                   ) -> None:
+    """Read a FIFO to EOF, stalling with ``STALL_TAIL`` bytes of ``size`` left until
+    ``resume`` is set."""
+    try:
+        while True:
+            left = size - len(got) - STALL_TAIL
+            if left <= 0 and not resume.is_set():
+                await resume.wait()
+            try:
+                data = os.read(fd, 65536 if resume.is_set() else min(65536, left))
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            if not data:
+                return
+            got += data
+    finally:
+        trio.lowlevel.notify_closing(fd)
+        os.close(fd)
+
+
+async def test_a_deleted_exec_still_delivers_output_its_reader_was_slow_to_take(
+    nursery: trio.Nursery, reaper: Reaper, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """containerd's client deletes an exec as soon as it exited, then reads its stdout
+    FIFO to EOF.  A reader that stalled past the drain period lost the end of a
+    terminal's output (`TestContainerExecLargeOutputWithTTY`, under load): Delete
+    closed the console.  The output is finite (every slave fd is closed), so it goes
+    on being delivered after Delete, and the console is closed once it has been."""
+    from supervisor import container as container_mod  # noqa: PLC0415
+    from supervisor.process import State  # noqa: PLC0415
+
+    monkeypatch.setattr(container_mod, "DRAIN_TIMEOUT", 0.2)
+    fifo = make_fifo(tmp_path / "stdout")
+    got = bytearray()
+    resume = trio.Event()
+    box = container_mod.Container("c", str(tmp_path), namespace="ns",
+                                  settings=container_mod.Settings(), reaper=reaper,
+                                  rootfs=[], stdio=Stdio())
+    with reaper.subscribe() as sub, ConsoleSocket.create(str(tmp_path)) as cs:
+        pid = start_fake_runc(cs, [sys.executable, "-c", BIG_OUTPUT])
+        console = Console(await cs.receive_master(timeout=10))
+        reader = open_reader(fifo)
+        console.start(nursery, await terminal_stdio("", fifo))
+        async with trio.open_nursery() as inner:
+            inner.cancel_scope.deadline = trio.current_time() + 30  # never hang the suite
+            inner.start_soon(read_stalling_at_the_end, reader, len(BIG_EXPECTED), resume, got)
+            assert (await sub.wait_for(pid)).status == 0
+            process = container_mod.Process("c", "e1", Stdio(terminal=True))
+            process.io, process.state = console, State.STOPPED
+            box.execs["e1"] = process
+            await box.delete_exec(process)  # the reader still stalls: not delivered yet
+            assert process.state is State.DELETED and "e1" not in box.execs
+            assert not console.closed and box.delivering == [console]
+            # An upgrade now would leave it behind: the hand-over waits for it.
+            service = TaskService(reaper=reaper, outbox=Outbox(_nowhere, "ns"),
+                                  nursery=nursery, namespace="ns", request_shutdown=list)
+            box.created.set()
+            service.containers["c"] = box
+            assert "still delivers its output" in (service.handover_refusal() or "")
+            resume.set()
+        assert got == BIG_EXPECTED  # every byte, to EOF
+    assert console.output_done
+    other = container_mod.Process("c", "e2", Stdio())
+    other.state = State.STOPPED
+    await box.delete_exec(other)  # the next Delete closes what has been delivered
+    assert console.closed and box.delivering == []
+    assert service.handover_refusal() is None
+
+
+async def _nowhere(event: Event) -> None:
+    raise ConnectionError("no containerd in this test")

@@ -311,3 +311,35 @@ async def test_close_ends_a_stdin_copy_whose_fifo_writer_stays(tmp_path: Path) -
     finally:
         os.close(writer)
     assert open_fds() == before
+
+
+async def test_pipes_deliver_after_their_source_ended_while_the_reader_is_slow(
+        tmp_path: Path) -> None:
+    """:meth:`ProcessIO.delivering`: the process's pipes at EOF, the output not yet all
+    read, is the finite rest a Delete leaves to be delivered (container.delete_exec);
+    a pipe still held open is not."""
+    fifo = tmp_path / "out"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    pio = await ProcessIO.create(Stdio(stdout=str(fifo)))
+    child_stdout = os.dup(pio.child_fds[1])  # the process's end of its stdout pipe
+    pio.spawned()
+    data = b"x" * (256 * 1024)  # more than the FIFO holds: the copy waits for the reader
+    async with trio.open_nursery() as nursery:
+        pio.start(nursery)
+        os.set_blocking(child_stdout, False)
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(child_stdout, view):]
+            except BlockingIOError:
+                await trio.sleep(0.01)
+        assert not pio.delivering()  # the pipe is still held: not ended
+        os.close(child_stdout)  # the process exits
+        assert not await pio.wait_output(0.2)  # nobody reads: stalled
+        assert pio.delivering()
+        got = await read_fifo_to_eof(reader)
+        assert await pio.wait_output(1)
+        assert not pio.delivering()
+        pio.close()
+    assert got == data
