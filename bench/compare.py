@@ -882,7 +882,7 @@ class Bench:
             f"({_fstype(self.c.dir)})",
             f"- runc: {_first_line(['runc', '--version'])}",
             f"- ours: {self.runtimes['ours']} = {ours} "
-            f"({_first_line([sys.executable, '--version'])}); "
+            f"({_first_line([sys.executable, '--version'])}{_light_python(ours)}); "
             f"Go: {self.runtimes['go']} = {go_shim}",
             f"- ours started by: {self.forkserver_facts()}",
             f"- ours shared: {self.sharing_facts()}",
@@ -890,6 +890,20 @@ class Bench:
             f"- runs: {self.args.runs} per runtime (+{self.args.warmup} warm-up), "
             f"throughput {self.args.throughput_runs}, idle CPU {self.args.cpu_seconds:g} s",
         ]
+
+
+def _light_python(script: str) -> str:
+    """", start and delete in PYTHON (VERSION)" when the entry script's shebang names an
+    interpreter other than this one (supervisor.launch.launcher's light interpreter)."""
+    try:
+        with open(script, encoding="utf-8") as f:
+            first = f.readline()
+    except OSError:
+        return ""
+    python = first[2:].split()[0] if first.startswith("#!") and first[2:].split() else ""
+    if not python or os.path.realpath(python) == os.path.realpath(sys.executable):
+        return ""
+    return f", start and delete in {python} ({_first_line([python, '--version'])})"
 
 
 # --------------------------------------------------------------------------- main
