@@ -961,54 +961,58 @@ class ForkServer:
         spare's end of the socketpair (a zygote that is gone is dropped, and the
         server forks this spare and the next ones itself).
         """
+        if self.zygote is not None:
+            try:
+                ours, theirs = _socket.socketpair(
+                    _socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+            except OSError as e:
+                self.log.warning("no spare: %s", e)
+                return
+            try:
+                send_fds(self.zygote, [b"S"], [theirs.fileno()])
+            except OSError as e:
+                ours.close()
+                self.log.warning("the zygote is gone (%s); forking spares here", e)
+                self.drop_zygote()
+            else:
+                self.spare = Spare(ours)
+                return
+            finally:
+                theirs.close()
+        control = self._fork_controlled(_park, "spare")
+        if control is not None:
+            self.spare = Spare(control)
+
+    def _fork_controlled(self, body: Callable[[int, Sequence[_socket.socket], Native], None],
+                         what: str) -> _socket.socket | None:
+        """``body(control fd, the server's sockets, native)`` in a detached grandchild
+        (via an intermediate reaped here): our end of its control socketpair, or None
+        (logged as "no ``what``")."""
         try:
             ours, theirs = _socket.socketpair(_socket.AF_UNIX,
                                               _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
         except OSError as e:
-            self.log.warning("no spare: %s", e)
-            return
-        if self.zygote is not None:
-            try:
-                send_fds(self.zygote, [b"S"], [theirs.fileno()])
-            except OSError as e:
-                self.log.warning("the zygote is gone (%s); forking spares here", e)
-                self.drop_zygote()
-            else:
-                theirs.close()
-                self.spare = Spare(ours)
-                return
+            self.log.warning("no %s: %s", what, e)
+            return None
         try:
             child = _fork_detached(
-                lambda: _park(theirs.detach(), [self.sock, ours], self.native))
+                lambda: body(theirs.detach(), [self.sock, ours], self.native))
         except OSError as e:
             ours.close()
-            self.log.warning("no spare: fork: %s", e)
-            return
+            self.log.warning("no %s: fork: %s", what, e)
+            return None
         finally:
             theirs.close()
         os.waitpid(child, 0)
-        self.spare = Spare(ours)
+        return ours
 
     def start_zygote(self) -> None:
         """Fork the zygote that forks the spares from now on (:func:`_zygote`), via an
         intermediate reaped here, and wait up to :data:`SPARE_WAIT` for its ``Z<pid>``.
         A failure is logged: the server forks its spares itself."""
-        try:
-            ours, theirs = _socket.socketpair(_socket.AF_UNIX,
-                                              _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
-        except OSError as e:
-            self.log.warning("no zygote: %s", e)
+        ours = self._fork_controlled(_zygote, "zygote")
+        if ours is None:
             return
-        try:
-            child = _fork_detached(
-                lambda: _zygote(theirs.detach(), [self.sock, ours], self.native))
-        except OSError as e:
-            ours.close()
-            self.log.warning("no zygote: fork: %s", e)
-            return
-        finally:
-            theirs.close()
-        os.waitpid(child, 0)
         ours.settimeout(SPARE_WAIT)
         try:
             message = ours.recv(64)
