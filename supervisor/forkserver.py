@@ -547,6 +547,24 @@ def _assume(request: Request, listener_fd: int, status_fd: int, go_fd: int,
 SPARE_TITLE = ("supervisor-forkserver", "spare")
 
 
+def _alone(control: int, server_sockets: Sequence[_socket.socket], native: Native,
+           title: Sequence[str], tag: bytes) -> tuple[_socket.socket, object]:
+    """What a spare and the zygote do first: leave the server (:func:`_leave_server`),
+    put 0-2 on /dev/null, close every fd but ``control`` (moved to 16 or above), show
+    as ``title`` and tell the server ``<tag><pid>`` on ``control``.  Returns the control
+    socket, and what must stay referenced for as long as the title shows."""
+    _leave_server(server_sockets)
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    for target in (0, 1, 2):
+        os.dup2(devnull, target)
+    lifted = fcntl.fcntl(control, fcntl.F_DUPFD_CLOEXEC, 16)
+    _close_fds_but({lifted})
+    title_kept = native.show_as(title, os.environ)
+    sock = _socket.socket(fileno=lifted)
+    sock.send(tag + b"%d" % os.getpid())
+    return sock, title_kept
+
+
 def _park(control: int, server_sockets: Sequence[_socket.socket], native: Native) -> None:
     """The spare: a grandchild forked ahead of time that waits on ``control`` for its request.
 
@@ -561,16 +579,7 @@ def _park(control: int, server_sockets: Sequence[_socket.socket], native: Native
     exits without serving.  Never returns.
     """
     try:
-        _leave_server(server_sockets)
-        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        for target in (0, 1, 2):
-            os.dup2(devnull, target)
-        lifted = fcntl.fcntl(control, fcntl.F_DUPFD_CLOEXEC, 16)
-        _close_fds_but({lifted})
-        control = lifted
-        _title = native.show_as(SPARE_TITLE, os.environ)  # kept: _park never returns
-        sock = _socket.socket(fileno=control)
-        sock.send(b"R%d" % os.getpid())
+        sock, _title = _alone(control, server_sockets, native, SPARE_TITLE, b"R")  # kept
         data, fds, flags, _ = recv_fds(sock, MAX_MESSAGE, 3)
         sock.detach()  # control is closed by _arrange_fds: no object may close a reused fd
         if not data or len(fds) != 3 or flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
@@ -593,23 +602,15 @@ def _zygote(control: int, server_sockets: Sequence[_socket.socket], native: Nati
     server writes ~95 pages in each request it serves (measured: its code's
     counters, its allocations, the interpreter's state); the zygote writes
     only what a read and a fork need.  It does what a spare does first
-    (:func:`_leave_server`, 0-2 on /dev/null, every fd but ``control`` closed),
-    shows as ``supervisor-forkserver zygote``, tells the server ``Z<pid>``
+    (:func:`_alone`: out of the server's state, 0-2 on /dev/null, every fd but
+    ``control`` closed), shows as ``supervisor-forkserver zygote``, tells the server ``Z<pid>``
     and then, for each message from the server with one fd (a spare's end of
     its control socketpair), forks a spare (:func:`_park`) via an intermediate
     it reaps.  End of file (the server ended or let it go) or anything else:
     it exits.  Never returns.
     """
     try:
-        _leave_server(server_sockets)
-        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        for target in (0, 1, 2):
-            os.dup2(devnull, target)
-        lifted = fcntl.fcntl(control, fcntl.F_DUPFD_CLOEXEC, 16)
-        _close_fds_but({lifted})
-        _title = native.show_as(ZYGOTE_TITLE, os.environ)  # kept: _zygote never returns
-        sock = _socket.socket(fileno=lifted)
-        sock.send(b"Z%d" % os.getpid())
+        sock, _title = _alone(control, server_sockets, native, ZYGOTE_TITLE, b"Z")  # kept
         while True:
             data, fds, flags, _ = recv_fds(sock, 16, 1)
             if not data or len(fds) != 1 or flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
