@@ -72,12 +72,14 @@ def status_from_wait(wait_status: int) -> int:
     return 255
 
 
-def set_child_subreaper() -> None:
-    """Make this process the subreaper of its descendants (Linux >= 3.4)."""
+def set_child_subreaper(on: bool = True) -> None:
+    """Make this process the subreaper of its descendants (Linux >= 3.4), or (``on``
+    False) no longer."""
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+        flag = "" if on else ", 0"
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER{flag}): {os.strerror(err)}")
 
 
 class Subscription:

@@ -44,7 +44,6 @@ Invariants
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
@@ -60,6 +59,7 @@ from supervisor.api.task.v2 import shim_pb2 as api
 from supervisor.events import Outbox
 from supervisor.handover import UpgradeRecord
 from supervisor.launch.address import UNIX
+from supervisor.reaper import set_child_subreaper
 from supervisor.task import SERVICE
 
 #: The rehearsal's namespace and container id (never containerd's: nothing leaves it).
@@ -69,7 +69,6 @@ NAME = "supervisor-rehearsal"
 CODE = "supervisor-rehearsal"
 #: Seconds a rehearsal may take: well before the daemon's delayed code snapshot.
 DEADLINE = daemon.SNAPSHOT_DELAY / 2
-PR_SET_CHILD_SUBREAPER = 36
 
 
 @contextlib.contextmanager
@@ -92,13 +91,6 @@ def _shim_logging() -> Iterator[None]:
         for handler in handlers:
             root.addHandler(handler)
         root.setLevel(level)
-
-
-def _not_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER, 0): {os.strerror(err)}")
 
 
 def _listen(path: str) -> socket.socket:
@@ -175,6 +167,6 @@ def rehearse() -> None:
             try:
                 trio.run(_round, directory)
             finally:
-                _not_subreaper()
+                set_child_subreaper(False)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
