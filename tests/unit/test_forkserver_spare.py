@@ -61,16 +61,23 @@ def kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def test_a_parked_spare_holds_nothing_of_the_servers(server: Server) -> None:
-    spare = spare_of(server)
-    proc = psutil.Process(spare)
+def assert_alone(pid: int, server: Server, title: tuple[str, ...]) -> dict[int, str]:
+    """What :func:`forkserver._alone` leaves: ``pid`` nobody's child, its own session,
+    showing ``title``, 0-2 on /dev/null and no fd but its control socket (none of the
+    server's listener, lock or log).  Returns its fds but 0-2."""
+    proc = psutil.Process(pid)
     assert proc.ppid() != server.proc.pid  # nobody's child, as a shim will be
-    assert proc.cmdline() == list(forkserver.SPARE_TITLE)
-    assert os.getsid(spare) == spare
-    fds = fds_of(spare)
+    assert proc.cmdline() == list(title)
+    assert os.getsid(pid) == pid
+    fds = fds_of(pid)
     assert [fds.pop(n) for n in (0, 1, 2)] == ["/dev/null"] * 3
     assert len(fds) == 1  # its control socket alone: not the server's listener, lock or log
     assert set(fds.values()).isdisjoint(fds_of(server.proc.pid).values())
+    return fds
+
+
+def test_a_parked_spare_holds_nothing_of_the_servers(server: Server) -> None:
+    assert_alone(spare_of(server), server, forkserver.SPARE_TITLE)
 
 
 def test_a_request_is_served_by_the_spare_and_the_next_is_forked_after(

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from test_forkserver import Server, gone, request_for, wait_for
-from test_forkserver_spare import fds_of, kill, spare_of
+from test_forkserver_spare import assert_alone, fds_of, kill, spare_of
 
 from supervisor import forkserver
 from supervisor.launch import forkclient
@@ -45,14 +45,7 @@ def test_the_zygote_holds_nothing_of_the_servers(server: Server) -> None:
     spare = spare_of(server)
     # Between spares: while it forks one, it holds that spare's socket too.
     wait_for(lambda: len(fds_of(zygote)) == 4)
-    proc = psutil.Process(zygote)
-    assert proc.ppid() != server.proc.pid  # nobody's child, as the spares and shims
-    assert proc.cmdline() == list(forkserver.ZYGOTE_TITLE)
-    assert os.getsid(zygote) == zygote
-    fds = fds_of(zygote)
-    assert [fds.pop(n) for n in (0, 1, 2)] == ["/dev/null"] * 3
-    assert len(fds) == 1  # its control socket alone: not the server's listener, lock or log
-    assert set(fds.values()).isdisjoint(fds_of(server.proc.pid).values())
+    fds = assert_alone(zygote, server, forkserver.ZYGOTE_TITLE)
     assert set(fds.values()).isdisjoint(fds_of(spare).values())
 
 
