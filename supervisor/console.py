@@ -510,9 +510,8 @@ class Console(Resumable):
         poller.register(master, 0)  # POLLHUP is always reported
         return any(events & select.POLLHUP for _, events in poller.poll(0))
 
-    def delivering(self) -> bool:
-        """Every slave fd closed and output still being copied (see ``Streams``)."""
-        return not self.output_done and self.slave_closed()
+    def _ended(self) -> bool:
+        return self.slave_closed()
 
     async def wait_output(self, timeout: float | None = None) -> bool:
         """Wait until output ended (every slave closed, all copied).
@@ -524,7 +523,7 @@ class Console(Resumable):
         return await wait_delivered(
             self._output_done,
             timeout,
-            ended=self.slave_closed,
+            ended=self._ended,
             progress=lambda: self.delivered,
         )
 

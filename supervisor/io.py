@@ -561,8 +561,9 @@ class Resumable:
     :class:`~supervisor.console.Console`) do alike across an upgrade: :meth:`export`
     (each says when it must refuse, ``_export_refusal()``, and what it exports,
     ``_state()``), :meth:`resume`, :meth:`fds`, :attr:`closed`, the start of ``close()``
-    (:meth:`_closing`) and whether a stopping copy keeps its fds (:meth:`_keep_fds`),
-    over the fields both keep."""
+    (:meth:`_closing`), whether a stopping copy keeps its fds (:meth:`_keep_fds`) and
+    :meth:`delivering` (each says when its side has ended, ``_ended()``), over the
+    fields both keep."""
 
     _closed: bool
     _pausing: bool
@@ -605,6 +606,15 @@ class Resumable:
     def _keep_fds(self) -> bool:
         """Whether a copy that stops now stops for :meth:`pause` (its fds stay with us)."""
         return self._pausing and not self._closed
+
+    def _ended(self) -> bool:
+        """Whether the process's side has ended: every output pipe at EOF, every slave
+        fd of the terminal closed (output may still be on its way)."""
+        raise NotImplementedError
+
+    def delivering(self) -> bool:
+        """:meth:`Streams.delivering`: the process's side ended, the output not all out."""
+        return self._ended() and not self._output_done.is_set()
 
     def start(self, nursery: trio.Nursery) -> None:
         raise NotImplementedError
@@ -992,9 +1002,6 @@ class ProcessIO(Resumable):
 
     def _ended(self) -> bool:
         return self._eofs >= self._outputs_total
-
-    def delivering(self) -> bool:
-        return self._ended() and not self._output_done.is_set()
 
     # --- across an upgrade (issue 17) -------------------------------------
 
