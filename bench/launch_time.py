@@ -50,6 +50,7 @@ from pathlib import Path
 from supervisor.launch import forkclient
 from supervisor.launch._pbwire import field_bytes
 from supervisor.launch.address import is_abstract, socket_path
+from supervisor.launch.info import encode_any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = REPO_ROOT / ".venv" / "bin"
@@ -58,8 +59,8 @@ NAMESPACE = "launchbench"
 #: binary_name).
 OPTIONS = {
     "none": b"",
-    "cri": field_bytes(1, b"runtimeoptions.v1.Options"),
-    "runc": field_bytes(1, b"containerd.runc.v1.Options") + field_bytes(2, field_bytes(6, b"runc")),
+    "cri": encode_any("runtimeoptions.v1.Options", b""),
+    "runc": encode_any("containerd.runc.v1.Options", field_bytes(6, b"runc")),
 }
 
 
